@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make demo   set up this machine if needed, then run the local demo
+#   make test   set up this machine if needed, then run every check CI runs
+# Set-up (deploy/bootstrap.sh) is idempotent: Debian packages + the torch venv in a per-user cache.
+
+VENV ?= $(or $(DANCEGRPO_VENV),$(HOME)/.cache/dancegrpo/torch-2.11.0)
+export DANCEGRPO_VENV := $(VENV)
+# torch-sys finds libtorch through the venv's python (tch's LIBTORCH_USE_PYTORCH mode).
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+
+.PHONY: bootstrap build demo test lint unit-tests npu-check cuda-check
+
+bootstrap:
+	@./deploy/bootstrap.sh
+
+build: bootstrap
+	cargo build --workspace --bins
+
+demo: build
+	./deploy/demo.sh
+
+lint: bootstrap
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit-tests: bootstrap
+	cargo test --workspace
+
+test: lint unit-tests

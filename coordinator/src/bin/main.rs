@@ -1,0 +1,190 @@
+//! `dancegrpo-coordinator`: serve a job, or query one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dancegrpo_coordinator::config::{CoordinatorSettings, Topology, load_job_config};
+use dancegrpo_coordinator::{cli, server, state::CoordinatorState};
+use tokio_util::sync::CancellationToken;
+
+/// Coordinator of a dancegrpo job: admits workers, hands out ranks, serves the job status.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a job: listen on MASTER_ADDR:MASTER_PORT and wait for the workers.
+    Serve(ServeArgs),
+    /// Print a job's status once.
+    Status(QueryArgs),
+    /// Follow a job's status as it changes.
+    Watch(QueryArgs),
+    /// List the jobs in the coordinator's database.
+    List(QueryArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Job config file (TOML, JSON or YAML); `DANCEGRPO_<KEY>` variables and `--set` override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override one job config key, e.g. `--set num_generations=4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    set: Vec<(String, String)>,
+    /// Address of this node, as the workers reach it.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port the coordinator listens on.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    master_port: u16,
+    /// Listen address; defaults to MASTER_ADDR:MASTER_PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Number of nodes.
+    #[arg(long, env = "NNODES", default_value_t = 1)]
+    nnodes: u32,
+    /// Workers (accelerators) per node.
+    #[arg(long, env = "NPUS_PER_NODE", default_value_t = 8)]
+    npus_per_node: u32,
+    /// Total workers; overrides NNODES × NPUS_PER_NODE.
+    #[arg(long, env = "WORLD_SIZE")]
+    world_size: Option<u32>,
+    /// Port of the c10d TCPStore hosted by rank 0; defaults to MASTER_PORT + 1.
+    #[arg(long)]
+    store_port: Option<u16>,
+    /// The embedded database; defaults to `<output_dir>/dancegrpo.sqlite`.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// How often workers heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// A worker silent for this many milliseconds is marked lost.
+    #[arg(long, default_value_t = 10_000)]
+    heartbeat_timeout_ms: u64,
+    /// Write the bound address (host:port) to this file once listening; for scripts and tests
+    /// that listen on port 0.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+struct QueryArgs {
+    /// Coordinator address, host:port.
+    #[arg(long, env = "DANCEGRPO_COORDINATOR", default_value = "127.0.0.1:29500")]
+    addr: String,
+    /// Job id; defaults to the job the coordinator runs.
+    #[arg(long, default_value = "")]
+    job: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.with_ansi(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(a.log_format);
+    let job = load_job_config(a.config.as_deref(), std::env::vars(), &a.set)?;
+    let topology = Topology::new(a.nnodes, a.npus_per_node, a.world_size)?;
+    let listen = a.listen.unwrap_or_else(|| join_host_port(&a.master_addr, a.master_port));
+    let listen = tokio::net::lookup_host(&listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resolve listen address {listen}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("listen address {listen} resolves to nothing"))?;
+    let db_path = a.db.unwrap_or_else(|| PathBuf::from(&job.output_dir).join("dancegrpo.sqlite"));
+    let settings = CoordinatorSettings {
+        job,
+        topology,
+        db_path,
+        heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.max(1)),
+        heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
+        store_port: a.store_port.unwrap_or(a.master_port.wrapping_add(1)),
+        listen,
+    };
+    let listener = server::bind(&settings).await?;
+    if let Some(path) = &a.addr_file {
+        let addr = listener.local_addr()?;
+        // Write-then-rename, so a reader never sees a half-written address.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    let state = CoordinatorState::open(settings)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server::run(listener, state, shutdown).await?;
+    Ok(())
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot install SIGTERM handler");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => serve(a).await,
+        Command::Status(q) => cli::status(&q.addr, &q.job, q.json).await,
+        Command::Watch(q) => cli::watch(&q.addr, &q.job, q.json).await,
+        Command::List(q) => cli::list(&q.addr, q.json).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dancegrpo-coordinator: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

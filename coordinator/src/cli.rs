@@ -1,0 +1,220 @@
+//! The client side of the job API: `status`, `watch` and `list`, printed for humans or as JSON.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use dancegrpo_proto::pb;
+use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state::now_ms;
+
+/// Connects to a coordinator, failing with a message that names the address.
+pub async fn connect(addr: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let channel = Endpoint::from_shared(uri.clone())
+        .map_err(|e| anyhow::anyhow!("bad coordinator address {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach coordinator at {uri}: {e}"))?;
+    Ok(JobServiceClient::new(channel))
+}
+
+fn state_name(s: i32) -> &'static str {
+    pb::JobState::try_from(s).map(|s| s.as_str_name()).unwrap_or("UNKNOWN")
+}
+
+fn short_job_state(s: i32) -> String {
+    state_name(s).trim_start_matches("JOB_STATE_").to_ascii_lowercase()
+}
+
+fn short_worker_state(s: i32) -> String {
+    pb::WorkerState::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+        .trim_start_matches("WORKER_STATE_")
+        .to_ascii_lowercase()
+}
+
+fn ago(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let d = (now_ms() - ms).max(0) as f64 / 1000.0;
+    if d < 120.0 { format!("{d:.1}s ago") } else { format!("{:.0}m ago", d / 60.0) }
+}
+
+/// The status as JSON, with enum names instead of numbers.
+pub fn status_json(s: &pb::JobStatus) -> Value {
+    json!({
+        "job_id": s.job_id,
+        "job_name": s.job_name,
+        "state": short_job_state(s.state),
+        "step": s.step,
+        "max_train_steps": s.max_train_steps,
+        "world_size": s.world_size,
+        "generation": s.generation,
+        "message": s.message,
+        "created_unix_ms": s.created_unix_ms,
+        "updated_unix_ms": s.updated_unix_ms,
+        "workers": s.workers.iter().map(|w| {
+            let info = w.info.clone().unwrap_or_default();
+            let dev = info.device.unwrap_or_default();
+            json!({
+                "worker_id": w.worker_id,
+                "rank": w.rank,
+                "state": short_worker_state(w.state),
+                "host": info.host,
+                "node_rank": info.node_rank,
+                "local_rank": info.local_rank,
+                "device": dev.device,
+                "device_description": dev.description,
+                "pid": info.pid,
+                "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms,
+                "registered_unix_ms": w.registered_unix_ms,
+            })
+        }).collect::<Vec<_>>(),
+        "history": s.history.iter().map(|h| json!({
+            "iteration": h.iteration,
+            "mean_rewards": h.mean_rewards,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The status as a human-readable block.
+pub fn status_text(s: &pb::JobStatus) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "job {} ({})  state {}  step {}/{}  world {}  generation {}",
+        s.job_name,
+        s.job_id,
+        short_job_state(s.state),
+        s.step,
+        s.max_train_steps,
+        s.world_size,
+        s.generation
+    );
+    if !s.message.is_empty() {
+        let _ = writeln!(o, "  {}", s.message);
+    }
+    let live = s
+        .workers
+        .iter()
+        .filter(|w| {
+            matches!(
+                pb::WorkerState::try_from(w.state),
+                Ok(pb::WorkerState::Waiting | pb::WorkerState::Running | pb::WorkerState::Draining)
+            )
+        })
+        .count();
+    let _ = writeln!(o, "workers: {live} live of {} expected", s.world_size);
+    let _ = writeln!(
+        o,
+        "  {:<5} {:<9} {:<20} {:>4} {:>5} {:<24} {:>8} {:<14}",
+        "RANK", "STATE", "HOST", "NODE", "LOCAL", "DEVICE", "PID", "LAST HEARTBEAT"
+    );
+    for w in &s.workers {
+        let info = w.info.clone().unwrap_or_default();
+        let dev = info.device.unwrap_or_default();
+        let device = if dev.description.is_empty() || dev.description == dev.device {
+            dev.device
+        } else {
+            format!("{} ({})", dev.device, dev.description)
+        };
+        let _ = writeln!(
+            o,
+            "  {:<5} {:<9} {:<20} {:>4} {:>5} {:<24} {:>8} {:<14}",
+            w.rank.map_or("-".to_string(), |r| r.to_string()),
+            short_worker_state(w.state),
+            info.host,
+            info.node_rank,
+            info.local_rank,
+            device,
+            info.pid,
+            ago(w.last_heartbeat_unix_ms)
+        );
+    }
+    if !s.history.is_empty() {
+        let _ = writeln!(o, "reward history (mean per iteration):");
+        for h in s.history.iter().rev().take(10).rev() {
+            let r: Vec<String> = h.mean_rewards.iter().map(|r| format!("{r:.5}")).collect();
+            let _ = writeln!(o, "  {:>6}  {}", h.iteration, r.join("  "));
+        }
+    }
+    o
+}
+
+/// `status`: one snapshot.
+pub async fn status(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(addr).await?;
+    let s = c
+        .get_job_status(pb::GetJobStatusRequest { job_id: job_id.into() })
+        .await
+        .map_err(|e| anyhow::anyhow!("GetJobStatus failed: {}", e.message()))?
+        .into_inner()
+        .status
+        .ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        print!("{}", status_text(&s));
+    }
+    Ok(())
+}
+
+/// `watch`: follows the status until the job ends or the user interrupts.
+pub async fn watch(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(addr).await?;
+    let mut stream = c
+        .watch_job(pb::WatchJobRequest { job_id: job_id.into() })
+        .await
+        .map_err(|e| anyhow::anyhow!("WatchJob failed: {}", e.message()))?
+        .into_inner();
+    while let Some(msg) = stream.message().await.map_err(|e| anyhow::anyhow!("{}", e.message()))? {
+        let Some(s) = msg.status else { continue };
+        if as_json {
+            println!("{}", serde_json::to_string(&status_json(&s))?);
+        } else {
+            println!("---");
+            print!("{}", status_text(&s));
+        }
+    }
+    Ok(())
+}
+
+/// `list`: every job in the coordinator's database.
+pub async fn list(addr: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(addr).await?;
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("ListJobs failed: {}", e.message()))?
+        .into_inner()
+        .jobs;
+    if as_json {
+        let v: Vec<Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({"job_id": j.job_id, "job_name": j.job_name, "state": short_job_state(j.state),
+                       "step": j.step, "created_unix_ms": j.created_unix_ms,
+                       "updated_unix_ms": j.updated_unix_ms})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<38} {:<20} {:<20} {:>6}", "JOB ID", "NAME", "STATE", "STEP");
+        for j in jobs {
+            println!(
+                "{:<38} {:<20} {:<20} {:>6}",
+                j.job_id,
+                j.job_name,
+                short_job_state(j.state),
+                j.step
+            );
+        }
+    }
+    Ok(())
+}

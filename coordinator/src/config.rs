@@ -1,0 +1,222 @@
+//! Loading the job configuration and the coordinator's process settings.
+//!
+//! The job config is layered with the `config` crate: the file (TOML, JSON or YAML), then
+//! `DANCEGRPO_<KEY>` environment variables (nested keys with `__`, e.g. `DANCEGRPO_LORA__RANK`),
+//! then `--set key=value` flags. Unknown keys from any layer are errors, and every problem is
+//! reported at once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, Value};
+use dancegrpo_proto::{ConfigError, JobConfig};
+
+use crate::error::{Error, Result};
+
+/// Environment variables with the `DANCEGRPO_` prefix that configure processes, not the job.
+const PROCESS_ENV: &[&str] =
+    &["venv", "ref_venv", "log", "log_format", "device", "coordinator", "bin_dir"];
+
+/// Keys allowed inside `[[rewards]]` and `[lora]`.
+const REWARD_KEYS: &[&str] = &["name", "weight", "model_dir", "on_cpu"];
+const LORA_KEYS: &[&str] = &["rank", "alpha", "target_modules"];
+
+/// Loads, merges and validates the job config.
+///
+/// `env` is the process environment (passed in so tests need not touch the real one).
+pub fn load_job_config(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(String, String)],
+) -> Result<JobConfig> {
+    let mut problems = Vec::new();
+    let mut builder = Config::builder();
+    if let Some(f) = file {
+        if !f.exists() {
+            return Err(Error::ConfigLoad(format!("config file {} does not exist", f.display())));
+        }
+        builder = builder.add_source(File::from(f));
+    }
+
+    let mut env_map = std::collections::HashMap::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("DANCEGRPO_") else { continue };
+        let key = rest.to_ascii_lowercase();
+        let top = key.split("__").next().unwrap_or_default();
+        if PROCESS_ENV.contains(&key.as_str()) {
+            continue;
+        }
+        if !JobConfig::KEYS.contains(&top) {
+            problems.push(format!("unknown key `{key}` (from environment variable {k})"));
+            continue;
+        }
+        env_map.insert(k, v);
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("DANCEGRPO")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env_map)),
+    );
+    for (k, v) in overrides {
+        let top = k.split('.').next().unwrap_or_default();
+        if !JobConfig::KEYS.contains(&top) {
+            problems.push(format!("unknown key `{k}` (from --set)"));
+            continue;
+        }
+        builder = builder
+            .set_override(k.as_str(), v.as_str())
+            .map_err(|e| Error::ConfigLoad(e.to_string()))?;
+    }
+
+    let merged = builder.build().map_err(|e| Error::ConfigLoad(e.to_string()))?;
+    let table: BTreeMap<String, Value> = merged
+        .clone()
+        .try_deserialize()
+        .map_err(|e| Error::ConfigLoad(e.to_string()))?;
+    for (key, value) in &table {
+        if !JobConfig::KEYS.contains(&key.as_str()) {
+            problems.push(format!("unknown key `{key}`"));
+        }
+        match key.as_str() {
+            "rewards" => {
+                if let Ok(list) = value.clone().into_array() {
+                    for (i, r) in list.into_iter().enumerate() {
+                        if let Ok(t) = r.into_table() {
+                            for k in t.keys().filter(|k| !REWARD_KEYS.contains(&k.as_str())) {
+                                problems.push(format!("unknown key `rewards[{i}].{k}`"));
+                            }
+                        }
+                    }
+                }
+            }
+            "lora" => {
+                if let Ok(t) = value.clone().into_table() {
+                    for k in t.keys().filter(|k| !LORA_KEYS.contains(&k.as_str())) {
+                        problems.push(format!("unknown key `lora.{k}`"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError { problems }.into());
+    }
+    let job: JobConfig = merged.try_deserialize().map_err(|e| ConfigError {
+        problems: vec![e.to_string()],
+    })?;
+    job.validate()?;
+    Ok(job)
+}
+
+/// How many workers make the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Number of nodes (`NNODES`).
+    pub nnodes: u32,
+    /// Workers per node (`NPUS_PER_NODE`), if known; then ranks are `node × npus + local`.
+    pub npus_per_node: Option<u32>,
+    /// Total number of workers.
+    pub world_size: u32,
+}
+
+impl Topology {
+    /// `world_size` wins when given; otherwise `nnodes × npus_per_node`.
+    pub fn new(nnodes: u32, npus_per_node: u32, world_size: Option<u32>) -> Result<Self> {
+        match world_size {
+            Some(0) => Err(Error::InvalidRequest("world size must be >= 1".into())),
+            Some(w) => Ok(Self { nnodes, npus_per_node: None, world_size: w }),
+            None if nnodes == 0 || npus_per_node == 0 => Err(Error::InvalidRequest(format!(
+                "NNODES ({nnodes}) and NPUS_PER_NODE ({npus_per_node}) must be >= 1"
+            ))),
+            None => Ok(Self {
+                nnodes,
+                npus_per_node: Some(npus_per_node),
+                world_size: nnodes * npus_per_node,
+            }),
+        }
+    }
+}
+
+/// Process settings of a running coordinator.
+#[derive(Clone, Debug)]
+pub struct CoordinatorSettings {
+    /// The job to run.
+    pub job: JobConfig,
+    /// Expected workers.
+    pub topology: Topology,
+    /// The embedded database.
+    pub db_path: PathBuf,
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Port of the c10d TCPStore that rank 0 hosts.
+    pub store_port: u16,
+    /// Where the gRPC server listens.
+    pub listen: SocketAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(ext: &str, body: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
+        f.write_all(body.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let f = file(".toml", "num_generations = 4\neta = 0.5\nsampling_steps = 8\n");
+        let env = [
+            ("DANCEGRPO_ETA".to_string(), "0.7".to_string()),
+            ("DANCEGRPO_SAMPLING_STEPS".to_string(), "10".to_string()),
+            ("DANCEGRPO_VENV".to_string(), "/somewhere".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = load_job_config(Some(f.path()), env, &[("sampling_steps".into(), "6".into())])
+            .unwrap();
+        assert_eq!(c.num_generations, 4, "file");
+        assert_eq!(c.eta, 0.7, "env beats file");
+        assert_eq!(c.sampling_steps, 6, "flag beats env");
+        assert_eq!(c.shift, 3.0, "reference default");
+    }
+
+    #[test]
+    fn unknown_keys_from_every_layer_are_reported_together() {
+        let f = file(".toml", "num_generation = 4\n[lora]\nrank = 4\nalpha = 8\nrnak = 3\n");
+        let env = [("DANCEGRPO_SAMPLING_STEP".to_string(), "3".to_string())];
+        let e = load_job_config(Some(f.path()), env, &[("etaa".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        for needle in ["`num_generation`", "`lora.rnak`", "DANCEGRPO_SAMPLING_STEP", "`etaa`"] {
+            assert!(e.contains(needle), "{needle} missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_values_and_bad_ranges() {
+        let f = file(".json", r#"{"num_generations": "many"}"#);
+        let e = load_job_config(Some(f.path()), [], &[]).unwrap_err().to_string();
+        assert!(e.contains("num_generations"), "{e}");
+        let f = file(".yaml", "eta: -1\nh: 100\n");
+        let e = load_job_config(Some(f.path()), [], &[]).unwrap_err().to_string();
+        assert!(e.contains("eta must be > 0") && e.contains("h must be"), "{e}");
+        let e = load_job_config(Some(Path::new("/nonexistent.toml")), [], &[]).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn topology() {
+        assert_eq!(Topology::new(2, 8, None).unwrap().world_size, 16);
+        assert_eq!(Topology::new(2, 8, Some(3)).unwrap().world_size, 3);
+        assert!(Topology::new(1, 0, None).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! The coordinator's error type and its single mapping to `tonic::Status`.
+
+use dancegrpo_proto::ConfigError;
+use dancegrpo_proto::convert::ConvertError;
+
+/// Crate-wide result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job configuration is invalid; every problem is listed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The configuration could not be read or parsed.
+    #[error("cannot load config: {0}")]
+    ConfigLoad(String),
+    /// A peer speaks another protocol version.
+    #[error(
+        "protocol version mismatch: worker speaks v{worker}, coordinator speaks v{coordinator}; \
+         run the same dancegrpo release on both"
+    )]
+    ProtocolVersion {
+        /// What the worker sent.
+        worker: u32,
+        /// What this coordinator speaks.
+        coordinator: u32,
+    },
+    /// A malformed request.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A wire message that does not convert into a domain value.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// The world already has all its workers.
+    #[error("world is full: {registered} of {world_size} workers already registered")]
+    WorldFull {
+        /// Live workers.
+        registered: u32,
+        /// Expected workers.
+        world_size: u32,
+    },
+    /// Two workers claim the same (node rank, local rank).
+    #[error(
+        "duplicate worker: node_rank {node_rank} local_rank {local_rank} is already taken by \
+         worker {existing} on {host}"
+    )]
+    DuplicateSlot {
+        /// Node rank.
+        node_rank: u32,
+        /// Local rank.
+        local_rank: u32,
+        /// Worker id holding the slot.
+        existing: String,
+        /// Its host.
+        host: String,
+    },
+    /// Unknown worker id (e.g. after a coordinator restart, or after being declared lost).
+    #[error("unknown worker {0}: register again")]
+    UnknownWorker(String),
+    /// The worker was declared lost or stopped and must register again.
+    #[error("worker {id} is {state}: register again")]
+    WorkerGone {
+        /// Worker id.
+        id: String,
+        /// Its state.
+        state: dancegrpo_proto::WorkerState,
+    },
+    /// Unknown job id.
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+    /// The embedded database failed.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// I/O, e.g. binding the listener.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            Error::ProtocolVersion { .. } => Status::failed_precondition(msg),
+            Error::WorkerGone { .. } => Status::failed_precondition(msg),
+            Error::InvalidRequest(_) | Error::Convert(_) | Error::Config(_) => {
+                Status::invalid_argument(msg)
+            }
+            Error::WorldFull { .. } => Status::resource_exhausted(msg),
+            Error::DuplicateSlot { .. } => Status::already_exists(msg),
+            Error::UnknownWorker(_) | Error::UnknownJob(_) => Status::not_found(msg),
+            Error::ConfigLoad(_) | Error::Db(_) | Error::Io { .. } | Error::Transport(_) => {
+                tracing::error!(cause = %msg, "internal error");
+                Status::internal(msg)
+            }
+        }
+    }
+}

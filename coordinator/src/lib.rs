@@ -1,0 +1,23 @@
+//! The dancegrpo coordinator: admits the workers of a job, hands out ranks and the c10d
+//! rendezvous, watches heartbeats, and serves the job status. It never links libtorch.
+//!
+//! Layout: [`config`] loads what to run, [`state`] is the job's live state over the embedded
+//! [`db`], [`service`] is the gRPC edge, [`server`] assembles it, and [`cli`] is the client side
+//! of the status API.
+
+/// Status, watch and list commands: the client side of the job API.
+pub mod cli;
+/// Job config loading (file, environment, flags) and process settings.
+pub mod config;
+/// The embedded SQLite database.
+pub mod db;
+/// The error type and its mapping to gRPC status codes.
+pub mod error;
+/// Server assembly: services, health, reflection, loss detection.
+pub mod server;
+/// gRPC service implementations.
+pub mod service;
+/// The job's live state.
+pub mod state;
+
+pub use error::{Error, Result};

@@ -1,0 +1,76 @@
+//! Assembles and serves the coordinator: the two dancegrpo services, gRPC health and
+//! reflection, and the task that declares silent workers lost.
+
+use std::sync::Arc;
+
+use dancegrpo_proto::pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::CoordinatorSettings;
+use crate::error::{Error, Result};
+use crate::service::CoordinatorService;
+use crate::state::CoordinatorState;
+
+/// Binds the listen address with a clear error when the port is taken.
+pub async fn bind(settings: &CoordinatorSettings) -> Result<TcpListener> {
+    TcpListener::bind(settings.listen).await.map_err(|source| Error::Io {
+        context: format!("cannot listen on {}", settings.listen),
+        source,
+    })
+}
+
+/// Serves the job on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<CoordinatorState>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let svc = CoordinatorService::new(state.clone());
+    health_reporter.set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>().await;
+    health_reporter.set_serving::<pb::job_service_server::JobServiceServer<CoordinatorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::InvalidRequest(format!("reflection: {e}")))?;
+
+    let ticker = {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        let period = state.settings().heartbeat_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = state.expire(tokio::time::Instant::now()) {
+                            tracing::error!(cause = %e, "cannot update lost workers");
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        context: "listener has no address".into(),
+        source,
+    })?;
+    tracing::info!(%addr, job_id = %state.job_id(), world_size = state.settings().topology.world_size,
+        "coordinator listening");
+    let result = Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(pb::coordinator_server::CoordinatorServer::new(svc.clone()))
+        .add_service(pb::job_service_server::JobServiceServer::new(svc))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    let _ = ticker.await;
+    Ok(result?)
+}

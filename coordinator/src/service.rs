@@ -1,0 +1,213 @@
+//! The gRPC services. Handlers convert the wire types at the edge, call into
+//! [`CoordinatorState`], and end with `?`; errors map to `Status` in one place (`error.rs`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dancegrpo_proto::pb::coordinator_server::Coordinator;
+use dancegrpo_proto::pb::job_service_server::JobService;
+use dancegrpo_proto::{WorkerId, WorkerInfo, WorkerState, pb};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::db::{JobRecord, WorkerRecord};
+use crate::error::Error;
+use crate::state::{CoordinatorState, JobSnapshot};
+
+/// Implements both services over one shared state.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    state: Arc<CoordinatorState>,
+}
+
+impl CoordinatorService {
+    /// Wraps the state.
+    pub fn new(state: Arc<CoordinatorState>) -> Self {
+        Self { state }
+    }
+}
+
+fn unimplemented_until_training(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc}: the training loop is not part of this coordinator build yet"
+    ))
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip().to_string());
+        let req = req.into_inner();
+        CoordinatorState::check_protocol(req.protocol_version)?;
+        let info = WorkerInfo::try_from(req.worker.ok_or(Error::InvalidRequest(
+            "missing field `worker`".into(),
+        ))?)
+        .map_err(Error::from)?;
+        let reg = self.state.register(info, peer)?;
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id: reg.worker_id.into(),
+            job_id: reg.job_id.into(),
+            config: Some((&reg.config).into()),
+            heartbeat_interval_ms: reg.heartbeat_interval.as_millis() as u64,
+            assignment: reg.assignment.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        CoordinatorState::check_protocol(req.protocol_version)?;
+        let state = WorkerState::try_from(req.state()).map_err(Error::from)?;
+        let (assignment, job_state) = self.state.heartbeat(&WorkerId::from(req.worker_id), state)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            assignment: assignment.as_ref().map(Into::into),
+            job_state: pb::JobState::from(job_state) as i32,
+        }))
+    }
+
+    async fn goodbye(
+        &self,
+        req: Request<pb::GoodbyeRequest>,
+    ) -> Result<Response<pb::GoodbyeResponse>, Status> {
+        let req = req.into_inner();
+        self.state.goodbye(&WorkerId::from(req.worker_id), &req.reason)?;
+        Ok(Response::new(pb::GoodbyeResponse {}))
+    }
+
+    async fn get_work(
+        &self,
+        _: Request<pb::GetWorkRequest>,
+    ) -> Result<Response<pb::GetWorkResponse>, Status> {
+        Err(unimplemented_until_training("GetWork"))
+    }
+
+    async fn report_rewards(
+        &self,
+        _: Request<pb::ReportRewardsRequest>,
+    ) -> Result<Response<pb::ReportRewardsResponse>, Status> {
+        Err(unimplemented_until_training("ReportRewards"))
+    }
+
+    async fn get_advantages(
+        &self,
+        _: Request<pb::GetAdvantagesRequest>,
+    ) -> Result<Response<pb::GetAdvantagesResponse>, Status> {
+        Err(unimplemented_until_training("GetAdvantages"))
+    }
+
+    async fn report_step_metrics(
+        &self,
+        _: Request<pb::ReportStepMetricsRequest>,
+    ) -> Result<Response<pb::ReportStepMetricsResponse>, Status> {
+        Err(unimplemented_until_training("ReportStepMetrics"))
+    }
+}
+
+fn worker_to_pb(w: &WorkerRecord) -> pb::WorkerStatus {
+    pb::WorkerStatus {
+        worker_id: w.id.to_string(),
+        rank: w.rank,
+        info: Some((&w.info).into()),
+        state: pb::WorkerState::from(w.state) as i32,
+        last_heartbeat_unix_ms: w.last_heartbeat_ms,
+        registered_unix_ms: w.registered_ms,
+    }
+}
+
+fn status_to_pb(s: &JobSnapshot) -> pb::JobStatus {
+    let j = &s.job;
+    pb::JobStatus {
+        job_id: j.id.to_string(),
+        job_name: j.name.clone(),
+        state: pb::JobState::from(j.state) as i32,
+        step: j.step,
+        max_train_steps: j.config.max_train_steps.into(),
+        world_size: j.world_size,
+        generation: j.generation,
+        workers: s.workers.iter().map(worker_to_pb).collect(),
+        history: s
+            .history
+            .iter()
+            .map(|h| pb::IterationRecord {
+                iteration: h.iteration,
+                mean_rewards: h.mean_rewards.clone(),
+                metrics: None,
+            })
+            .collect(),
+        created_unix_ms: j.created_ms,
+        updated_unix_ms: j.updated_ms,
+        message: j.message.clone(),
+        config: Some((&j.config).into()),
+    }
+}
+
+fn summary_to_pb(j: &JobRecord) -> pb::JobSummary {
+    pb::JobSummary {
+        job_id: j.id.to_string(),
+        job_name: j.name.clone(),
+        state: pb::JobState::from(j.state) as i32,
+        step: j.step,
+        created_unix_ms: j.created_ms,
+        updated_unix_ms: j.updated_ms,
+    }
+}
+
+fn job_filter(id: &str) -> Option<&str> {
+    (!id.is_empty()).then_some(id)
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::GetJobStatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for CoordinatorService {
+    async fn get_job_status(
+        &self,
+        req: Request<pb::GetJobStatusRequest>,
+    ) -> Result<Response<pb::GetJobStatusResponse>, Status> {
+        let snap = self.state.snapshot(job_filter(&req.get_ref().job_id))?;
+        Ok(Response::new(pb::GetJobStatusResponse { status: Some(status_to_pb(&snap)) }))
+    }
+
+    type WatchJobStream = StatusStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job = job_filter(&req.get_ref().job_id).map(str::to_string);
+        // Fail fast on an unknown job instead of opening a stream that errors later.
+        self.state.snapshot(job.as_deref())?;
+        let state = self.state.clone();
+        let mut changes = state.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let item = state.snapshot(job.as_deref()).map_err(Status::from);
+                let terminal = matches!(&item, Ok(s) if s.job.state.is_terminal());
+                let item = item.map(|s| pb::GetJobStatusResponse { status: Some(status_to_pb(&s)) });
+                // A send error means the client went away: stop following.
+                if tx.send(item).await.is_err() || terminal {
+                    break;
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.state.jobs()?;
+        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(summary_to_pb).collect() }))
+    }
+}

@@ -1,0 +1,500 @@
+//! The job's live state: admission of workers, rank assignment, heartbeats and loss detection.
+//!
+//! One mutex guards the in-memory view and the database together, so every state change is
+//! persisted before anyone can observe it. Nothing awaits while holding it. Every change bumps
+//! a `watch` counter that `WatchJob` streams follow.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dancegrpo_proto::{
+    JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkerId, WorkerInfo,
+    WorkerState, JobConfig,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::CoordinatorSettings;
+use crate::db::{Db, IterationRecord, JobRecord, WorkerRecord};
+use crate::error::{Error, Result};
+
+/// What a worker gets back when it registers.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// Its id, to quote in heartbeats.
+    pub worker_id: WorkerId,
+    /// The job it joined.
+    pub job_id: JobId,
+    /// The job config.
+    pub config: JobConfig,
+    /// How often to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Present if this registration completed the world.
+    pub assignment: Option<RankAssignment>,
+}
+
+/// A consistent view of one job, for the status API.
+#[derive(Clone, Debug)]
+pub struct JobSnapshot {
+    /// The job.
+    pub job: JobRecord,
+    /// Its workers.
+    pub workers: Vec<WorkerRecord>,
+    /// Finished iterations.
+    pub history: Vec<IterationRecord>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    rec: WorkerRecord,
+    last_seen: Instant,
+    /// The address rank 0 is reachable at, from the peer address of its registration.
+    reachable_host: String,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Db,
+    job: JobRecord,
+    workers: Vec<Worker>,
+}
+
+/// The coordinator's state for the job it runs.
+#[derive(Debug)]
+pub struct CoordinatorState {
+    inner: Mutex<Inner>,
+    settings: CoordinatorSettings,
+    changed: watch::Sender<u64>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl CoordinatorState {
+    /// Opens the database and creates the job, or picks up the unfinished job of the same name.
+    pub fn open(settings: CoordinatorSettings) -> Result<Arc<Self>> {
+        let db = Db::open(&settings.db_path)?;
+        let now = now_ms();
+        let (job, workers) = match db.find_active_job(&settings.job.job_name)? {
+            Some(mut job) => {
+                tracing::info!(job_id = %job.id, step = job.step, "resuming job record");
+                // Workers of the previous coordinator process must register again: their
+                // heartbeats find them here as lost and are told so.
+                let mut workers = Vec::new();
+                for mut rec in db.workers(job.id.as_str())? {
+                    if rec.state.is_live() {
+                        rec.state = WorkerState::Lost;
+                        db.put_worker(&job.id, &rec)?;
+                    }
+                    let reachable_host = rec.info.host.clone();
+                    workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
+                }
+                job.config = settings.job.clone();
+                job.world_size = settings.topology.world_size;
+                job.state = JobState::WaitingForWorkers;
+                job.message = "coordinator restarted; waiting for workers".into();
+                job.updated_ms = now;
+                db.put_job(&job)?;
+                (job, workers)
+            }
+            None => {
+                let job = JobRecord {
+                    id: JobId::new(),
+                    name: settings.job.job_name.clone(),
+                    state: JobState::WaitingForWorkers,
+                    step: 0,
+                    world_size: settings.topology.world_size,
+                    generation: 0,
+                    config: settings.job.clone(),
+                    message: "waiting for workers".into(),
+                    created_ms: now,
+                    updated_ms: now,
+                };
+                db.put_job(&job)?;
+                tracing::info!(job_id = %job.id, "created job");
+                (job, Vec::new())
+            }
+        };
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Inner { db, job, workers }),
+            settings,
+            changed: watch::Sender::new(0),
+        }))
+    }
+
+    /// The settings this state was opened with.
+    pub fn settings(&self) -> &CoordinatorSettings {
+        &self.settings
+    }
+
+    /// A receiver that changes whenever the status does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; the state is still the last
+        // persisted one, so keep serving rather than poisoning every later request.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Rejects peers that speak another protocol version.
+    pub fn check_protocol(version: u32) -> Result<()> {
+        if version == PROTOCOL_VERSION {
+            Ok(())
+        } else {
+            Err(Error::ProtocolVersion { worker: version, coordinator: PROTOCOL_VERSION })
+        }
+    }
+
+    /// Admits a worker. `peer_host` is the address its connection came from.
+    pub fn register(&self, info: WorkerInfo, peer_host: Option<String>) -> Result<Registration> {
+        let topo = self.settings.topology;
+        if let Some(n) = topo.npus_per_node {
+            if info.local_rank >= n || info.node_rank >= topo.nnodes {
+                return Err(Error::InvalidRequest(format!(
+                    "node_rank {} local_rank {} outside NNODES={} x NPUS_PER_NODE={n}",
+                    info.node_rank, info.local_rank, topo.nnodes
+                )));
+            }
+        }
+        let mut g = self.lock();
+        let Inner { db, job, workers } = &mut *g;
+        if job.state.is_terminal() {
+            return Err(Error::InvalidRequest(format!("job {} has ended ({})", job.id, job.state)));
+        }
+        let same_slot = |w: &Worker| {
+            w.rec.info.node_rank == info.node_rank && w.rec.info.local_rank == info.local_rank
+        };
+        if let Some(w) = workers.iter().find(|w| same_slot(w) && w.rec.state.is_live()) {
+            return Err(Error::DuplicateSlot {
+                node_rank: info.node_rank,
+                local_rank: info.local_rank,
+                existing: w.rec.id.to_string(),
+                host: w.rec.info.host.clone(),
+            });
+        }
+        let live = workers.iter().filter(|w| w.rec.state.is_live()).count() as u32;
+        if live >= job.world_size {
+            return Err(Error::WorldFull { registered: live, world_size: job.world_size });
+        }
+        // A worker taking over the slot of a lost one inherits its rank (and the world is
+        // re-formed under a new generation); otherwise it waits for the world to fill.
+        let formed = job.state == JobState::Running;
+        let inherited = if formed {
+            workers.iter().filter(|w| same_slot(w)).filter_map(|w| w.rec.rank).next()
+        } else {
+            None
+        };
+        if formed && inherited.is_none() {
+            return Err(Error::InvalidRequest(format!(
+                "node_rank {} local_rank {} is not a slot of the running world",
+                info.node_rank, info.local_rank
+            )));
+        }
+        let now = now_ms();
+        let rec = WorkerRecord {
+            id: WorkerId::new(),
+            info: info.clone(),
+            rank: inherited,
+            state: if formed { WorkerState::Running } else { WorkerState::Waiting },
+            last_heartbeat_ms: now,
+            registered_ms: now,
+        };
+        db.put_worker(&job.id, &rec)?;
+        let worker_id = rec.id.clone();
+        tracing::info!(worker_id = %worker_id, host = %info.host, node_rank = info.node_rank,
+            local_rank = info.local_rank, device = %info.device, "worker registered");
+        let reachable_host = peer_host.unwrap_or_else(|| info.host.clone());
+        workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
+        if formed {
+            job.generation += 1;
+            job.message = format!(
+                "worker {} rejoined as rank {}; world re-formed (generation {})",
+                worker_id,
+                inherited.unwrap_or_default(),
+                job.generation
+            );
+            job.updated_ms = now;
+            db.put_job(job)?;
+        } else if live + 1 == job.world_size {
+            Self::form_world(db, job, workers)?;
+        } else {
+            job.message = format!("waiting for workers: {} of {}", live + 1, job.world_size);
+            job.updated_ms = now;
+            db.put_job(job)?;
+        }
+        let assignment = Self::assignment_of(&self.settings, job, workers, &worker_id);
+        let reg = Registration {
+            worker_id,
+            job_id: job.id.clone(),
+            config: job.config.clone(),
+            heartbeat_interval: self.settings.heartbeat_interval,
+            assignment,
+        };
+        drop(g);
+        self.notify();
+        Ok(reg)
+    }
+
+    /// Hands out ranks by (node rank, local rank) once every worker has arrived.
+    fn form_world(db: &Db, job: &mut JobRecord, workers: &mut [Worker]) -> Result<()> {
+        let mut live: Vec<&mut Worker> =
+            workers.iter_mut().filter(|w| w.rec.state.is_live()).collect();
+        live.sort_by_key(|w| (w.rec.info.node_rank, w.rec.info.local_rank));
+        for (rank, w) in live.into_iter().enumerate() {
+            w.rec.rank = Some(rank as u32);
+            w.rec.state = WorkerState::Running;
+            db.put_worker(&job.id, &w.rec)?;
+        }
+        job.generation += 1;
+        job.state = JobState::Running;
+        job.message = format!("world formed: {} workers (generation {})", job.world_size, job.generation);
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        tracing::info!(world_size = job.world_size, generation = job.generation, "world formed");
+        Ok(())
+    }
+
+    fn assignment_of(
+        settings: &CoordinatorSettings,
+        job: &JobRecord,
+        workers: &[Worker],
+        id: &WorkerId,
+    ) -> Option<RankAssignment> {
+        if job.state != JobState::Running {
+            return None;
+        }
+        let me = workers.iter().find(|w| &w.rec.id == id && w.rec.state.is_live())?;
+        let rank0 =
+            workers.iter().find(|w| w.rec.rank == Some(0) && w.rec.state.is_live())?;
+        Some(RankAssignment {
+            rank: me.rec.rank?,
+            world_size: job.world_size,
+            generation: job.generation,
+            store: StoreAddress {
+                host: rank0.reachable_host.clone(),
+                port: settings.store_port,
+                // A fresh prefix per generation: a re-formed world never reads the keys of the
+                // one before, so survivors can re-rendezvous without restarting.
+                prefix: format!("dancegrpo/{}/gen{}/", job.id, job.generation),
+            },
+        })
+    }
+
+    fn find<'a>(workers: &'a mut [Worker], id: &WorkerId) -> Result<&'a mut Worker> {
+        let w = workers
+            .iter_mut()
+            .find(|w| &w.rec.id == id)
+            .ok_or_else(|| Error::UnknownWorker(id.to_string()))?;
+        if !w.rec.state.is_live() {
+            return Err(Error::WorkerGone { id: id.to_string(), state: w.rec.state });
+        }
+        Ok(w)
+    }
+
+    /// Records a heartbeat. Returns the worker's assignment (once the world is formed) and
+    /// the job state.
+    pub fn heartbeat(
+        &self,
+        id: &WorkerId,
+        reported: WorkerState,
+    ) -> Result<(Option<RankAssignment>, JobState)> {
+        let mut g = self.lock();
+        let Inner { db, job, workers } = &mut *g;
+        let w = Self::find(workers, id)?;
+        w.last_seen = Instant::now();
+        w.rec.last_heartbeat_ms = now_ms();
+        let mut changed = false;
+        if reported == WorkerState::Draining && w.rec.state != WorkerState::Draining {
+            w.rec.state = WorkerState::Draining;
+            db.put_worker(&job.id, &w.rec)?;
+            changed = true;
+        }
+        let out = (Self::assignment_of(&self.settings, job, workers, id), job.state);
+        drop(g);
+        if changed {
+            self.notify();
+        }
+        Ok(out)
+    }
+
+    /// A clean exit.
+    pub fn goodbye(&self, id: &WorkerId, reason: &str) -> Result<()> {
+        let mut g = self.lock();
+        let Inner { db, job, workers } = &mut *g;
+        let w = Self::find(workers, id)?;
+        w.rec.state = WorkerState::Stopped;
+        w.rec.last_heartbeat_ms = now_ms();
+        db.put_worker(&job.id, &w.rec)?;
+        tracing::info!(worker_id = %id, reason, "worker stopped");
+        job.message = match w.rec.rank {
+            Some(r) => format!("rank {r} stopped: {reason}"),
+            None => format!("worker {id} stopped: {reason}"),
+        };
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        drop(g);
+        self.notify();
+        Ok(())
+    }
+
+    /// Marks workers silent for longer than the heartbeat timeout as lost. Returns their ids.
+    pub fn expire(&self, now: Instant) -> Result<Vec<WorkerId>> {
+        let timeout = self.settings.heartbeat_timeout;
+        let mut g = self.lock();
+        let Inner { db, job, workers } = &mut *g;
+        let mut lost = Vec::new();
+        for w in workers.iter_mut() {
+            if w.rec.state.is_live() && now.saturating_duration_since(w.last_seen) > timeout {
+                w.rec.state = WorkerState::Lost;
+                db.put_worker(&job.id, &w.rec)?;
+                tracing::warn!(worker_id = %w.rec.id, rank = ?w.rec.rank, host = %w.rec.info.host,
+                    "worker lost: no heartbeat for {timeout:?}");
+                job.message = format!(
+                    "worker {} (rank {}) on {} lost: no heartbeat for {:?}",
+                    w.rec.id,
+                    w.rec.rank.map_or("-".to_string(), |r| r.to_string()),
+                    w.rec.info.host,
+                    timeout
+                );
+                lost.push(w.rec.id.clone());
+            }
+        }
+        if !lost.is_empty() {
+            job.updated_ms = now_ms();
+            db.put_job(job)?;
+        }
+        drop(g);
+        if !lost.is_empty() {
+            self.notify();
+        }
+        Ok(lost)
+    }
+
+    /// The job this coordinator runs.
+    pub fn job_id(&self) -> JobId {
+        self.lock().job.id.clone()
+    }
+
+    /// A snapshot of a job: this one (`None` or its id) from memory, others from the database.
+    pub fn snapshot(&self, job_id: Option<&str>) -> Result<JobSnapshot> {
+        let g = self.lock();
+        match job_id {
+            None => {}
+            Some(id) if id == g.job.id.as_str() => {}
+            Some(id) => {
+                let job = g.db.job(id)?.ok_or_else(|| Error::UnknownJob(id.to_string()))?;
+                return Ok(JobSnapshot {
+                    workers: g.db.workers(id)?,
+                    history: g.db.iterations(id)?,
+                    job,
+                });
+            }
+        }
+        let mut workers: Vec<WorkerRecord> = g.workers.iter().map(|w| w.rec.clone()).collect();
+        workers.sort_by_key(|w| (w.info.node_rank, w.info.local_rank, w.registered_ms));
+        Ok(JobSnapshot {
+            history: g.db.iterations(g.job.id.as_str())?,
+            job: g.job.clone(),
+            workers,
+        })
+    }
+
+    /// Every job in the database, newest first.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let g = self.lock();
+        let mut jobs = g.db.jobs()?;
+        // The running job's in-memory record is the freshest.
+        for j in jobs.iter_mut().filter(|j| j.id == g.job.id) {
+            *j = g.job.clone();
+        }
+        Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Topology;
+
+    fn settings(dir: &std::path::Path, world: u32) -> CoordinatorSettings {
+        CoordinatorSettings {
+            job: JobConfig::default(),
+            topology: Topology::new(1, world, None).unwrap(),
+            db_path: dir.join("db.sqlite"),
+            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_secs(1),
+            store_port: 29501,
+            listen: "127.0.0.1:0".parse().unwrap(),
+        }
+    }
+
+    fn info(local_rank: u32) -> WorkerInfo {
+        WorkerInfo {
+            host: format!("host{local_rank}"),
+            node_rank: 0,
+            local_rank,
+            device: "cpu".into(),
+            device_description: "cpu".into(),
+            pid: 1,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ranks_follow_slots_and_lost_workers_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
+        // Local rank 1 arrives first but still gets rank 1.
+        let b = s.register(info(1), Some("10.0.0.2".into())).unwrap();
+        assert!(b.assignment.is_none());
+        let e = s.register(info(1), None).unwrap_err();
+        assert!(matches!(e, Error::DuplicateSlot { .. }), "{e}");
+        let a = s.register(info(0), Some("10.0.0.1".into())).unwrap();
+        let aa = a.assignment.unwrap();
+        assert_eq!((aa.rank, aa.world_size, aa.generation), (0, 2, 1));
+        assert_eq!(aa.store.host, "10.0.0.1", "rank 0's address hosts the store");
+        let (ba, state) = s.heartbeat(&b.worker_id, WorkerState::Running).unwrap();
+        assert_eq!(ba.unwrap().rank, 1);
+        assert_eq!(state, JobState::Running);
+        let e = s.register(info(2), None).unwrap_err();
+        assert!(e.to_string().contains("outside NNODES=1 x NPUS_PER_NODE=2"), "{e}");
+
+        tokio::time::advance(Duration::from_millis(600)).await;
+        s.heartbeat(&a.worker_id, WorkerState::Running).unwrap();
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(s.expire(Instant::now()).unwrap(), vec![b.worker_id.clone()]);
+        let e = s.heartbeat(&b.worker_id, WorkerState::Running).unwrap_err();
+        assert!(matches!(e, Error::WorkerGone { state: WorkerState::Lost, .. }), "{e}");
+
+        let b2 = s.register(info(1), None).unwrap();
+        let b2a = b2.assignment.unwrap();
+        assert_eq!((b2a.rank, b2a.generation), (1, 2), "inherits the rank, new generation");
+        assert_ne!(b2a.store.prefix, aa.store.prefix);
+    }
+
+    #[test]
+    fn world_full_and_restart_keeps_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = settings(dir.path(), 1);
+        st.topology = Topology::new(1, 1, Some(1)).unwrap();
+        let job_id = {
+            let s = CoordinatorState::open(st.clone()).unwrap();
+            s.register(info(0), None).unwrap();
+            let e = s.register(info(5), None).unwrap_err();
+            assert!(e.to_string().contains("world is full: 1 of 1"), "{e}");
+            s.job_id()
+        };
+        let s = CoordinatorState::open(st).unwrap();
+        let snap = s.snapshot(None).unwrap();
+        assert_eq!(snap.job.id, job_id);
+        assert_eq!(snap.workers.len(), 1);
+        assert_eq!(snap.workers[0].state, WorkerState::Lost);
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The Python reference packages (diffusers, transformers, open_clip), pinned, used by the golden
+# scripts and the side-by-side benchmarks. They go into the project venv next to torch, with
+# torch itself held at the pinned version, so torch (4.6 GB) exists once.
+# Idempotent. Prints the python to use on stdout.
+set -euo pipefail
+
+TORCH_VERSION=2.11.0
+VENV="${DANCEGRPO_VENV:-$HOME/.cache/dancegrpo/torch-$TORCH_VERSION}"
+PINS=(diffusers==0.42.1 transformers==5.24.0 open-clip-torch==3.3.0 safetensors==0.8.0
+      ftfy==6.3.1 regex pillow)
+
+"$(dirname "$0")/bootstrap.sh" >&2
+stamp="$VENV/.reference-$(echo "${PINS[*]}" | md5sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "[reference-venv] installing ${PINS[*]} into $VENV" >&2
+  constraints=$(mktemp)
+  echo "torch==$TORCH_VERSION" > "$constraints"
+  "$VENV/bin/pip" install -q -c "$constraints" "${PINS[@]}" >&2
+  rm -f "$constraints"
+  "$VENV/bin/python" -c "import torch, diffusers, transformers, open_clip; assert torch.__version__.startswith('$TORCH_VERSION')" >&2
+  touch "$stamp"
+fi
+echo "$VENV/bin/python"

@@ -1,0 +1,34 @@
+//! Wire protocol v1 of dancegrpo and the domain types both process roles share.
+//!
+//! Prost types stay at the edge: every inbound message is converted into a domain type in
+//! [`convert`], and the coordinator and worker logic only sees those.
+
+/// Generated protobuf and gRPC code for `dancegrpo.v1`.
+#[allow(clippy::all, missing_docs, unreachable_pub)]
+pub mod v1 {
+    tonic::include_proto!("dancegrpo.v1");
+
+    /// Encoded file descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("dancegrpo_v1_descriptor");
+}
+pub use v1 as pb;
+
+/// The job configuration: reference flag names, launch defaults and validation.
+pub mod config;
+/// Conversions between wire messages and domain types.
+pub mod convert;
+/// Domain types of the control plane.
+pub mod types;
+/// Typed ids.
+pub mod ids;
+
+pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
+pub use ids::{JobId, WorkerId};
+pub use types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
+
+/// Version of the worker <-> coordinator protocol.
+///
+/// Bump it on any change a peer of the other version would misread. Zero means "unset" and is
+/// always rejected, so a client that forgot the field cannot slip through.
+pub const PROTOCOL_VERSION: u32 = 1;

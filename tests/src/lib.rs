@@ -1,0 +1,193 @@
+//! Helpers for the end-to-end tests: start real coordinator and worker processes on loopback,
+//! talk to them over gRPC, and wait (with deadlines, never forever) for conditions.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dancegrpo_proto::pb;
+use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+
+/// Directory holding the workspace's binaries (`target/<profile>`), found from the test binary.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("DANCEGRPO_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// Path of one of the workspace's binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins`", p.display());
+    p
+}
+
+/// A child process that is killed when dropped, so a failing test leaves nothing behind.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Its stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A job directory with a config file, and the processes started for it.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Scratch directory (config, database, logs).
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A scratch directory with `config` written as `job.toml`.
+    pub fn new(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("job.toml"), config).expect("write config");
+        Self { dir }
+    }
+
+    /// Path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn spawn(&self, exe: &str, args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
+        let log = self.path(log_name);
+        let err = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(bin(exe));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .env_remove("MASTER_ADDR")
+            .env_remove("MASTER_PORT")
+            .env_remove("NNODES")
+            .env_remove("NPUS_PER_NODE")
+            .env_remove("WORLD_SIZE")
+            .env_remove("NODE_RANK")
+            .env_remove("LOCAL_RANK")
+            .env("RUST_LOG", "info");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Proc { child: cmd.spawn().expect("spawn"), log }
+    }
+
+    /// Starts a coordinator on `127.0.0.1:0` with the given extra flags; returns it and its
+    /// address once it listens.
+    pub fn coordinator(&self, extra: &[&str]) -> (Proc, String) {
+        let addr_file = self.path("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut args = vec![
+            "serve",
+            "--config",
+            "job.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            "state.sqlite",
+            "--addr-file",
+            "coordinator.addr",
+        ];
+        args.extend_from_slice(extra);
+        let mut p = self.spawn("dancegrpo-coordinator", &args, &[], "coordinator.log");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                return (p, a);
+            }
+            if let Some(s) = p.child.try_wait().expect("try_wait") {
+                panic!("coordinator exited early ({s}):\n{}", p.log());
+            }
+            assert!(Instant::now() < end, "coordinator did not listen within 30s:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a worker for the coordinator at `addr`.
+    pub fn worker(&self, addr: &str, node_rank: u32, local_rank: u32, extra: &[&str]) -> Proc {
+        let coord = format!("http://{addr}");
+        let nr = node_rank.to_string();
+        let lr = local_rank.to_string();
+        let mut args =
+            vec!["run", "--coordinator", &coord, "--node-rank", &nr, "--local-rank", &lr];
+        args.extend_from_slice(extra);
+        self.spawn("dancegrpo-worker", &args, &[], &format!("worker-{node_rank}-{local_rank}.log"))
+    }
+
+    /// Runs a binary to completion with a time limit.
+    pub fn run_to_end(&self, exe: &str, args: &[&str], limit: Duration) -> Output {
+        let mut p = self.spawn(exe, args, &[], "oneshot.log");
+        let status = p
+            .wait_timeout(limit)
+            .unwrap_or_else(|| panic!("{exe} {args:?} did not finish within {limit:?}"));
+        Output { status, stdout: Vec::new(), stderr: p.log().into_bytes() }
+    }
+}
+
+/// Fetches the status of the coordinator's job.
+pub async fn job_status(addr: &str) -> anyhow::Result<pb::JobStatus> {
+    let mut c = JobServiceClient::connect(format!("http://{addr}")).await?;
+    let s = c.get_job_status(pb::GetJobStatusRequest::default()).await?.into_inner();
+    s.status.ok_or_else(|| anyhow::anyhow!("empty status"))
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn await_condition<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Workers in the status with the given state name (`running`, `lost`, ...).
+pub fn workers_in(s: &pb::JobStatus, state: pb::WorkerState) -> Vec<&pb::WorkerStatus> {
+    s.workers.iter().filter(|w| w.state == state as i32).collect()
+}

@@ -1,0 +1,127 @@
+//! Every bad input gets a clear one-line error and a non-zero exit: no panic, no hang.
+
+use std::time::Duration;
+
+use dancegrpo_e2e::{Cluster, await_condition, job_status};
+use dancegrpo_proto::pb;
+
+const CONFIG: &str = "job_name = \"bad\"\n";
+
+fn one_line_error(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(needle), "expected {needle:?} in the last line of:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+#[test]
+fn unknown_and_malformed_config_keys() {
+    let c = Cluster::new("num_generation = 4\neta = \"high\"\n");
+    let out = c.run_to_end(
+        "dancegrpo-coordinator",
+        &["serve", "--config", "job.toml", "--listen", "127.0.0.1:0"],
+        Duration::from_secs(20),
+    );
+    one_line_error(&out, "unknown key `num_generation`");
+
+    std::fs::write(c.path("job.toml"), "num_generations = 1\nh = 100\n").unwrap();
+    let out = c.run_to_end(
+        "dancegrpo-coordinator",
+        &["serve", "--config", "job.toml", "--listen", "127.0.0.1:0"],
+        Duration::from_secs(20),
+    );
+    one_line_error(&out, "num_generations must be >= 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("h must be a positive multiple of 16 (got 100)"), "all fields at once: {err}");
+}
+
+#[test]
+fn port_in_use() {
+    let c = Cluster::new(CONFIG);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = c.run_to_end(
+        "dancegrpo-coordinator",
+        &["serve", "--config", "job.toml", "--listen", &addr, "--db", "s.sqlite"],
+        Duration::from_secs(20),
+    );
+    one_line_error(&out, &format!("cannot listen on {addr}"));
+}
+
+#[test]
+fn unreachable_coordinator_after_the_retry_window() {
+    let c = Cluster::new(CONFIG);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let coord = format!("http://127.0.0.1:{port}");
+    let start = std::time::Instant::now();
+    let out = c.run_to_end(
+        "dancegrpo-worker",
+        &["run", "--coordinator", &coord, "--connect-timeout-s", "2"],
+        Duration::from_secs(30),
+    );
+    one_line_error(&out, &format!("coordinator at {coord} unreachable after 2s"));
+    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn too_many_workers_and_duplicate_slots() {
+    let c = Cluster::new(CONFIG);
+    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "100"]);
+    let coord = format!("http://{addr}");
+    let _w0 = c.worker(&addr, 0, 0, &[]);
+    // Wait until it is registered, so the duplicate is really a duplicate.
+    await_condition(Duration::from_secs(30), "worker registered", || async {
+        job_status(&addr).await.ok().filter(|s| s.workers.len() == 1)
+    })
+    .await;
+    let out = c.run_to_end(
+        "dancegrpo-worker",
+        &["run", "--coordinator", &coord, "--node-rank", "0", "--local-rank", "0"],
+        Duration::from_secs(30),
+    );
+    one_line_error(&out, "duplicate worker: node_rank 0 local_rank 0 is already taken");
+
+    let _w1 = c.worker(&addr, 0, 1, &[]);
+    await_condition(Duration::from_secs(30), "world formed", || async {
+        job_status(&addr).await.ok().filter(|s| s.state == pb::JobState::Running as i32)
+    })
+    .await;
+    let out = c.run_to_end(
+        "dancegrpo-worker",
+        &["run", "--coordinator", &coord, "--node-rank", "1", "--local-rank", "0"],
+        Duration::from_secs(30),
+    );
+    one_line_error(&out, "world is full: 2 of 2 workers already registered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_protocol_version_is_failed_precondition() {
+    let c = Cluster::new(CONFIG);
+    let (_coord, addr) = c.coordinator(&["--world-size", "1"]);
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let err = client
+        .register_worker(pb::RegisterWorkerRequest {
+            protocol_version: dancegrpo_proto::PROTOCOL_VERSION + 1,
+            worker: Some(pb::WorkerInfo {
+                host: "h".into(),
+                device: Some(pb::DeviceInfo { device: "cpu".into(), description: String::new() }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("protocol version mismatch: worker speaks v2"), "{}", err.message());
+    // A missing sub-message is INVALID_ARGUMENT, not a crashed handler.
+    let err = client
+        .register_worker(pb::RegisterWorkerRequest {
+            protocol_version: dancegrpo_proto::PROTOCOL_VERSION,
+            worker: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+}

@@ -1,0 +1,115 @@
+//! The control plane end to end: real coordinator and worker processes on loopback.
+
+use std::time::Duration;
+
+use dancegrpo_e2e::{Cluster, await_condition, job_status, workers_in};
+use dancegrpo_proto::pb;
+
+const CONFIG: &str = "job_name = \"e2e\"\nnum_generations = 4\nsampling_steps = 4\n";
+// Fast heartbeats keep the tests short; the loss timeout is still many intervals long.
+const FAST: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "1500"];
+
+async fn running_ranks(addr: &str) -> Option<Vec<u32>> {
+    let s = job_status(addr).await.ok()?;
+    let mut ranks: Vec<u32> =
+        workers_in(&s, pb::WorkerState::Running).iter().filter_map(|w| w.rank).collect();
+    ranks.sort();
+    (ranks.len() == 2 && s.state == pb::JobState::Running as i32).then_some(ranks)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_register_get_ranks_and_a_killed_one_is_lost() {
+    let c = Cluster::new(CONFIG);
+    let (_coord, addr) = c.coordinator(FAST);
+    // Local rank 1 starts first; ranks still follow (node rank, local rank).
+    let w1 = c.worker(&addr, 0, 1, &[]);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    let ranks = await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+    assert_eq!(ranks, vec![0, 1]);
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!(s.world_size, 2);
+    assert_eq!(s.job_name, "e2e");
+    for w in &s.workers {
+        let info = w.info.as_ref().unwrap();
+        assert_eq!(w.rank, Some(info.local_rank), "rank follows the slot");
+        let dev = info.device.as_ref().unwrap();
+        assert_eq!(dev.device, "cpu");
+        assert!(dev.description.contains("libtorch"), "{dev:?}");
+        assert!(w.last_heartbeat_unix_ms > 0);
+    }
+
+    // SIGKILL: no goodbye, so only the missed heartbeats reveal it.
+    w0.signal("KILL");
+    w0.wait_timeout(Duration::from_secs(5)).expect("killed");
+    let started = std::time::Instant::now();
+    let lost = await_condition(Duration::from_secs(10), "rank 0 marked lost", || async {
+        let s = job_status(&addr).await.ok()?;
+        let lost = workers_in(&s, pb::WorkerState::Lost).first().map(|w| (w.rank, s.message.clone()));
+        lost
+    })
+    .await;
+    assert_eq!(lost.0, Some(0));
+    assert!(lost.1.contains("lost: no heartbeat"), "{}", lost.1);
+    // Heartbeat timeout 1.5 s, checked every 100 ms: well inside 1.5 s + slack.
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!(workers_in(&s, pb::WorkerState::Running).len(), 1, "the survivor keeps running");
+    drop(w1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_says_goodbye_and_exits_zero() {
+    let c = Cluster::new(CONFIG);
+    let (_coord, addr) = c.coordinator(FAST);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    let _w1 = c.worker(&addr, 0, 1, &[]);
+    await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+    w0.signal("TERM");
+    let status = w0.wait_timeout(Duration::from_secs(10)).expect("worker exits after SIGTERM");
+    assert!(status.success(), "exit {status}:\n{}", w0.log());
+    let s = job_status(&addr).await.unwrap();
+    let stopped = workers_in(&s, pb::WorkerState::Stopped);
+    assert_eq!(stopped.len(), 1, "{s:?}");
+    assert_eq!(stopped[0].rank, Some(0));
+    assert!(workers_in(&s, pb::WorkerState::Lost).is_empty(), "stopped is not lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_record_survives_a_coordinator_restart() {
+    let c = Cluster::new(CONFIG);
+    let (mut coord, addr) = c.coordinator(FAST);
+    let _w0 = c.worker(&addr, 0, 0, &[]);
+    let _w1 = c.worker(&addr, 0, 1, &[]);
+    await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+    let before = job_status(&addr).await.unwrap();
+    coord.signal("KILL");
+    coord.wait_timeout(Duration::from_secs(5)).expect("coordinator killed");
+
+    let (_coord, addr2) = c.coordinator(FAST);
+    let after = job_status(&addr2).await.unwrap();
+    assert_eq!(after.job_id, before.job_id, "same job record after restart");
+    assert_eq!(after.created_unix_ms, before.created_unix_ms);
+    assert_eq!(after.workers.len(), 2, "the previous workers are on record");
+    let mut list = dancegrpo_proto::pb::job_service_client::JobServiceClient::connect(format!("http://{addr2}"))
+        .await
+        .unwrap();
+    let jobs = list.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].job_id, before.job_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_started_before_the_coordinator_wait_for_it() {
+    let c = Cluster::new(CONFIG);
+    // Reserve a port, release it, start workers against it, then the coordinator on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let _w0 = c.worker(&addr, 0, 0, &[]);
+    let _w1 = c.worker(&addr, 0, 1, &[]);
+    std::thread::sleep(Duration::from_millis(700));
+    let listen = addr.clone();
+    let mut args = FAST.to_vec();
+    args.extend_from_slice(&["--listen", &listen]);
+    let (_coord, addr) = c.coordinator(&args);
+    await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+}

@@ -1,0 +1,136 @@
+//! `dancegrpo-worker`: join a job as one rank.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dancegrpo_proto::WorkerInfo;
+use dancegrpo_worker::session::SessionSettings;
+use tokio_util::sync::CancellationToken;
+
+/// A dancegrpo worker: one process per accelerator.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join the job the coordinator at MASTER_ADDR:MASTER_PORT runs.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Coordinator address; defaults to MASTER_ADDR:MASTER_PORT.
+    #[arg(long, env = "DANCEGRPO_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Address of the coordinator's node.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port of the coordinator.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    master_port: u16,
+    /// Rank of this node.
+    #[arg(long, env = "NODE_RANK", default_value_t = 0)]
+    node_rank: u32,
+    /// Index of this worker on its node.
+    #[arg(long, env = "LOCAL_RANK", default_value_t = 0)]
+    local_rank: u32,
+    /// Device: `cpu`, `cuda:N` or `npu:N`.
+    #[arg(long, env = "DANCEGRPO_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Keep retrying an unreachable coordinator for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout_s: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.with_ansi(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    init_tracing(a.log_format);
+    let coordinator = a.coordinator.unwrap_or_else(|| {
+        if a.master_addr.contains(':') && !a.master_addr.starts_with('[') {
+            format!("[{}]:{}", a.master_addr, a.master_port)
+        } else {
+            format!("{}:{}", a.master_addr, a.master_port)
+        }
+    });
+    let coordinator =
+        if coordinator.contains("://") { coordinator } else { format!("http://{coordinator}") };
+    let settings = SessionSettings {
+        coordinator,
+        connect_timeout: Duration::from_secs(a.connect_timeout_s),
+        info: WorkerInfo {
+            host: hostname(),
+            node_rank: a.node_rank,
+            local_rank: a.local_rank,
+            device: a.device,
+            device_description: String::new(),
+            pid: std::process::id(),
+        },
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    dancegrpo_worker::run(settings, shutdown).await?;
+    Ok(())
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot install SIGTERM handler");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received; draining");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dancegrpo-worker: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The compute thread. libtorch work runs here, on one OS thread that owns the device and the
+//! model, never on the async runtime: heartbeats must not be starved by a long forward pass,
+//! and `tch::Tensor` is `Send` but not `Sync`, so the model is owned, not shared.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Handle to the compute thread. Dropping it lets the thread finish its queue and exit.
+#[derive(Debug)]
+pub struct ComputeThread {
+    tx: Option<mpsc::SyncSender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ComputeThread {
+    /// Starts the thread. The queue is bounded so a producer cannot run ahead of the device.
+    pub fn spawn(name: &str) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(4);
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(|e| Error::Compute(format!("cannot start compute thread: {e}")))?;
+        Ok(Self { tx: Some(tx), handle: Some(handle) })
+    }
+
+    /// Runs `f` on the compute thread and awaits its result without blocking the runtime.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.clone().ok_or_else(|| Error::Compute("compute thread stopped".into()))?;
+        let job: Job = Box::new(move || {
+            let _ = reply.send(f());
+        });
+        // The queue is short and jobs are long: hand the (possibly blocking) send to the
+        // blocking pool rather than stall a runtime thread.
+        tokio::task::spawn_blocking(move || tx.send(job))
+            .await
+            .map_err(|e| Error::Compute(e.to_string()))?
+            .map_err(|_| Error::Compute("compute thread stopped".into()))?;
+        rx.await.map_err(|_| Error::Compute("compute job panicked".into()))
+    }
+}
+
+impl Drop for ComputeThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Describes the CPU device as libtorch sees it.
+pub fn describe_cpu() -> String {
+    format!("libtorch {} threads", tch::get_num_threads())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_torch_work_off_the_runtime() {
+        let c = ComputeThread::spawn("test-compute").unwrap();
+        let (sum, thread) = c
+            .run(|| {
+                let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+                (t.sum(tch::Kind::Float).double_value(&[]), std::thread::current().name().map(String::from))
+            })
+            .await
+            .unwrap();
+        assert_eq!(sum, 6.0);
+        assert_eq!(thread.as_deref(), Some("test-compute"));
+    }
+}

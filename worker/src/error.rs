@@ -1,0 +1,44 @@
+//! The worker's error type.
+
+/// Crate-wide result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The coordinator could not be reached within the retry window.
+    #[error("coordinator at {addr} unreachable after {waited_s:.0}s: {last}")]
+    Unreachable {
+        /// Its address.
+        addr: String,
+        /// How long we tried.
+        waited_s: f64,
+        /// The last error seen.
+        last: String,
+    },
+    /// The coordinator refused us.
+    #[error("coordinator rejected {rpc}: {message}")]
+    Rejected {
+        /// The call.
+        rpc: &'static str,
+        /// Its status message.
+        message: String,
+        /// Its status code.
+        code: tonic::Code,
+    },
+    /// A reply that does not make sense.
+    #[error("bad reply from coordinator: {0}")]
+    BadReply(String),
+    /// A bad flag or environment value.
+    #[error("invalid setting: {0}")]
+    Settings(String),
+    /// libtorch failed on the compute thread.
+    #[error("compute: {0}")]
+    Compute(String),
+}
+
+impl From<dancegrpo_proto::convert::ConvertError> for Error {
+    fn from(e: dancegrpo_proto::convert::ConvertError) -> Self {
+        Error::BadReply(e.to_string())
+    }
+}

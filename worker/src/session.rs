@@ -1,0 +1,230 @@
+//! The worker's control-plane session: connect (with backoff), register, heartbeat, goodbye.
+//!
+//! Heartbeats run on their own task on the async runtime, independent of the compute thread.
+//! If the coordinator forgets us (it restarted, or declared us lost), the session registers
+//! again under the same (node rank, local rank) and the world is re-formed around it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
+use dancegrpo_proto::{JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, WorkerInfo, pb};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// How the worker reaches the coordinator.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// `http://host:port`.
+    pub coordinator: String,
+    /// Keep retrying the first connection for this long.
+    pub connect_timeout: Duration,
+    /// What we tell the coordinator about ourselves.
+    pub info: WorkerInfo,
+}
+
+/// What the coordinator told us at registration.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    /// Our id.
+    pub worker_id: String,
+    /// The job id.
+    pub job_id: String,
+    /// The job config.
+    pub config: JobConfig,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+}
+
+/// A registered worker's link to the coordinator.
+#[derive(Debug)]
+pub struct Session {
+    settings: SessionSettings,
+    client: CoordinatorClient<Channel>,
+    joined: Mutex<Joined>,
+    assignment: watch::Sender<Option<RankAssignment>>,
+    job_state: watch::Sender<JobState>,
+}
+
+fn is_transient(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+}
+
+impl Session {
+    /// Connects and registers, retrying transient failures with exponential backoff until
+    /// `connect_timeout`; a refusal (protocol mismatch, duplicate slot, full world) fails at once.
+    pub async fn connect(settings: SessionSettings) -> Result<Arc<Self>> {
+        let endpoint = Endpoint::from_shared(settings.coordinator.clone())
+            .map_err(|e| Error::Settings(format!("bad coordinator address: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        let client = CoordinatorClient::new(endpoint.connect_lazy());
+        let (assignment, _) = watch::channel(None);
+        let (job_state, _) = watch::channel(JobState::WaitingForWorkers);
+        let mut session = Self {
+            joined: Mutex::new(Joined {
+                worker_id: String::new(),
+                job_id: String::new(),
+                config: JobConfig::default(),
+                heartbeat_interval: Duration::from_secs(1),
+            }),
+            settings,
+            client,
+            assignment,
+            job_state,
+        };
+        let joined = session.register_with_retry().await?;
+        session.joined = Mutex::new(joined);
+        Ok(Arc::new(session))
+    }
+
+    async fn register_with_retry(&self) -> Result<Joined> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.register_once().await {
+                Ok(j) => return Ok(j),
+                Err(Error::Rejected { code, message, .. }) if is_transient(code) => {
+                    let waited = start.elapsed();
+                    if waited >= self.settings.connect_timeout {
+                        return Err(Error::Unreachable {
+                            addr: self.settings.coordinator.clone(),
+                            waited_s: waited.as_secs_f64(),
+                            last: message,
+                        });
+                    }
+                    tracing::info!(coordinator = %self.settings.coordinator, cause = %message,
+                        "coordinator not reachable yet; retrying in {delay:?}");
+                    let left = self.settings.connect_timeout.saturating_sub(waited);
+                    tokio::time::sleep(delay.min(left)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn register_once(&self) -> Result<Joined> {
+        let resp = self
+            .client
+            .clone()
+            .register_worker(pb::RegisterWorkerRequest {
+                protocol_version: PROTOCOL_VERSION,
+                worker: Some((&self.settings.info).into()),
+            })
+            .await
+            .map_err(|s| rejected("RegisterWorker", s))?
+            .into_inner();
+        let config = JobConfig::try_from(
+            resp.config.ok_or_else(|| Error::BadReply("registration without a config".into()))?,
+        )?;
+        if let Some(a) = resp.assignment {
+            self.assignment.send_replace(Some(RankAssignment::try_from(a)?));
+        } else {
+            self.assignment.send_replace(None);
+        }
+        tracing::info!(worker_id = %resp.worker_id, job_id = %resp.job_id, "registered");
+        Ok(Joined {
+            worker_id: resp.worker_id,
+            job_id: resp.job_id,
+            config,
+            heartbeat_interval: Duration::from_millis(resp.heartbeat_interval_ms.max(10)),
+        })
+    }
+
+    /// What the coordinator told us at (the latest) registration.
+    pub async fn joined(&self) -> Joined {
+        self.joined.lock().await.clone()
+    }
+
+    /// Follows our rank assignment (`None` until the world is complete).
+    pub fn assignment(&self) -> watch::Receiver<Option<RankAssignment>> {
+        self.assignment.subscribe()
+    }
+
+    /// Follows the job state.
+    pub fn job_state(&self) -> watch::Receiver<JobState> {
+        self.job_state.subscribe()
+    }
+
+    /// Heartbeats until `stop` is cancelled. Re-registers when the coordinator has forgotten
+    /// us, and gives up after `connect_timeout` without any answer.
+    pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken, draining: watch::Receiver<bool>) -> Result<()> {
+        let mut last_ok = Instant::now();
+        loop {
+            let interval = self.joined.lock().await.heartbeat_interval;
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let state =
+                if *draining.borrow() { pb::WorkerState::Draining } else { pb::WorkerState::Running };
+            match self.heartbeat_once(state).await {
+                Ok(()) => last_ok = Instant::now(),
+                Err(Error::Rejected { code, message, .. })
+                    if matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
+                        && !message.contains("protocol version") =>
+                {
+                    tracing::warn!(cause = %message, "coordinator forgot this worker; registering again");
+                    let j = self.register_with_retry().await?;
+                    *self.joined.lock().await = j;
+                    last_ok = Instant::now();
+                }
+                Err(Error::Rejected { code, message, .. }) if is_transient(code) => {
+                    if last_ok.elapsed() > self.settings.connect_timeout {
+                        return Err(Error::Unreachable {
+                            addr: self.settings.coordinator.clone(),
+                            waited_s: last_ok.elapsed().as_secs_f64(),
+                            last: message,
+                        });
+                    }
+                    tracing::warn!(cause = %message, "heartbeat failed; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn heartbeat_once(&self, state: pb::WorkerState) -> Result<()> {
+        let worker_id = self.joined.lock().await.worker_id.clone();
+        let resp = self
+            .client
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                protocol_version: PROTOCOL_VERSION,
+                worker_id,
+                state: state as i32,
+            })
+            .await
+            .map_err(|s| rejected("Heartbeat", s))?
+            .into_inner();
+        let js = JobState::try_from(resp.job_state()).unwrap_or(JobState::Running);
+        let assignment = resp.assignment.map(RankAssignment::try_from).transpose()?;
+        self.assignment.send_if_modified(|a| {
+            let changed = *a != assignment;
+            *a = assignment;
+            changed
+        });
+        self.job_state.send_if_modified(|s| std::mem::replace(s, js) != js);
+        Ok(())
+    }
+
+    /// Tells the coordinator we are leaving cleanly. Best effort, bounded in time.
+    pub async fn goodbye(&self, reason: &str) {
+        let worker_id = self.joined.lock().await.worker_id.clone();
+        let mut client = self.client.clone();
+        let call = client.goodbye(pb::GoodbyeRequest { worker_id, reason: reason.into() });
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(_)) => tracing::info!("said goodbye to the coordinator"),
+            Ok(Err(s)) => tracing::warn!(cause = %s.message(), "goodbye failed"),
+            Err(_) => tracing::warn!("goodbye timed out after 5s"),
+        }
+    }
+}
+
+fn rejected(rpc: &'static str, s: tonic::Status) -> Error {
+    Error::Rejected { rpc, message: s.message().to_string(), code: s.code() }
+}
