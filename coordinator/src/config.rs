@@ -73,10 +73,8 @@ pub fn load_job_config(
     }
 
     let merged = builder.build().map_err(|e| Error::ConfigLoad(e.to_string()))?;
-    let table: BTreeMap<String, Value> = merged
-        .clone()
-        .try_deserialize()
-        .map_err(|e| Error::ConfigLoad(e.to_string()))?;
+    let table: BTreeMap<String, Value> =
+        merged.clone().try_deserialize().map_err(|e| Error::ConfigLoad(e.to_string()))?;
     for (key, value) in &table {
         if !JobConfig::KEYS.contains(&key.as_str()) {
             problems.push(format!("unknown key `{key}`"));
@@ -106,9 +104,8 @@ pub fn load_job_config(
     if !problems.is_empty() {
         return Err(ConfigError { problems }.into());
     }
-    let job: JobConfig = merged.try_deserialize().map_err(|e| ConfigError {
-        problems: vec![e.to_string()],
-    })?;
+    let job: JobConfig =
+        merged.try_deserialize().map_err(|e| ConfigError { problems: vec![e.to_string()] })?;
     job.validate()?;
     Ok(job)
 }
@@ -181,8 +178,8 @@ mod tests {
             ("DANCEGRPO_VENV".to_string(), "/somewhere".to_string()),
             ("HOME".to_string(), "/root".to_string()),
         ];
-        let c = load_job_config(Some(f.path()), env, &[("sampling_steps".into(), "6".into())])
-            .unwrap();
+        let c =
+            load_job_config(Some(f.path()), env, &[("sampling_steps".into(), "6".into())]).unwrap();
         assert_eq!(c.num_generations, 4, "file");
         assert_eq!(c.eta, 0.7, "env beats file");
         assert_eq!(c.sampling_steps, 6, "flag beats env");

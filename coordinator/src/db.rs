@@ -232,7 +232,11 @@ impl Db {
             Ok(IterationRecord {
                 iteration: r.get::<_, i64>(0)? as u64,
                 mean_rewards: serde_json::from_str(&rewards).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+                    rusqlite::Error::FromSqlConversionFailure(
+                        1,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
                 })?,
                 metrics_json: r.get(2)?,
             })
@@ -307,7 +311,11 @@ mod tests {
             let db = Db::open(&path).unwrap();
             db.put_job(&job).unwrap();
             db.put_worker(&job.id, &w).unwrap();
-            let it = IterationRecord { iteration: 1, mean_rewards: vec![0.5], metrics_json: "{}".into() };
+            let it = IterationRecord {
+                iteration: 1,
+                mean_rewards: vec![0.5],
+                metrics_json: "{}".into(),
+            };
             db.put_iteration(&job.id, &it).unwrap();
         }
         let db = Db::open(&path).unwrap();

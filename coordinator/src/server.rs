@@ -30,8 +30,12 @@ pub async fn run(
 ) -> Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let svc = CoordinatorService::new(state.clone());
-    health_reporter.set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>().await;
-    health_reporter.set_serving::<pb::job_service_server::JobServiceServer<CoordinatorService>>().await;
+    health_reporter
+        .set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::job_service_server::JobServiceServer<CoordinatorService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -57,10 +61,9 @@ pub async fn run(
         })
     };
 
-    let addr = listener.local_addr().map_err(|source| Error::Io {
-        context: "listener has no address".into(),
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| Error::Io { context: "listener has no address".into(), source })?;
     tracing::info!(%addr, job_id = %state.job_id(), world_size = state.settings().topology.world_size,
         "coordinator listening");
     let result = Server::builder()

@@ -42,9 +42,9 @@ impl Coordinator for CoordinatorService {
         let peer = req.remote_addr().map(|a| a.ip().to_string());
         let req = req.into_inner();
         CoordinatorState::check_protocol(req.protocol_version)?;
-        let info = WorkerInfo::try_from(req.worker.ok_or(Error::InvalidRequest(
-            "missing field `worker`".into(),
-        ))?)
+        let info = WorkerInfo::try_from(
+            req.worker.ok_or(Error::InvalidRequest("missing field `worker`".into()))?,
+        )
         .map_err(Error::from)?;
         let reg = self.state.register(info, peer)?;
         Ok(Response::new(pb::RegisterWorkerResponse {
@@ -63,7 +63,8 @@ impl Coordinator for CoordinatorService {
         let req = req.into_inner();
         CoordinatorState::check_protocol(req.protocol_version)?;
         let state = WorkerState::try_from(req.state()).map_err(Error::from)?;
-        let (assignment, job_state) = self.state.heartbeat(&WorkerId::from(req.worker_id), state)?;
+        let (assignment, job_state) =
+            self.state.heartbeat(&WorkerId::from(req.worker_id), state)?;
         Ok(Response::new(pb::HeartbeatResponse {
             assignment: assignment.as_ref().map(Into::into),
             job_state: pb::JobState::from(job_state) as i32,
@@ -189,7 +190,8 @@ impl JobService for CoordinatorService {
             loop {
                 let item = state.snapshot(job.as_deref()).map_err(Status::from);
                 let terminal = matches!(&item, Ok(s) if s.job.state.is_terminal());
-                let item = item.map(|s| pb::GetJobStatusResponse { status: Some(status_to_pb(&s)) });
+                let item =
+                    item.map(|s| pb::GetJobStatusResponse { status: Some(status_to_pb(&s)) });
                 // A send error means the client went away: stop following.
                 if tx.send(item).await.is_err() || terminal {
                     break;

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkerId, WorkerInfo,
-    WorkerState, JobConfig,
+    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkerId,
+    WorkerInfo, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -255,7 +255,8 @@ impl CoordinatorState {
         }
         job.generation += 1;
         job.state = JobState::Running;
-        job.message = format!("world formed: {} workers (generation {})", job.world_size, job.generation);
+        job.message =
+            format!("world formed: {} workers (generation {})", job.world_size, job.generation);
         job.updated_ms = now_ms();
         db.put_job(job)?;
         tracing::info!(world_size = job.world_size, generation = job.generation, "world formed");
@@ -272,8 +273,7 @@ impl CoordinatorState {
             return None;
         }
         let me = workers.iter().find(|w| &w.rec.id == id && w.rec.state.is_live())?;
-        let rank0 =
-            workers.iter().find(|w| w.rec.rank == Some(0) && w.rec.state.is_live())?;
+        let rank0 = workers.iter().find(|w| w.rec.rank == Some(0) && w.rec.state.is_live())?;
         Some(RankAssignment {
             rank: me.rec.rank?,
             world_size: job.world_size,

@@ -242,10 +242,7 @@ impl JobConfig {
         check(!self.job_name.trim().is_empty(), "job_name must not be empty".into());
         check(
             self.num_generations >= 2,
-            format!(
-                "num_generations must be >= 2 for a group std (got {})",
-                self.num_generations
-            ),
+            format!("num_generations must be >= 2 for a group std (got {})", self.num_generations),
         );
         check(
             self.sampling_steps >= 2,
@@ -308,7 +305,10 @@ impl JobConfig {
                 format!("{name} must be a positive multiple of 16 (got {v})"),
             );
         }
-        check(self.guidance.is_finite(), format!("guidance must be finite (got {})", self.guidance));
+        check(
+            self.guidance.is_finite(),
+            format!("guidance must be finite (got {})", self.guidance),
+        );
         check(self.max_train_steps >= 1, "max_train_steps must be >= 1".into());
         check(self.train_batch_size >= 1, "train_batch_size must be >= 1".into());
         check(!self.rewards.is_empty(), "rewards must list at least one reward".into());

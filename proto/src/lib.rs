@@ -18,10 +18,10 @@ pub use v1 as pb;
 pub mod config;
 /// Conversions between wire messages and domain types.
 pub mod convert;
-/// Domain types of the control plane.
-pub mod types;
 /// Typed ids.
 pub mod ids;
+/// Domain types of the control plane.
+pub mod types;
 
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};

@@ -115,6 +115,11 @@ impl Cluster {
     /// Starts a coordinator on `127.0.0.1:0` with the given extra flags; returns it and its
     /// address once it listens.
     pub fn coordinator(&self, extra: &[&str]) -> (Proc, String) {
+        self.coordinator_on("127.0.0.1:0", extra)
+    }
+
+    /// Starts a coordinator listening on `listen`.
+    pub fn coordinator_on(&self, listen: &str, extra: &[&str]) -> (Proc, String) {
         let addr_file = self.path("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
         let mut args = vec![
@@ -122,7 +127,7 @@ impl Cluster {
             "--config",
             "job.toml",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--db",
             "state.sqlite",
             "--addr-file",

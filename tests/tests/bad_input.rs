@@ -33,7 +33,10 @@ fn unknown_and_malformed_config_keys() {
     );
     one_line_error(&out, "num_generations must be >= 2");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("h must be a positive multiple of 16 (got 100)"), "all fields at once: {err}");
+    assert!(
+        err.contains("h must be a positive multiple of 16 (got 100)"),
+        "all fields at once: {err}"
+    );
 }
 
 #[test]
@@ -99,9 +102,8 @@ async fn too_many_workers_and_duplicate_slots() {
 async fn another_protocol_version_is_failed_precondition() {
     let c = Cluster::new(CONFIG);
     let (_coord, addr) = c.coordinator(&["--world-size", "1"]);
-    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client =
+        pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
     let err = client
         .register_worker(pb::RegisterWorkerRequest {
             protocol_version: dancegrpo_proto::PROTOCOL_VERSION + 1,
@@ -114,7 +116,11 @@ async fn another_protocol_version_is_failed_precondition() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("protocol version mismatch: worker speaks v2"), "{}", err.message());
+    assert!(
+        err.message().contains("protocol version mismatch: worker speaks v2"),
+        "{}",
+        err.message()
+    );
     // A missing sub-message is INVALID_ARGUMENT, not a crashed handler.
     let err = client
         .register_worker(pb::RegisterWorkerRequest {

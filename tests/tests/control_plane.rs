@@ -7,7 +7,8 @@ use dancegrpo_proto::pb;
 
 const CONFIG: &str = "job_name = \"e2e\"\nnum_generations = 4\nsampling_steps = 4\n";
 // Fast heartbeats keep the tests short; the loss timeout is still many intervals long.
-const FAST: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "1500"];
+const FAST: &[&str] =
+    &["--world-size", "2", "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "1500"];
 
 async fn running_ranks(addr: &str) -> Option<Vec<u32>> {
     let s = job_status(addr).await.ok()?;
@@ -24,7 +25,9 @@ async fn workers_register_get_ranks_and_a_killed_one_is_lost() {
     // Local rank 1 starts first; ranks still follow (node rank, local rank).
     let w1 = c.worker(&addr, 0, 1, &[]);
     let mut w0 = c.worker(&addr, 0, 0, &[]);
-    let ranks = await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+    let ranks =
+        await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr))
+            .await;
     assert_eq!(ranks, vec![0, 1]);
     let s = job_status(&addr).await.unwrap();
     assert_eq!(s.world_size, 2);
@@ -44,8 +47,7 @@ async fn workers_register_get_ranks_and_a_killed_one_is_lost() {
     let started = std::time::Instant::now();
     let lost = await_condition(Duration::from_secs(10), "rank 0 marked lost", || async {
         let s = job_status(&addr).await.ok()?;
-        let lost = workers_in(&s, pb::WorkerState::Lost).first().map(|w| (w.rank, s.message.clone()));
-        lost
+        workers_in(&s, pb::WorkerState::Lost).first().map(|w| (w.rank, s.message.clone()))
     })
     .await;
     assert_eq!(lost.0, Some(0));
@@ -90,9 +92,11 @@ async fn job_record_survives_a_coordinator_restart() {
     assert_eq!(after.job_id, before.job_id, "same job record after restart");
     assert_eq!(after.created_unix_ms, before.created_unix_ms);
     assert_eq!(after.workers.len(), 2, "the previous workers are on record");
-    let mut list = dancegrpo_proto::pb::job_service_client::JobServiceClient::connect(format!("http://{addr2}"))
-        .await
-        .unwrap();
+    let mut list = dancegrpo_proto::pb::job_service_client::JobServiceClient::connect(format!(
+        "http://{addr2}"
+    ))
+    .await
+    .unwrap();
     let jobs = list.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].job_id, before.job_id);
@@ -107,9 +111,6 @@ async fn workers_started_before_the_coordinator_wait_for_it() {
     let _w0 = c.worker(&addr, 0, 0, &[]);
     let _w1 = c.worker(&addr, 0, 1, &[]);
     std::thread::sleep(Duration::from_millis(700));
-    let listen = addr.clone();
-    let mut args = FAST.to_vec();
-    args.extend_from_slice(&["--listen", &listen]);
-    let (_coord, addr) = c.coordinator(&args);
+    let (_coord, addr) = c.coordinator_on(&addr, FAST);
     await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
 }

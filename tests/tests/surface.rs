@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use dancegrpo_e2e::{Cluster, await_condition, bin, job_status};
 use tokio_stream::StreamExt;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_the_services() {
@@ -41,8 +41,7 @@ async fn reflection_lists_the_services() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_cli_prints_workers_as_text_and_json() {
     let c = Cluster::new("job_name = \"cli\"\n");
-    let (_coord, addr) =
-        c.coordinator(&["--world-size", "1", "--heartbeat-interval-ms", "100"]);
+    let (_coord, addr) = c.coordinator(&["--world-size", "1", "--heartbeat-interval-ms", "100"]);
     let _w = c.worker(&addr, 0, 0, &[]);
     await_condition(Duration::from_secs(30), "world formed", || async {
         job_status(&addr).await.ok().filter(|s| s.generation == 1)
@@ -56,7 +55,10 @@ async fn status_cli_prints_workers_as_text_and_json() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("job cli") && text.contains("state running"), "{text}");
     assert!(text.contains("workers: 1 live of 1 expected"), "{text}");
-    assert!(text.lines().any(|l| l.trim_start().starts_with("0 ") && l.contains("running")), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("0 ") && l.contains("running")),
+        "{text}"
+    );
 
     let out = Command::new(bin("dancegrpo-coordinator"))
         .args(["status", "--addr", &addr, "--json"])
@@ -74,8 +76,11 @@ async fn status_cli_prints_workers_as_text_and_json() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-        .unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     let _ = child.kill();
     let _ = child.wait();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -86,7 +91,10 @@ async fn status_cli_prints_workers_as_text_and_json() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach coordinator at http://127.0.0.1:1"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot reach coordinator at http://127.0.0.1:1")
+    );
 }
 
 fn ldd(exe: &str) -> String {
@@ -98,7 +106,10 @@ fn ldd(exe: &str) -> String {
 #[test]
 fn coordinator_does_not_link_libtorch_and_worker_finds_it_without_ld_library_path() {
     let coord = ldd("dancegrpo-coordinator");
-    assert!(!coord.contains("torch") && !coord.contains("libc10"), "coordinator links libtorch:\n{coord}");
+    assert!(
+        !coord.contains("torch") && !coord.contains("libc10"),
+        "coordinator links libtorch:\n{coord}"
+    );
     // The worker's rpath points into the venv: every library resolves with no LD_LIBRARY_PATH.
     let out = Command::new("ldd")
         .arg(bin("dancegrpo-worker"))

@@ -78,11 +78,48 @@ mod tests {
         let (sum, thread) = c
             .run(|| {
                 let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
-                (t.sum(tch::Kind::Float).double_value(&[]), std::thread::current().name().map(String::from))
+                (
+                    t.sum(tch::Kind::Float).double_value(&[]),
+                    std::thread::current().name().map(String::from),
+                )
             })
             .await
             .unwrap();
         assert_eq!(sum, 6.0);
         assert_eq!(thread.as_deref(), Some("test-compute"));
+    }
+
+    // The runtime here has one thread: if compute ran on it, no tick could happen meanwhile.
+    #[tokio::test(flavor = "current_thread")]
+    async fn long_compute_does_not_starve_the_runtime() {
+        let c = ComputeThread::spawn("test-compute").unwrap();
+        let work = c.run(|| {
+            let start = std::time::Instant::now();
+            let a = tch::Tensor::ones([256, 256], (tch::Kind::Float, tch::Device::Cpu));
+            let mut n = 0;
+            while start.elapsed() < std::time::Duration::from_millis(600) {
+                let _ = a.matmul(&a);
+                n += 1;
+            }
+            n
+        });
+        let ticks = async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            let mut n = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                if n == 10 {
+                    return n;
+                }
+            }
+        };
+        tokio::pin!(work);
+        let ticked = tokio::select! {
+            n = ticks => n,
+            _ = &mut work => panic!("compute finished before the runtime ticked 10 times"),
+        };
+        assert_eq!(ticked, 10);
+        assert!(work.await.unwrap() > 0);
     }
 }

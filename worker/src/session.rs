@@ -152,7 +152,11 @@ impl Session {
 
     /// Heartbeats until `stop` is cancelled. Re-registers when the coordinator has forgotten
     /// us, and gives up after `connect_timeout` without any answer.
-    pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken, draining: watch::Receiver<bool>) -> Result<()> {
+    pub async fn heartbeat_loop(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        draining: watch::Receiver<bool>,
+    ) -> Result<()> {
         let mut last_ok = Instant::now();
         loop {
             let interval = self.joined.lock().await.heartbeat_interval;
@@ -160,8 +164,11 @@ impl Session {
                 _ = stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(interval) => {}
             }
-            let state =
-                if *draining.borrow() { pb::WorkerState::Draining } else { pb::WorkerState::Running };
+            let state = if *draining.borrow() {
+                pb::WorkerState::Draining
+            } else {
+                pb::WorkerState::Running
+            };
             match self.heartbeat_once(state).await {
                 Ok(()) => last_ok = Instant::now(),
                 Err(Error::Rejected { code, message, .. })
