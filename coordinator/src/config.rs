@@ -23,11 +23,95 @@ const PROCESS_ENV: &[&str] =
 const REWARD_KEYS: &[&str] = &["name", "weight", "model_dir", "on_cpu"];
 const LORA_KEYS: &[&str] = &["rank", "alpha", "target_modules"];
 
+/// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,
+/// `data_dancegrpo.json`), so users migrating from it can point at what they have.
+#[derive(Clone, Debug, Default)]
+pub struct MindSpeedFiles {
+    /// `model_dancegrpo.json`: the HPS reward paths.
+    pub model: Option<PathBuf>,
+    /// `data_dancegrpo.json`: `dataset_param.basic_parameters.data_path`.
+    pub data: Option<PathBuf>,
+}
+
+fn read_any(path: &Path) -> Result<serde_json::Value> {
+    if !path.exists() {
+        return Err(Error::ConfigLoad(format!("{} does not exist", path.display())));
+    }
+    Config::builder()
+        .add_source(File::from(path))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| Error::ConfigLoad(format!("{}: {e}", path.display())))
+}
+
+/// The job-config keys that MindSpeed-MM's JSON files set, as a config layer.
+pub fn mindspeed_layer(
+    files: &MindSpeedFiles,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::{Value, json};
+    let mut layer = serde_json::Map::new();
+    if let Some(p) = &files.model {
+        let v = read_any(p)?;
+        let r = &v["reward"];
+        let field = |k: &str| r[k].as_str().map(str::to_string);
+        match field("model_id").as_deref() {
+            Some("CLIP-ViT-H-14") => {}
+            other => {
+                return Err(Error::ConfigLoad(format!(
+                    "{}: reward.model_id must be \"CLIP-ViT-H-14\" (HPS-v2.1), got {other:?}",
+                    p.display()
+                )));
+            }
+        }
+        let ckpt_dir = field("ckpt_dir").ok_or_else(|| {
+            Error::ConfigLoad(format!("{}: reward.ckpt_dir is missing", p.display()))
+        })?;
+        // The HPS loader looks for the standard file names inside model_dir.
+        for (key, standard) in
+            [("pretrained", "open_clip_pytorch_model.bin"), ("load_pt", "HPS_v2.1_compressed.pt")]
+        {
+            if let Some(name) = field(key).filter(|n| n != standard) {
+                return Err(Error::ConfigLoad(format!(
+                    "{}: reward.{key} is {name:?}; rename the file in {ckpt_dir} to {standard}",
+                    p.display()
+                )));
+            }
+        }
+        layer.insert(
+            "rewards".into(),
+            json!([{"name": "hpsv2", "weight": 1.0, "model_dir": ckpt_dir}]),
+        );
+    }
+    if let Some(p) = &files.data {
+        let v = read_any(p)?;
+        let path =
+            v["dataset_param"]["basic_parameters"]["data_path"].as_str().ok_or_else(|| {
+                Error::ConfigLoad(format!(
+                    "{}: dataset_param.basic_parameters.data_path is missing",
+                    p.display()
+                ))
+            })?;
+        layer.insert("data_json_path".into(), Value::String(path.into()));
+    }
+    Ok(layer)
+}
+
 /// Loads, merges and validates the job config.
 ///
 /// `env` is the process environment (passed in so tests need not touch the real one).
 pub fn load_job_config(
     file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(String, String)],
+) -> Result<JobConfig> {
+    load_job_config_with(file, &MindSpeedFiles::default(), env, overrides)
+}
+
+/// [`load_job_config`] with MindSpeed-MM's JSON files layered between the file and the
+/// environment.
+pub fn load_job_config_with(
+    file: Option<&Path>,
+    mindspeed: &MindSpeedFiles,
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &[(String, String)],
 ) -> Result<JobConfig> {
@@ -38,6 +122,11 @@ pub fn load_job_config(
             return Err(Error::ConfigLoad(format!("config file {} does not exist", f.display())));
         }
         builder = builder.add_source(File::from(f));
+    }
+    let ms = mindspeed_layer(mindspeed)?;
+    if !ms.is_empty() {
+        let text = serde_json::Value::Object(ms).to_string();
+        builder = builder.add_source(File::from_str(&text, config::FileFormat::Json));
     }
 
     let mut env_map = std::collections::HashMap::new();
@@ -208,6 +297,40 @@ mod tests {
         assert!(e.contains("eta must be > 0") && e.contains("h must be"), "{e}");
         let e = load_job_config(Some(Path::new("/nonexistent.toml")), [], &[]).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn mindspeed_json_files_set_reward_and_data_paths() {
+        let model = file(
+            ".json",
+            r#"{"task": "t2i", "reward": {"model_id": "CLIP-ViT-H-14", "model_name": "ViT-H-14",
+                "ckpt_dir": "./ckpt/hps_ckpt", "pretrained": "open_clip_pytorch_model.bin",
+                "load_pt": "HPS_v2.1_compressed.pt"}, "diffusion": {"model_id": "FLUX"}}"#,
+        );
+        let data = file(
+            ".json",
+            r#"{"dataset_param": {"basic_parameters": {"data_path": "./data/rl/videos2caption.json"}}}"#,
+        );
+        let files =
+            MindSpeedFiles { model: Some(model.path().into()), data: Some(data.path().into()) };
+        let c = load_job_config_with(None, &files, [], &[]).unwrap();
+        assert_eq!(c.data_json_path, "./data/rl/videos2caption.json");
+        assert_eq!(c.rewards.len(), 1);
+        assert_eq!(
+            (c.rewards[0].name.as_str(), c.rewards[0].model_dir.as_str()),
+            ("hpsv2", "./ckpt/hps_ckpt")
+        );
+        // The environment still overrides them.
+        let env = [("DANCEGRPO_DATA_JSON_PATH".to_string(), "other.json".to_string())];
+        assert_eq!(
+            load_job_config_with(None, &files, env, &[]).unwrap().data_json_path,
+            "other.json"
+        );
+
+        let bad = file(".json", r#"{"reward": {"model_id": "PickScore", "ckpt_dir": "x"}}"#);
+        let files = MindSpeedFiles { model: Some(bad.path().into()), data: None };
+        let e = load_job_config_with(None, &files, [], &[]).unwrap_err().to_string();
+        assert!(e.contains("reward.model_id must be \"CLIP-ViT-H-14\""), "{e}");
     }
 
     #[test]

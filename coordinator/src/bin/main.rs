@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dancegrpo_coordinator::config::{CoordinatorSettings, Topology, load_job_config};
+use dancegrpo_coordinator::config::{
+    CoordinatorSettings, MindSpeedFiles, Topology, load_job_config_with,
+};
 use dancegrpo_coordinator::{cli, server, state::CoordinatorState};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +39,12 @@ struct ServeArgs {
     /// Override one job config key, e.g. `--set num_generations=4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_kv)]
     set: Vec<(String, String)>,
+    /// MindSpeed-MM model config (`model_dancegrpo.json`): takes the HPS reward paths from it.
+    #[arg(long = "mm-model")]
+    mm_model: Option<PathBuf>,
+    /// MindSpeed-MM data config (`data_dancegrpo.json`): takes `data_path` from it.
+    #[arg(long = "mm-data")]
+    mm_data: Option<PathBuf>,
     /// Address of this node, as the workers reach it.
     #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
     master_addr: String,
@@ -113,7 +121,8 @@ fn init_tracing(format: LogFormat) {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     init_tracing(a.log_format);
-    let job = load_job_config(a.config.as_deref(), std::env::vars(), &a.set)?;
+    let mindspeed = MindSpeedFiles { model: a.mm_model.clone(), data: a.mm_data.clone() };
+    let job = load_job_config_with(a.config.as_deref(), &mindspeed, std::env::vars(), &a.set)?;
     let topology = Topology::new(a.nnodes, a.npus_per_node, a.world_size)?;
     let listen = a.listen.unwrap_or_else(|| join_host_port(&a.master_addr, a.master_port));
     let listen = tokio::net::lookup_host(&listen)
