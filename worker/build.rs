@@ -120,7 +120,15 @@ fn main() {
         };
         let inc = npu_dir.join("include");
         b.define("DG_WITH_HCCL", None).file("csrc/npu_shim.cpp");
-        for d in [inc.clone(), inc.join("third_party/hccl/inc"), inc.join("third_party/acl/inc")] {
+        // torch_npu's headers include c10d's as `<c10d/...>`.
+        let c10d_parent = torch.join("include/torch/csrc/distributed");
+        let dirs = [
+            c10d_parent,
+            inc.clone(),
+            inc.join("third_party/hccl/inc"),
+            inc.join("third_party/acl/inc"),
+        ];
+        for d in dirs {
             b.flag("-isystem").flag(d.to_string_lossy().as_ref());
         }
         let npu_lib = npu_dir.join("lib");

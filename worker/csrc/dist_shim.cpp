@@ -8,6 +8,7 @@
 #include "dist_shim.h"
 
 #include <chrono>
+#include <optional>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -43,6 +44,8 @@ struct dg_group {
   int kind;
   bool verify;
   std::chrono::milliseconds timeout;
+  // The device of the last tensor seen: NCCL and HCCL gather the barrier's fingerprint there.
+  std::optional<at::Device> device;
 };
 
 namespace {
@@ -84,14 +87,10 @@ void check_dtype(const at::Tensor& t) {
 
 // Blocks until the work is done. The timeout bounds the wait itself too, so a stalled backend
 // cannot outlive the configured timeout even if its own transport timeout misfires.
+// With NCCL and HCCL this blocks the CPU too, because dg_group_create turns on their blocking
+// wait: their default instead lets a watchdog thread abort the process on a timeout.
 void wait(dg_group* g, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(g->timeout);
-#ifdef DG_WITH_NCCL
-  // NCCL work completes on a stream; make the result visible to the CPU before returning.
-  if (g->kind == DG_BACKEND_NCCL) {
-    work->synchronize();
-  }
-#endif
 }
 
 enum Op : int64_t { kAllReduce = 1, kBroadcast, kBarrier, kAllGather, kReduceScatter };
@@ -122,10 +121,17 @@ void verify(dg_group* g, int64_t op, const at::Tensor* t, int64_t extra) {
   m[1] = t != nullptr ? static_cast<int64_t>(t->scalar_type()) : -1;
   m[2] = t != nullptr ? t->numel() : -1;
   m[3] = extra;
-  // NCCL and HCCL only gather device tensors.
-  at::Device dev = t != nullptr ? t->device() : at::Device(at::kCPU);
-  if (g->kind == DG_BACKEND_GLOO) {
-    dev = at::Device(at::kCPU);
+  // Gloo gathers host tensors; NCCL and HCCL only device tensors, so a barrier before any
+  // tensor was seen goes unchecked there.
+  at::Device dev = at::Device(at::kCPU);
+  if (g->kind != DG_BACKEND_GLOO) {
+    if (t != nullptr) {
+      g->device = t->device();
+    }
+    if (!g->device.has_value()) {
+      return;
+    }
+    dev = *g->device;
   }
   at::Tensor in = mine.to(dev);
   at::Tensor all = at::empty({g->size * kFields}, in.options());
@@ -230,6 +236,12 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
     TORCH_CHECK(size >= 1 && rank >= 0 && rank < size, "rank ", rank,
                 " outside a world of size ", size);
     auto timeout = std::chrono::milliseconds(timeout_ms);
+    if (backend != DG_BACKEND_GLOO) {
+      // Errors and timeouts must come back from wait() as exceptions, never as the watchdog's
+      // process abort. An explicit setting by the operator wins (no overwrite).
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+      setenv("TORCH_HCCL_BLOCKING_WAIT", "1", 0);
+    }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store->store);
     prefixed->setTimeout(timeout);
     c10::intrusive_ptr<c10d::Backend> pg;
@@ -260,7 +272,7 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
       default:
         TORCH_CHECK(false, "backend ", backend, " is not compiled into this build");
     }
-    *out = new dg_group{pg, rank, size, backend, verify_ops != 0, timeout};
+    *out = new dg_group{pg, rank, size, backend, verify_ops != 0, timeout, std::nullopt};
   });
 }
 

@@ -286,7 +286,10 @@ mod tests {
     fn unknown_strings_list_the_valid_forms() {
         for s in ["gpu:0", "cuda:", "cuda:-1", "cuda:x", "cpu:0", "", "npu:1:2", "tpu"] {
             let e = s.parse::<Device>().unwrap_err().to_string();
-            assert!(e.contains("`cpu`, `cuda:N` or `npu:N`") && e.contains(&format!("{s:?}")), "{e}");
+            assert!(
+                e.contains("`cpu`, `cuda:N` or `npu:N`") && e.contains(&format!("{s:?}")),
+                "{e}"
+            );
         }
     }
 
@@ -302,12 +305,18 @@ mod tests {
         let t = Tensor::from_slice(&[1f32]);
         if !cfg!(feature = "cuda") {
             for e in [Device::Cuda(0).init().unwrap_err(), Device::Cuda(0).to(&t).unwrap_err()] {
-                assert!(e.to_string().contains("device cuda:0 needs a build with `--features cuda`"), "{e}");
+                assert!(
+                    e.to_string().contains("device cuda:0 needs a build with `--features cuda`"),
+                    "{e}"
+                );
             }
         }
         if !cfg!(feature = "npu") {
             for e in [Device::Npu(2).init().unwrap_err(), Device::Npu(2).to(&t).unwrap_err()] {
-                assert!(e.to_string().contains("device npu:2 needs a build with `--features npu`"), "{e}");
+                assert!(
+                    e.to_string().contains("device npu:2 needs a build with `--features npu`"),
+                    "{e}"
+                );
             }
         }
     }

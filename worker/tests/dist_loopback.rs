@@ -94,19 +94,26 @@ fn opts(timeout_s: u64) -> GroupOptions {
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    Vec::<f32>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap()
 }
 
 #[test]
 fn three_ranks_collectives_are_exact() {
     let Some(me) = child() else {
         let port = free_port();
-        join(spawn("three_ranks_collectives_are_exact", 3, &[0, 1, 2], port), Duration::from_secs(90));
+        join(
+            spawn("three_ranks_collectives_are_exact", 3, &[0, 1, 2], port),
+            Duration::from_secs(90),
+        );
         return;
     };
     let r = me.rank as f32;
-    let mut pg = ProcessGroup::from_assignment(&assignment(&me, "dancegrpo/t/gen1/"), Backend::Gloo, &opts(20))
-        .unwrap();
+    let mut pg = ProcessGroup::from_assignment(
+        &assignment(&me, "dancegrpo/t/gen1/"),
+        Backend::Gloo,
+        &opts(20),
+    )
+    .unwrap();
     assert_eq!((pg.rank(), pg.world_size()), (me.rank, 3));
 
     // Sum and average, each dtype. Values are small integers and halves, exact in bf16/f16.
@@ -172,8 +179,9 @@ fn three_ranks_collectives_are_exact() {
     // group is gone.
     let store: Arc<Store> = pg.store().clone();
     drop(pg);
-    let mut pg2 = ProcessGroup::with_store(store, "dancegrpo/t/gen2/", me.rank, 3, Backend::Gloo, &opts(20))
-        .unwrap();
+    let mut pg2 =
+        ProcessGroup::with_store(store, "dancegrpo/t/gen2/", me.rank, 3, Backend::Gloo, &opts(20))
+            .unwrap();
     let mut t = Tensor::from_slice(&[r]);
     pg2.all_reduce(&mut t, ReduceOp::Sum).unwrap();
     assert_eq!(values(&t), vec![3.]);
@@ -197,7 +205,8 @@ fn a_killed_peer_is_an_error_within_the_timeout_and_survivors_regroup() {
         let stdout = victim.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let ready = BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.contains("READY"));
+            let ready =
+                BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.contains("READY"));
             let _ = tx.send(ready);
         });
         let ready = rx.recv_timeout(Duration::from_secs(60)).unwrap_or(false);
@@ -207,8 +216,12 @@ fn a_killed_peer_is_an_error_within_the_timeout_and_survivors_regroup() {
         join(children, Duration::from_secs(60));
         return;
     };
-    let mut pg = ProcessGroup::from_assignment(&assignment(&me, "dancegrpo/k/gen1/"), Backend::Gloo, &opts(TIMEOUT_S))
-        .unwrap();
+    let mut pg = ProcessGroup::from_assignment(
+        &assignment(&me, "dancegrpo/k/gen1/"),
+        Backend::Gloo,
+        &opts(TIMEOUT_S),
+    )
+    .unwrap();
     pg.barrier().unwrap();
     if me.rank == 2 {
         println!("READY");
@@ -234,8 +247,15 @@ fn a_killed_peer_is_an_error_within_the_timeout_and_survivors_regroup() {
     // The survivors form generation 2 on rank 0's live store, without restarting.
     let store = pg.store().clone();
     drop(pg);
-    let mut pg2 =
-        ProcessGroup::with_store(store, "dancegrpo/k/gen2/", me.rank, 2, Backend::Gloo, &opts(TIMEOUT_S)).unwrap();
+    let mut pg2 = ProcessGroup::with_store(
+        store,
+        "dancegrpo/k/gen2/",
+        me.rank,
+        2,
+        Backend::Gloo,
+        &opts(TIMEOUT_S),
+    )
+    .unwrap();
     let mut t = Tensor::from_slice(&[me.rank as f32 + 1.]);
     pg2.all_reduce(&mut t, ReduceOp::Sum).unwrap();
     assert_eq!(values(&t), vec![3.]);
@@ -248,17 +268,29 @@ fn a_peer_that_never_arrives_fails_the_rendezvous_within_the_timeout() {
         let port = free_port();
         // Rank 2 of 3 never starts.
         join(
-            spawn("a_peer_that_never_arrives_fails_the_rendezvous_within_the_timeout", 3, &[0, 1], port),
+            spawn(
+                "a_peer_that_never_arrives_fails_the_rendezvous_within_the_timeout",
+                3,
+                &[0, 1],
+                port,
+            ),
             Duration::from_secs(60),
         );
         return;
     };
     let start = Instant::now();
-    let e = ProcessGroup::from_assignment(&assignment(&me, "dancegrpo/m/gen1/"), Backend::Gloo, &opts(TIMEOUT_S))
-        .unwrap_err()
-        .to_string();
+    let e = ProcessGroup::from_assignment(
+        &assignment(&me, "dancegrpo/m/gen1/"),
+        Backend::Gloo,
+        &opts(TIMEOUT_S),
+    )
+    .unwrap_err()
+    .to_string();
     let elapsed = start.elapsed();
-    assert!(e.contains("rendezvous at 127.0.0.1:") && e.contains(&format!("timeout {TIMEOUT_S}s")), "{e}");
+    assert!(
+        e.contains("rendezvous at 127.0.0.1:") && e.contains(&format!("timeout {TIMEOUT_S}s")),
+        "{e}"
+    );
     assert!(elapsed < Duration::from_secs(TIMEOUT_S + 3), "took {elapsed:?}: {e}");
 }
 
@@ -267,13 +299,22 @@ fn model_parameters_and_gradients_are_bit_identical_after_all_reduce() {
     let Some(me) = child() else {
         let port = free_port();
         join(
-            spawn("model_parameters_and_gradients_are_bit_identical_after_all_reduce", 2, &[0, 1], port),
+            spawn(
+                "model_parameters_and_gradients_are_bit_identical_after_all_reduce",
+                2,
+                &[0, 1],
+                port,
+            ),
             Duration::from_secs(60),
         );
         return;
     };
-    let mut pg = ProcessGroup::from_assignment(&assignment(&me, "dancegrpo/p/gen1/"), Backend::Gloo, &opts(20))
-        .unwrap();
+    let mut pg = ProcessGroup::from_assignment(
+        &assignment(&me, "dancegrpo/p/gen1/"),
+        Backend::Gloo,
+        &opts(20),
+    )
+    .unwrap();
     // Different seeds: the ranks start with different weights.
     tch::manual_seed(17 + me.rank as i64);
     let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -282,7 +323,9 @@ fn model_parameters_and_gradients_are_bit_identical_after_all_reduce() {
         .add_fn(|x| x.gelu("none"))
         .add(nn::linear(vs.root() / "fc2", 16, 3, Default::default()));
     let mut params = vs.trainable_variables();
-    let flat = |ts: &[Tensor]| Tensor::cat(&ts.iter().map(|t| t.detach().flatten(0, -1)).collect::<Vec<_>>(), 0);
+    let flat = |ts: &[Tensor]| {
+        Tensor::cat(&ts.iter().map(|t| t.detach().flatten(0, -1)).collect::<Vec<_>>(), 0)
+    };
 
     // Expected: the elementwise mean of both ranks' initial weights, computed locally.
     let before = pg.all_gather(&flat(&params)).unwrap();
@@ -307,4 +350,81 @@ fn model_parameters_and_gradients_are_bit_identical_after_all_reduce() {
     let stepped = pg.all_gather(&flat(&vs.trainable_variables())).unwrap();
     assert!(stepped[0].equal(&stepped[1]), "weights differ after an averaged step");
     assert!(!stepped[0].equal(&after[0]), "the step changed nothing");
+}
+
+/// NCCL and the CUDA device layer: one rank per visible GPU (NCCL refuses two ranks on one GPU).
+/// Built by deploy/cuda-check.sh in CI, run by deploy/gpu-tests.sh on GPU hosts.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_nccl_collectives_and_device_moves_are_exact() {
+    use dancegrpo_worker::device::Device;
+    let Some(me) = child() else {
+        let n = tch::Cuda::device_count();
+        assert!(
+            n >= 1,
+            "no CUDA device visible: the cuda tests run on GPU hosts (deploy/gpu-tests.sh)"
+        );
+        let world = n.min(4) as u32;
+        let ranks: Vec<u32> = (0..world).collect();
+        join(
+            spawn("cuda_nccl_collectives_and_device_moves_are_exact", world, &ranks, free_port()),
+            Duration::from_secs(180),
+        );
+        return;
+    };
+    let dev: Device = format!("cuda:{}", me.rank).parse().unwrap();
+    dev.init().unwrap();
+    let backend = Backend::resolve(dev, "").unwrap();
+    assert_eq!(backend, Backend::Nccl);
+    let mut pg =
+        ProcessGroup::from_assignment(&assignment(&me, "dancegrpo/c/gen1/"), backend, &opts(60))
+            .unwrap();
+    let (r, w) = (f64::from(me.rank), f64::from(me.world));
+    let base = [1f32, 2., 4., 8., -0.5];
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        let mut t = dev.to(&(Tensor::from_slice(&base) * (r + 1.0)).to_kind(kind)).unwrap();
+        assert_eq!(t.device(), tch::Device::Cuda(me.rank as usize));
+        pg.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+        let s = w * (w + 1.) / 2.;
+        assert_eq!(values(&t), base.map(|b| (f64::from(b) * s) as f32).to_vec(), "sum {kind:?}");
+        let mut t = dev.to(&(Tensor::from_slice(&base) * (r + 1.0)).to_kind(kind)).unwrap();
+        pg.all_reduce(&mut t, ReduceOp::Average).unwrap();
+        let a = (w + 1.) / 2.;
+        assert_eq!(
+            values(&t),
+            base.map(|b| (f64::from(b) * a) as f32).to_vec(),
+            "average {kind:?}"
+        );
+    }
+    let all = pg.all_gather(&dev.to(&Tensor::from_slice(&[r as f32])).unwrap()).unwrap();
+    assert_eq!(
+        all.iter().flat_map(values).collect::<Vec<_>>(),
+        (0..me.world).map(|i| i as f32).collect::<Vec<_>>()
+    );
+    let input = dev
+        .to(&(Tensor::arange(2 * i64::from(me.world), (Kind::Float, tch::Device::Cpu)) + 100. * r))
+        .unwrap();
+    let mut out = dev.to(&Tensor::zeros([2], (Kind::Float, tch::Device::Cpu))).unwrap();
+    pg.reduce_scatter(&mut out, &input, ReduceOp::Sum).unwrap();
+    let i0 = 2. * r as f32;
+    let off = 100. * (w * (w - 1.) / 2.) as f32;
+    assert_eq!(values(&out), vec![w as f32 * i0 + off, w as f32 * (i0 + 1.) + off]);
+    let mut t = dev.to(&Tensor::from_slice(&[r as f32; 3])).unwrap();
+    pg.broadcast(&mut t, me.world - 1).unwrap();
+    assert_eq!(values(&t), vec![(w - 1.) as f32; 3]);
+    pg.barrier().unwrap();
+
+    // A parameter set moved to the GPU keeps its tensors; averaged, it is identical everywhere.
+    tch::manual_seed(5 + me.rank as i64);
+    let mut vs = nn::VarStore::new(tch::Device::Cpu);
+    let _ = nn::linear(vs.root() / "fc", 4, 3, Default::default());
+    dev.move_vars(&mut vs).unwrap();
+    let mut params = vs.trainable_variables();
+    assert!(params.iter().all(|p| p.device() == tch::Device::Cuda(me.rank as usize)));
+    pg.all_reduce_many(&mut params, ReduceOp::Average).unwrap();
+    dev.synchronize().unwrap();
+    let flat =
+        Tensor::cat(&params.iter().map(|p| p.detach().flatten(0, -1)).collect::<Vec<_>>(), 0);
+    let gathered = pg.all_gather(&flat).unwrap();
+    assert!(gathered.iter().all(|g| g.equal(&gathered[0])), "parameters differ across GPUs");
 }

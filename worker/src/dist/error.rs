@@ -43,13 +43,19 @@ pub enum DistError {
         message: String,
     },
     /// A device string that is none of the valid forms.
-    #[error("unknown device {0:?}: expected `cpu`, `cuda:N` or `npu:N` (N a device index, e.g. `cuda:0`)")]
+    #[error(
+        "unknown device {0:?}: expected `cpu`, `cuda:N` or `npu:N` (N a device index, e.g. `cuda:0`)"
+    )]
     UnknownDevice(String),
     /// A backend name that is none of the valid ones.
-    #[error("unknown collective backend {0:?}: expected `gloo`, `nccl`, `hccl` or empty (follow the device)")]
+    #[error(
+        "unknown collective backend {0:?}: expected `gloo`, `nccl`, `hccl` or empty (follow the device)"
+    )]
     UnknownBackend(String),
     /// The device or backend needs a cargo feature this build lacks.
-    #[error("{what} needs a build with `--features {feature}` (this build has no {feature} support)")]
+    #[error(
+        "{what} needs a build with `--features {feature}` (this build has no {feature} support)"
+    )]
     FeatureMissing {
         /// What was asked for, e.g. `device cuda:0`.
         what: String,

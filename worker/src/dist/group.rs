@@ -34,7 +34,12 @@ unsafe impl Sync for Store {}
 impl Store {
     /// Hosts (`is_master`) or connects to the store at `host:port`. A client retries until
     /// `timeout`. Port 0 on the master picks a free port; see [`Store::port`].
-    pub fn connect(host: &str, port: u16, is_master: bool, timeout: Duration) -> Result<Arc<Store>> {
+    pub fn connect(
+        host: &str,
+        port: u16,
+        is_master: bool,
+        timeout: Duration,
+    ) -> Result<Arc<Store>> {
         let err = |message: String| DistError::Rendezvous {
             addr: format!("{host}:{port}"),
             prefix: String::new(),
@@ -141,8 +146,7 @@ impl ProcessGroup {
         options: &GroupOptions,
     ) -> Result<ProcessGroup> {
         let a = assignment;
-        let store =
-            Store::connect(&a.store.host, a.store.port, a.rank == 0, options.timeout)?;
+        let store = Store::connect(&a.store.host, a.store.port, a.rank == 0, options.timeout)?;
         ProcessGroup::with_store(store, &a.store.prefix, a.rank, a.world_size, backend, options)
     }
 
@@ -166,7 +170,8 @@ impl ProcessGroup {
         if world_size == 0 || rank >= world_size {
             return Err(err(format!("rank {rank} outside a world of size {world_size}")));
         }
-        let c_prefix = CString::new(prefix).map_err(|_| err("prefix contains a NUL byte".into()))?;
+        let c_prefix =
+            CString::new(prefix).map_err(|_| err("prefix contains a NUL byte".into()))?;
         let gloo_host = match &options.gloo_host {
             Some(h) => h.clone(),
             None if is_loopback(&store.host) => "127.0.0.1".into(),
@@ -229,7 +234,7 @@ impl ProcessGroup {
     /// Reduces `tensor` in place across all ranks.
     pub fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
         const OP: &str = "all_reduce";
-        check_dtype(OP, tensor)?;
+        check_tensor(OP, tensor)?;
         let t = tensor.as_mut_ptr().cast();
         // SAFETY: live group and tensor; the shim blocks until c10d is done with the tensor.
         let r = unsafe { ffi::dg_all_reduce(self.ptr.as_ptr(), t, average(op)) };
@@ -244,17 +249,16 @@ impl ProcessGroup {
         let _guard = tch::no_grad_guard();
         let mut kinds: Vec<Kind> = Vec::new();
         for t in tensors.iter() {
-            check_dtype(OP, t)?;
+            check_tensor(OP, t)?;
             if !kinds.contains(&t.kind()) {
                 kinds.push(t.kind());
             }
         }
         for kind in kinds {
-            let idx: Vec<usize> = (0..tensors.len()).filter(|&i| tensors[i].kind() == kind).collect();
-            let flats: Vec<Tensor> = idx
-                .iter()
-                .map(|&i| tensors[i].f_reshape([-1]))
-                .collect::<Result<_, _>>()?;
+            let idx: Vec<usize> =
+                (0..tensors.len()).filter(|&i| tensors[i].kind() == kind).collect();
+            let flats: Vec<Tensor> =
+                idx.iter().map(|&i| tensors[i].f_reshape([-1])).collect::<Result<_, _>>()?;
             let mut buf = Tensor::f_cat(&flats, 0)?;
             self.all_reduce(&mut buf, op)?;
             let mut offset = 0;
@@ -271,6 +275,7 @@ impl ProcessGroup {
     /// Every rank's `tensor`, in rank order. All ranks must pass the same shape and dtype.
     pub fn all_gather(&mut self, tensor: &Tensor) -> Result<Vec<Tensor>> {
         let input = tensor.f_contiguous()?;
+        check_tensor("all_gather", &input)?;
         let mut shape = vec![self.world_size as i64];
         shape.extend(input.size());
         // Allocated from the input (an expanded view has no storage of its own, so empty_like
@@ -284,9 +289,10 @@ impl ProcessGroup {
     /// elements, rank r's at offset `r * numel(input)`): the sharded optimizer's gather.
     pub fn all_gather_into(&mut self, output: &mut Tensor, input: &Tensor) -> Result<()> {
         const OP: &str = "all_gather";
-        check_dtype(OP, input)?;
-        check_dtype(OP, output)?;
+        // The input is only read, so a contiguous copy serves; the output is written in place.
         let input = input.f_contiguous()?;
+        check_tensor(OP, &input)?;
+        check_tensor(OP, output)?;
         let out = output.as_mut_ptr().cast();
         let inp = input.as_ptr().cast_mut().cast();
         // SAFETY: live group and tensors; c10d only reads the input.
@@ -296,11 +302,17 @@ impl ProcessGroup {
 
     /// Reduces the flat `input` (`world_size * numel(output)` elements) across ranks and
     /// leaves this rank's slice (offset `rank * numel(output)`) in `output`.
-    pub fn reduce_scatter(&mut self, output: &mut Tensor, input: &Tensor, op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter(
+        &mut self,
+        output: &mut Tensor,
+        input: &Tensor,
+        op: ReduceOp,
+    ) -> Result<()> {
         const OP: &str = "reduce_scatter";
-        check_dtype(OP, input)?;
-        check_dtype(OP, output)?;
+        // The input is only read, so a contiguous copy serves; the output is written in place.
         let input = input.f_contiguous()?;
+        check_tensor(OP, &input)?;
+        check_tensor(OP, output)?;
         let out = output.as_mut_ptr().cast();
         let inp = input.as_ptr().cast_mut().cast();
         // SAFETY: live group and tensors; the shim blocks until c10d is done with both.
@@ -311,7 +323,7 @@ impl ProcessGroup {
     /// Overwrites `tensor` on every rank with rank `root`'s.
     pub fn broadcast(&mut self, tensor: &mut Tensor, root: u32) -> Result<()> {
         const OP: &str = "broadcast";
-        check_dtype(OP, tensor)?;
+        check_tensor(OP, tensor)?;
         if root >= self.world_size {
             return Err(DistError::BadTensor {
                 op: OP,
@@ -349,14 +361,24 @@ impl Drop for ProcessGroup {
     }
 }
 
-fn check_dtype(op: &'static str, t: &Tensor) -> Result<()> {
+/// Refuses what c10d would refuse, before any rank starts communicating.
+fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
+    let bad = |message: String| Err(DistError::BadTensor { op, message });
     match t.kind() {
-        Kind::Float | Kind::BFloat16 | Kind::Half => Ok(()),
-        k => Err(DistError::BadTensor {
-            op,
-            message: format!("dtype {k:?} is not supported: collectives take Float, BFloat16 or Half"),
-        }),
+        Kind::Float | Kind::BFloat16 | Kind::Half => {}
+        k => {
+            return bad(format!(
+                "dtype {k:?} is not supported: collectives take Float, BFloat16 or Half"
+            ));
+        }
     }
+    if !t.is_contiguous() {
+        return bad(format!(
+            "tensor of shape {:?} is not contiguous; call .contiguous() first",
+            t.size()
+        ));
+    }
+    Ok(())
 }
 
 fn average(op: ReduceOp) -> i32 {
