@@ -29,3 +29,11 @@ unit-tests: bootstrap
 	cargo test --workspace
 
 test: lint unit-tests
+
+# Compile check of the Ascend (HCCL) shim against the torch-npu wheel's headers; no NPU needed.
+npu-check: bootstrap
+	./deploy/npu-check.sh
+
+# Build and link check of `--features cuda` (NCCL); no GPU needed. GPU hosts: deploy/gpu-tests.sh.
+cuda-check: bootstrap
+	./deploy/cuda-check.sh

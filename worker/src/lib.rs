@@ -5,6 +5,10 @@
 
 /// The compute thread that owns the device and the model.
 pub mod compute;
+/// The device layer: `cpu`, `cuda:N`, `npu:N`.
+pub mod device;
+/// The data plane: c10d collectives and the rendezvous.
+pub mod dist;
 /// The error type.
 pub mod error;
 /// The control-plane session with the coordinator.

@@ -1,0 +1,365 @@
+// c10d collectives behind the C ABI of dist_shim.h: a TCPStore for the rendezvous, a
+// PrefixStore per group generation, and one c10d Backend (Gloo, NCCL or HCCL) per group.
+//
+// Every entry point catches every exception and returns its message, because an exception
+// unwinding into Rust frames is undefined behaviour, and an abort would take the worker down
+// with it instead of letting it report the failure and re-rendezvous.
+
+#include "dist_shim.h"
+
+#include <chrono>
+#include <optional>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#ifdef DG_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#ifdef DG_WITH_HCCL
+#include <torch_npu/csrc/distributed/ProcessGroupHCCL.hpp>
+#endif
+
+#ifndef USE_C10D_GLOO
+#error "dist_shim.cpp must be compiled with -DUSE_C10D_GLOO (see worker/build.rs)"
+#endif
+
+struct dg_store {
+  c10::intrusive_ptr<c10d::Store> store;
+  uint16_t port;
+};
+
+struct dg_group {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int rank;
+  int size;
+  int kind;
+  bool verify;
+  std::chrono::milliseconds timeout;
+  // The device of the last tensor seen: NCCL and HCCL gather the barrier's fingerprint there.
+  std::optional<at::Device> device;
+};
+
+namespace {
+
+char* dup_message(const std::string& msg) {
+  char* out = static_cast<char*>(std::malloc(msg.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, msg.c_str(), msg.size() + 1);
+  }
+  return out;
+}
+
+// Runs f, turning any exception into an error message (c10 errors without their backtrace).
+template <typename F>
+char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return dup_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return dup_message(e.what());
+  } catch (...) {
+    return dup_message("unknown C++ exception");
+  }
+}
+
+at::Tensor& as_tensor(dg_tensor* t) {
+  TORCH_CHECK(t != nullptr, "null tensor");
+  return *static_cast<at::Tensor*>(t);
+}
+
+void check_dtype(const at::Tensor& t) {
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
+              "unsupported dtype ", s, ": collectives take float32, bfloat16 or float16");
+  TORCH_CHECK(t.is_contiguous(), "collectives need a contiguous tensor");
+}
+
+// Blocks until the work is done. The timeout bounds the wait itself too, so a stalled backend
+// cannot outlive the configured timeout even if its own transport timeout misfires.
+// With NCCL and HCCL this blocks the CPU too, because dg_group_create turns on their blocking
+// wait: their default instead lets a watchdog thread abort the process on a timeout.
+void wait(dg_group* g, const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait(g->timeout);
+}
+
+enum Op : int64_t { kAllReduce = 1, kBroadcast, kBarrier, kAllGather, kReduceScatter };
+
+const char* op_name(int64_t op) {
+  switch (op) {
+    case kAllReduce: return "all_reduce";
+    case kBroadcast: return "broadcast";
+    case kBarrier: return "barrier";
+    case kAllGather: return "all_gather";
+    case kReduceScatter: return "reduce_scatter";
+    default: return "unknown";
+  }
+}
+
+// Agrees on what every rank is about to do. The fingerprint has a fixed size, so this
+// all-gather itself cannot mismatch; a difference in op, dtype, element count or root then
+// fails here, naming the ranks, instead of corrupting or hanging the real collective.
+void verify(dg_group* g, int64_t op, const at::Tensor* t, int64_t extra) {
+  if (!g->verify || g->size == 1) {
+    return;
+  }
+  constexpr int64_t kFields = 4;
+  at::TensorOptions opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor mine = at::empty({kFields}, opts);
+  auto* m = mine.data_ptr<int64_t>();
+  m[0] = op;
+  m[1] = t != nullptr ? static_cast<int64_t>(t->scalar_type()) : -1;
+  m[2] = t != nullptr ? t->numel() : -1;
+  m[3] = extra;
+  // Gloo gathers host tensors; NCCL and HCCL only device tensors, so a barrier before any
+  // tensor was seen goes unchecked there.
+  at::Device dev = at::Device(at::kCPU);
+  if (g->kind != DG_BACKEND_GLOO) {
+    if (t != nullptr) {
+      g->device = t->device();
+    }
+    if (!g->device.has_value()) {
+      return;
+    }
+    dev = *g->device;
+  }
+  at::Tensor in = mine.to(dev);
+  at::Tensor all = at::empty({g->size * kFields}, in.options());
+  wait(g, g->backend->_allgather_base(all, in));
+  at::Tensor host = all.cpu();
+  const auto* a = host.data_ptr<int64_t>();
+  for (int r = 0; r < g->size; ++r) {
+    const int64_t* theirs = a + r * kFields;
+    if (std::equal(theirs, theirs + kFields, m)) {
+      continue;
+    }
+    std::ostringstream msg;
+    msg << "ranks disagree on the collective: rank " << g->rank << " calls " << op_name(m[0]);
+    if (t != nullptr) {
+      msg << " on " << m[2] << " elements of " << t->scalar_type();
+    }
+    msg << ", rank " << r << " calls " << op_name(theirs[0]);
+    if (theirs[2] >= 0) {
+      msg << " on " << theirs[2] << " elements of "
+          << static_cast<c10::ScalarType>(theirs[1]);
+    }
+    if (m[0] == theirs[0] && m[3] != theirs[3]) {
+      msg << " (root/size argument " << m[3] << " vs " << theirs[3] << ")";
+    }
+    TORCH_CHECK(false, msg.str());
+  }
+}
+
+// Gloo and HCCL have no AVG reduction for every dtype; sum and divide there.
+c10d::ReduceOp reduce_op(const dg_group* g, bool average) {
+#ifdef DG_WITH_NCCL
+  if (average && g->kind == DG_BACKEND_NCCL) {
+    return c10d::ReduceOp::AVG;
+  }
+#endif
+  (void)g;
+  (void)average;
+  return c10d::ReduceOp::SUM;
+}
+
+bool divide_after(const dg_group* g, bool average) {
+  return average && g->size > 1 && reduce_op(g, average) != c10d::ReduceOp::AVG;
+}
+
+std::shared_ptr<::gloo::transport::Device> gloo_device(const char* host) {
+  if (host != nullptr && host[0] != '\0') {
+    return c10d::ProcessGroupGloo::createDeviceForHostname(host);
+  }
+  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+  if (ifname != nullptr && ifname[0] != '\0') {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+}  // namespace
+
+extern "C" {
+
+void dg_free_error(char* err) { std::free(err); }
+
+uint32_t dg_backends_compiled(void) {
+  uint32_t bits = 1u << DG_BACKEND_GLOO;
+#ifdef DG_WITH_NCCL
+  bits |= 1u << DG_BACKEND_NCCL;
+#endif
+#ifdef DG_WITH_HCCL
+  bits |= 1u << DG_BACKEND_HCCL;
+#endif
+  return bits;
+}
+
+char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t timeout_ms,
+                      dg_store** out) {
+  return guarded([&] {
+    TORCH_CHECK(host != nullptr && out != nullptr, "null argument");
+    c10d::TCPStoreOptions opts;
+    opts.port = port;
+    opts.isServer = is_master != 0;
+    // Ranks arrive through the group rendezvous, which has its own timeout; the server need not
+    // wait for them here, and a later generation may have a different world size.
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    uint16_t bound = store->getPort();
+    *out = new dg_store{store, bound};
+  });
+}
+
+uint16_t dg_store_port(const dg_store* store) { return store->port; }
+
+void dg_store_destroy(dg_store* store) {
+  // The TCPStore destructor closes sockets and joins its thread; it does not throw.
+  delete store;
+}
+
+char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, int backend,
+                      int64_t timeout_ms, const char* gloo_host, int verify_ops,
+                      dg_group** out) {
+  return guarded([&] {
+    TORCH_CHECK(store != nullptr && prefix != nullptr && out != nullptr, "null argument");
+    TORCH_CHECK(size >= 1 && rank >= 0 && rank < size, "rank ", rank,
+                " outside a world of size ", size);
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    if (backend != DG_BACKEND_GLOO) {
+      // Errors and timeouts must come back from wait() as exceptions, never as the watchdog's
+      // process abort. An explicit setting by the operator wins (no overwrite).
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+      setenv("TORCH_HCCL_BLOCKING_WAIT", "1", 0);
+    }
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store->store);
+    prefixed->setTimeout(timeout);
+    c10::intrusive_ptr<c10d::Backend> pg;
+    switch (backend) {
+      case DG_BACKEND_GLOO: {
+        auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+        opts->devices.push_back(gloo_device(gloo_host));
+        pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
+        break;
+      }
+#ifdef DG_WITH_NCCL
+      case DG_BACKEND_NCCL: {
+        auto opts = c10d::ProcessGroupNCCL::Options::create();
+        opts->timeout = timeout;
+        pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, opts);
+        break;
+      }
+#endif
+#ifdef DG_WITH_HCCL
+      case DG_BACKEND_HCCL: {
+        auto opts = c10d_npu::ProcessGroupHCCL::Options::create();
+        opts->timeout = timeout;
+        opts->opTimeout = timeout;
+        pg = c10::make_intrusive<c10d_npu::ProcessGroupHCCL>(prefixed, rank, size, opts);
+        break;
+      }
+#endif
+      default:
+        TORCH_CHECK(false, "backend ", backend, " is not compiled into this build");
+    }
+    *out = new dg_group{pg, rank, size, backend, verify_ops != 0, timeout, std::nullopt};
+  });
+}
+
+void dg_group_destroy(dg_group* group) { delete group; }
+
+char* dg_all_reduce(dg_group* g, dg_tensor* tensor, int average) {
+  return guarded([&] {
+    at::Tensor& t = as_tensor(tensor);
+    check_dtype(t);
+    verify(g, kAllReduce, &t, 0);
+    std::vector<at::Tensor> ts{t};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = reduce_op(g, average != 0);
+    opts.timeout = g->timeout;
+    wait(g, g->backend->allreduce(ts, opts));
+    if (divide_after(g, average != 0)) {
+      t.div_(g->size);
+    }
+  });
+}
+
+char* dg_broadcast(dg_group* g, dg_tensor* tensor, int root) {
+  return guarded([&] {
+    at::Tensor& t = as_tensor(tensor);
+    check_dtype(t);
+    TORCH_CHECK(root >= 0 && root < g->size, "broadcast root ", root,
+                " outside a world of size ", g->size);
+    verify(g, kBroadcast, &t, root);
+    std::vector<at::Tensor> ts{t};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = g->timeout;
+    wait(g, g->backend->broadcast(ts, opts));
+  });
+}
+
+char* dg_barrier(dg_group* g) {
+  return guarded([&] {
+    verify(g, kBarrier, nullptr, 0);
+    c10d::BarrierOptions opts;
+    opts.timeout = g->timeout;
+    wait(g, g->backend->barrier(opts));
+  });
+}
+
+char* dg_all_gather_into(dg_group* g, dg_tensor* output, dg_tensor* input) {
+  return guarded([&] {
+    at::Tensor& out = as_tensor(output);
+    at::Tensor& in = as_tensor(input);
+    check_dtype(in);
+    check_dtype(out);
+    TORCH_CHECK(out.scalar_type() == in.scalar_type(), "all_gather output dtype ",
+                out.scalar_type(), " differs from input dtype ", in.scalar_type());
+    TORCH_CHECK(out.numel() == in.numel() * g->size, "all_gather output has ", out.numel(),
+                " elements, expected ", in.numel() * g->size, " (world size ", g->size,
+                " x input ", in.numel(), ")");
+    verify(g, kAllGather, &in, out.numel());
+    at::Tensor flat_out = out.view({-1});
+    at::Tensor flat_in = in.view({-1});
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    wait(g, g->backend->_allgather_base(flat_out, flat_in, opts));
+  });
+}
+
+char* dg_reduce_scatter(dg_group* g, dg_tensor* output, dg_tensor* input, int average) {
+  return guarded([&] {
+    at::Tensor& out = as_tensor(output);
+    at::Tensor& in = as_tensor(input);
+    check_dtype(in);
+    check_dtype(out);
+    TORCH_CHECK(out.scalar_type() == in.scalar_type(), "reduce_scatter output dtype ",
+                out.scalar_type(), " differs from input dtype ", in.scalar_type());
+    TORCH_CHECK(in.numel() == out.numel() * g->size, "reduce_scatter input has ", in.numel(),
+                " elements, expected ", out.numel() * g->size, " (world size ", g->size,
+                " x output ", out.numel(), ")");
+    verify(g, kReduceScatter, &in, out.numel());
+    at::Tensor flat_out = out.view({-1});
+    at::Tensor flat_in = in.view({-1});
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = reduce_op(g, average != 0);
+    opts.timeout = g->timeout;
+    wait(g, g->backend->_reduce_scatter_base(flat_out, flat_in, opts));
+    if (divide_after(g, average != 0)) {
+      out.div_(g->size);
+    }
+  });
+}
+
+}  // extern "C"

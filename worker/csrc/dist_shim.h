@@ -1,0 +1,63 @@
+// The narrow C ABI between the Rust `dist` and `device` modules and libtorch's c10d.
+//
+// Conventions, so the Rust side stays simple:
+// - every function that can fail returns NULL on success, or an error message allocated with
+//   malloc that the caller releases with dg_free_error; C++ exceptions never cross this boundary;
+// - tensors travel as `at::Tensor*` (what tch's `as_mut_ptr()` hands out); a tensor the shim
+//   creates is returned as a new heap `at::Tensor*` that the caller owns (tch `from_ptr`);
+// - handles (stores, groups) are opaque and released with their destroy function.
+#ifndef DANCEGRPO_DIST_SHIM_H
+#define DANCEGRPO_DIST_SHIM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct dg_store dg_store;
+typedef struct dg_group dg_group;
+typedef void dg_tensor;  // at::Tensor
+
+// Backends: must match `Backend` in worker/src/dist/backend.rs.
+enum { DG_BACKEND_GLOO = 0, DG_BACKEND_NCCL = 1, DG_BACKEND_HCCL = 2 };
+
+void dg_free_error(char* err);
+
+// Which backends this build compiled in, as a bit set of (1 << DG_BACKEND_*).
+uint32_t dg_backends_compiled(void);
+
+// A c10d::TCPStore: the server when is_master, a client otherwise. Clients retry until timeout.
+char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t timeout_ms,
+                      dg_store** out);
+uint16_t dg_store_port(const dg_store* store);
+void dg_store_destroy(dg_store* store);
+
+// A c10d backend over a PrefixStore(prefix, store). Blocks until every rank arrived or timeout.
+// gloo_host: the address Gloo binds to (NULL or "" = GLOO_SOCKET_IFNAME, else the default).
+// verify: before each collective, agree on (op, dtype, numel, root) across ranks, so a
+// mismatch is a clear error instead of a hang or garbage.
+char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, int backend,
+                      int64_t timeout_ms, const char* gloo_host, int verify, dg_group** out);
+void dg_group_destroy(dg_group* group);
+
+// Collectives, all blocking until done (or timed out). `average` divides the sum by the size.
+char* dg_all_reduce(dg_group* group, dg_tensor* tensor, int average);
+char* dg_broadcast(dg_group* group, dg_tensor* tensor, int root);
+char* dg_barrier(dg_group* group);
+// output is a flat buffer of size * numel(input) elements, rank r's input landing at r * numel.
+char* dg_all_gather_into(dg_group* group, dg_tensor* output, dg_tensor* input);
+// input is a flat buffer of size * numel(output) elements; output gets this rank's reduced slice.
+char* dg_reduce_scatter(dg_group* group, dg_tensor* output, dg_tensor* input, int average);
+
+// Device layer helpers for devices tch cannot name (NPU = c10 PrivateUse1). Only in npu builds.
+char* dg_npu_init(int index);
+char* dg_npu_to(dg_tensor* tensor, int index, dg_tensor** out);
+char* dg_npu_synchronize(int index);
+char* dg_npu_device_count(int* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,395 @@
+//! [`Store`] (a c10d TCPStore) and [`ProcessGroup`] (one c10d backend over a prefix of it).
+//!
+//! A group generation is a key prefix on the store (`dancegrpo/<job>/gen<N>/`, chosen by the
+//! coordinator), so after a failure the survivors can form a new group on the same live store,
+//! or on a new one, without restarting.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dancegrpo_proto::RankAssignment;
+use tch::{Kind, Tensor};
+
+use super::backend::Backend;
+use super::error::{DistError, Result};
+use super::ffi;
+
+/// A c10d `TCPStore`: rank 0 hosts it, every rank connects to it. Shared by the groups of
+/// successive generations.
+#[derive(Debug)]
+pub struct Store {
+    ptr: NonNull<ffi::DgStore>,
+    host: String,
+    port: u16,
+}
+
+// SAFETY: c10d's TCPStore is used from many threads by torch itself (every request takes its
+// client lock); the handle is only freed in Drop.
+unsafe impl Send for Store {}
+// SAFETY: as above; all methods on the C++ side are thread-safe.
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// Hosts (`is_master`) or connects to the store at `host:port`. A client retries until
+    /// `timeout`. Port 0 on the master picks a free port; see [`Store::port`].
+    pub fn connect(
+        host: &str,
+        port: u16,
+        is_master: bool,
+        timeout: Duration,
+    ) -> Result<Arc<Store>> {
+        let err = |message: String| DistError::Rendezvous {
+            addr: format!("{host}:{port}"),
+            prefix: String::new(),
+            timeout,
+            message,
+        };
+        let c_host = CString::new(host).map_err(|_| err("host contains a NUL byte".into()))?;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: valid C string and out-pointer; the shim catches every C++ exception.
+        ffi::check(unsafe {
+            ffi::dg_store_create(c_host.as_ptr(), port, is_master.into(), millis(timeout), &mut out)
+        })
+        .map_err(err)?;
+        let ptr = NonNull::new(out).ok_or_else(|| err("store creation returned null".into()))?;
+        // SAFETY: a live store handle.
+        let port = unsafe { ffi::dg_store_port(ptr.as_ptr()) };
+        Ok(Arc::new(Store { ptr, host: host.to_string(), port }))
+    }
+
+    /// The port the store listens on (the bound one when created with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle; groups hold an Arc to us, so none outlives it.
+        unsafe { ffi::dg_store_destroy(self.ptr.as_ptr()) }
+    }
+}
+
+/// Settings of a group.
+#[derive(Clone, Debug)]
+pub struct GroupOptions {
+    /// Bound on the rendezvous and on every collective: a dead or missing peer is an error
+    /// naming the operation within this time.
+    pub timeout: Duration,
+    /// Agree on (op, dtype, element count, root) before each collective, so a rank that calls
+    /// something else is an error instead of a hang or garbage. Costs one tiny all-gather.
+    pub verify: bool,
+    /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
+    /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
+    pub gloo_host: Option<String>,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        GroupOptions { timeout: Duration::from_secs(300), verify: true, gloo_host: None }
+    }
+}
+
+impl GroupOptions {
+    /// These options with another timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// These options with shape verification on or off.
+    pub fn with_verify(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
+    }
+}
+
+/// How a reduction combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise sum divided by the world size.
+    Average,
+}
+
+/// One rank's handle on a c10d process group. Collectives block until done, and must be
+/// called in the same order on every rank (hence `&mut self`).
+#[derive(Debug)]
+pub struct ProcessGroup {
+    ptr: NonNull<ffi::DgGroup>,
+    store: Arc<Store>,
+    prefix: String,
+    rank: u32,
+    world_size: u32,
+    backend: Backend,
+    timeout: Duration,
+}
+
+// SAFETY: the group is used by one thread at a time (`&mut self` on every collective) and c10d
+// backends may be driven from any thread.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Joins the group the coordinator assigned: rank 0 hosts the TCPStore at
+    /// `store.host:store.port`, everybody uses the generation's prefix.
+    pub fn from_assignment(
+        assignment: &RankAssignment,
+        backend: Backend,
+        options: &GroupOptions,
+    ) -> Result<ProcessGroup> {
+        let a = assignment;
+        let store = Store::connect(&a.store.host, a.store.port, a.rank == 0, options.timeout)?;
+        ProcessGroup::with_store(store, &a.store.prefix, a.rank, a.world_size, backend, options)
+    }
+
+    /// Forms a group over `prefix` of an existing store: the re-rendezvous path, where the
+    /// store outlives the generations.
+    pub fn with_store(
+        store: Arc<Store>,
+        prefix: &str,
+        rank: u32,
+        world_size: u32,
+        backend: Backend,
+        options: &GroupOptions,
+    ) -> Result<ProcessGroup> {
+        let err = |message: String| DistError::Rendezvous {
+            addr: store.addr(),
+            prefix: prefix.to_string(),
+            timeout: options.timeout,
+            message,
+        };
+        backend.ensure_compiled()?;
+        if world_size == 0 || rank >= world_size {
+            return Err(err(format!("rank {rank} outside a world of size {world_size}")));
+        }
+        let c_prefix =
+            CString::new(prefix).map_err(|_| err("prefix contains a NUL byte".into()))?;
+        let gloo_host = match &options.gloo_host {
+            Some(h) => h.clone(),
+            None if is_loopback(&store.host) => "127.0.0.1".into(),
+            None => String::new(),
+        };
+        let c_gloo = CString::new(gloo_host).map_err(|_| err("gloo host contains NUL".into()))?;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: live store, valid C strings and out-pointer; exceptions are caught in C++.
+        ffi::check(unsafe {
+            ffi::dg_group_create(
+                store.ptr.as_ptr(),
+                c_prefix.as_ptr(),
+                rank as i32,
+                world_size as i32,
+                backend as i32,
+                millis(options.timeout),
+                c_gloo.as_ptr(),
+                options.verify.into(),
+                &mut out,
+            )
+        })
+        .map_err(err)?;
+        let ptr = NonNull::new(out).ok_or_else(|| err("group creation returned null".into()))?;
+        Ok(ProcessGroup {
+            ptr,
+            store,
+            prefix: prefix.to_string(),
+            rank,
+            world_size,
+            backend,
+            timeout: options.timeout,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The generation's store prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The store, to form the next generation on.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Reduces `tensor` in place across all ranks.
+    pub fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
+        const OP: &str = "all_reduce";
+        check_tensor(OP, tensor)?;
+        let t = tensor.as_mut_ptr().cast();
+        // SAFETY: live group and tensor; the shim blocks until c10d is done with the tensor.
+        let r = unsafe { ffi::dg_all_reduce(self.ptr.as_ptr(), t, average(op)) };
+        self.done(OP, r)
+    }
+
+    /// Reduces many tensors in place, packed into one flat buffer per dtype so small
+    /// parameters cost one collective instead of one each. Works for parameters and gradients
+    /// alike; autograd does not see the write.
+    pub fn all_reduce_many(&mut self, tensors: &mut [Tensor], op: ReduceOp) -> Result<()> {
+        const OP: &str = "all_reduce";
+        let _guard = tch::no_grad_guard();
+        let mut kinds: Vec<Kind> = Vec::new();
+        for t in tensors.iter() {
+            check_tensor(OP, t)?;
+            if !kinds.contains(&t.kind()) {
+                kinds.push(t.kind());
+            }
+        }
+        for kind in kinds {
+            let idx: Vec<usize> =
+                (0..tensors.len()).filter(|&i| tensors[i].kind() == kind).collect();
+            let flats: Vec<Tensor> =
+                idx.iter().map(|&i| tensors[i].f_reshape([-1])).collect::<Result<_, _>>()?;
+            let mut buf = Tensor::f_cat(&flats, 0)?;
+            self.all_reduce(&mut buf, op)?;
+            let mut offset = 0;
+            for &i in &idx {
+                let n = tensors[i].numel() as i64;
+                let part = buf.f_narrow(0, offset, n)?.f_view_as(&tensors[i])?;
+                tensors[i].f_copy_(&part)?;
+                offset += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every rank's `tensor`, in rank order. All ranks must pass the same shape and dtype.
+    pub fn all_gather(&mut self, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        let input = tensor.f_contiguous()?;
+        check_tensor("all_gather", &input)?;
+        let mut shape = vec![self.world_size as i64];
+        shape.extend(input.size());
+        // Allocated from the input (an expanded view has no storage of its own, so empty_like
+        // makes a fresh contiguous buffer): tch cannot name NPU devices.
+        let mut out = input.f_unsqueeze(0)?.f_expand(shape.as_slice(), false)?.f_empty_like()?;
+        self.all_gather_into(&mut out, &input)?;
+        Ok((0..self.world_size as i64).map(|r| out.select(0, r)).collect())
+    }
+
+    /// Gathers every rank's `input` into the flat `output` (`world_size * numel(input)`
+    /// elements, rank r's at offset `r * numel(input)`): the sharded optimizer's gather.
+    pub fn all_gather_into(&mut self, output: &mut Tensor, input: &Tensor) -> Result<()> {
+        const OP: &str = "all_gather";
+        // The input is only read, so a contiguous copy serves; the output is written in place.
+        let input = input.f_contiguous()?;
+        check_tensor(OP, &input)?;
+        check_tensor(OP, output)?;
+        let out = output.as_mut_ptr().cast();
+        let inp = input.as_ptr().cast_mut().cast();
+        // SAFETY: live group and tensors; c10d only reads the input.
+        let r = unsafe { ffi::dg_all_gather_into(self.ptr.as_ptr(), out, inp) };
+        self.done(OP, r)
+    }
+
+    /// Reduces the flat `input` (`world_size * numel(output)` elements) across ranks and
+    /// leaves this rank's slice (offset `rank * numel(output)`) in `output`.
+    pub fn reduce_scatter(
+        &mut self,
+        output: &mut Tensor,
+        input: &Tensor,
+        op: ReduceOp,
+    ) -> Result<()> {
+        const OP: &str = "reduce_scatter";
+        // The input is only read, so a contiguous copy serves; the output is written in place.
+        let input = input.f_contiguous()?;
+        check_tensor(OP, &input)?;
+        check_tensor(OP, output)?;
+        let out = output.as_mut_ptr().cast();
+        let inp = input.as_ptr().cast_mut().cast();
+        // SAFETY: live group and tensors; the shim blocks until c10d is done with both.
+        let r = unsafe { ffi::dg_reduce_scatter(self.ptr.as_ptr(), out, inp, average(op)) };
+        self.done(OP, r)
+    }
+
+    /// Overwrites `tensor` on every rank with rank `root`'s.
+    pub fn broadcast(&mut self, tensor: &mut Tensor, root: u32) -> Result<()> {
+        const OP: &str = "broadcast";
+        check_tensor(OP, tensor)?;
+        if root >= self.world_size {
+            return Err(DistError::BadTensor {
+                op: OP,
+                message: format!("root {root} outside a world of size {}", self.world_size),
+            });
+        }
+        let t = tensor.as_mut_ptr().cast();
+        // SAFETY: live group and tensor; the shim blocks until c10d is done with it.
+        let r = unsafe { ffi::dg_broadcast(self.ptr.as_ptr(), t, root as i32) };
+        self.done(OP, r)
+    }
+
+    /// Returns once every rank has reached the barrier.
+    pub fn barrier(&mut self) -> Result<()> {
+        // SAFETY: live group.
+        let r = unsafe { ffi::dg_barrier(self.ptr.as_ptr()) };
+        self.done("barrier", r)
+    }
+
+    fn done(&self, op: &'static str, r: *mut std::ffi::c_char) -> Result<()> {
+        ffi::check(r).map_err(|message| DistError::Collective {
+            op,
+            rank: self.rank,
+            world_size: self.world_size,
+            timeout: self.timeout,
+            message,
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle; the store (held by our Arc) outlives it.
+        unsafe { ffi::dg_group_destroy(self.ptr.as_ptr()) }
+    }
+}
+
+/// Refuses what c10d would refuse, before any rank starts communicating.
+fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
+    let bad = |message: String| Err(DistError::BadTensor { op, message });
+    match t.kind() {
+        Kind::Float | Kind::BFloat16 | Kind::Half => {}
+        k => {
+            return bad(format!(
+                "dtype {k:?} is not supported: collectives take Float, BFloat16 or Half"
+            ));
+        }
+    }
+    if !t.is_contiguous() {
+        return bad(format!(
+            "tensor of shape {:?} is not contiguous; call .contiguous() first",
+            t.size()
+        ));
+    }
+    Ok(())
+}
+
+fn average(op: ReduceOp) -> i32 {
+    i32::from(op == ReduceOp::Average)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
