@@ -13,9 +13,11 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 export MASTER_ADDR=127.0.0.1 NNODES=1 NPUS_PER_NODE=2
+# A free port for the c10d store that rank 0 hosts.
+STORE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$BIN_DIR/dancegrpo-coordinator" serve --config deploy/configs/demo.toml \
   --set "output_dir=$OUT" --listen 127.0.0.1:0 --addr-file "$OUT/coordinator.addr" \
-  --heartbeat-interval-ms 500 2> "$OUT/coordinator.log" &
+  --store-port "$STORE_PORT" --heartbeat-interval-ms 500 2> "$OUT/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$OUT/coordinator.addr" ] && break; sleep 0.1; done
 ADDR=$(cat "$OUT/coordinator.addr")
@@ -27,11 +29,12 @@ for local in 0 1; do
   pids+=($!)
 done
 
-for _ in $(seq 100); do
-  "$BIN_DIR/dancegrpo-coordinator" status --addr "$ADDR" --json 2>/dev/null \
-    | grep -q '"state": "running"' && break
+for _ in $(seq 300); do
+  n=$(cat "$OUT"/worker-*.log 2>/dev/null | grep -c "process group ready" || true)
+  [ "$n" -ge 2 ] && break
   sleep 0.2
 done
+grep -h "process group ready" "$OUT"/worker-*.log | sed 's/^/  /' 
 sleep 1.2   # a couple of heartbeats, so "last heartbeat" is live
 echo
 "$BIN_DIR/dancegrpo-coordinator" status --addr "$ADDR"

@@ -122,8 +122,12 @@ impl Cluster {
     pub fn coordinator_on(&self, listen: &str, extra: &[&str]) -> (Proc, String) {
         let addr_file = self.path("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
+        // Each test gets its own c10d store port, so tests running at once never share one.
+        let store_port = free_port().to_string();
         let mut args = vec![
             "serve",
+            "--store-port",
+            &store_port,
             "--config",
             "job.toml",
             "--listen",
@@ -167,6 +171,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{exe} {args:?} did not finish within {limit:?}"));
         Output { status, stdout: Vec::new(), stderr: p.log().into_bytes() }
     }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Fetches the status of the coordinator's job.

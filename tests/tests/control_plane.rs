@@ -114,3 +114,43 @@ async fn workers_started_before_the_coordinator_wait_for_it() {
     let (_coord, addr) = c.coordinator_on(&addr, FAST);
     await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
 }
+
+fn wait_for_log(p: &dancegrpo_e2e::Proc, needle: &str, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    while !p.log().contains(needle) {
+        assert!(std::time::Instant::now() < end, "no {needle:?} within {limit:?} in:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A worker dies; a replacement takes its slot and rank; the survivor re-forms the c10d group
+/// with it under a new generation (fresh store prefix) without being restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_rank_is_replaced_and_the_group_re_forms_without_restarting_survivors() {
+    let c = Cluster::new(CONFIG);
+    let (_coord, addr) = c.coordinator(FAST);
+    let w0 = c.worker(&addr, 0, 0, &[]);
+    let mut w1 = c.worker(&addr, 0, 1, &[]);
+    for w in [&w0, &w1] {
+        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
+    }
+    w1.signal("KILL");
+    w1.wait_timeout(Duration::from_secs(5)).expect("killed");
+    await_condition(Duration::from_secs(10), "rank 1 lost", || async {
+        let s = job_status(&addr).await.ok()?;
+        (!workers_in(&s, pb::WorkerState::Lost).is_empty()).then_some(())
+    })
+    .await;
+    drop(w1);
+    let w1b = c.worker(&addr, 0, 1, &[]);
+    for w in [&w0, &w1b] {
+        wait_for_log(w, "generation=2 backend=gloo", Duration::from_secs(60));
+    }
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!(s.generation, 2);
+    let running = workers_in(&s, pb::WorkerState::Running);
+    let mut ranks: Vec<_> = running.iter().filter_map(|w| w.rank).collect();
+    ranks.sort();
+    assert_eq!(ranks, vec![0, 1], "the replacement inherits rank 1");
+    assert!(w0.log().matches("process group ready").count() == 2, "the survivor was not restarted");
+}

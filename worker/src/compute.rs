@@ -1,48 +1,55 @@
-//! The compute thread. libtorch work runs here, on one OS thread that owns the device and the
-//! model, never on the async runtime: heartbeats must not be starved by a long forward pass,
-//! and `tch::Tensor` is `Send` but not `Sync`, so the model is owned, not shared.
+//! The compute thread. libtorch work runs here, on one OS thread that owns the device, the
+//! process group and (later) the model, never on the async runtime: heartbeats must not be
+//! starved by a long forward pass, and `tch::Tensor` is `Send` but not `Sync`, so that state is
+//! owned by the thread, not shared.
 
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
-type Job = Box<dyn FnOnce() + Send>;
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
-/// Handle to the compute thread. Dropping it lets the thread finish its queue and exit.
+/// Handle to the compute thread owning a state `S`. Dropping it lets the thread finish its
+/// queue and exit; it is not joined, so a collective blocked on a dead peer cannot hold up a
+/// shutdown (the collective still ends at its own timeout).
 #[derive(Debug)]
-pub struct ComputeThread {
-    tx: Option<mpsc::SyncSender<Job>>,
-    handle: Option<JoinHandle<()>>,
+pub struct ComputeThread<S> {
+    tx: mpsc::SyncSender<Job<S>>,
 }
 
-impl ComputeThread {
-    /// Starts the thread. The queue is bounded so a producer cannot run ahead of the device.
-    pub fn spawn(name: &str) -> Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(4);
-        let handle = std::thread::Builder::new()
+impl<S: 'static> ComputeThread<S> {
+    /// Starts the thread and builds its state there with `init` (device initialisation must
+    /// happen on the thread that uses the device). The queue is bounded so a producer cannot
+    /// run ahead of the device.
+    pub fn spawn<I>(name: &str, init: I) -> Result<Self>
+    where
+        I: FnOnce() -> S + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel::<Job<S>>(4);
+        std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                let mut state = init();
                 for job in rx {
-                    job();
+                    job(&mut state);
                 }
             })
             .map_err(|e| Error::Compute(format!("cannot start compute thread: {e}")))?;
-        Ok(Self { tx: Some(tx), handle: Some(handle) })
+        Ok(Self { tx })
     }
 
     /// Runs `f` on the compute thread and awaits its result without blocking the runtime.
     pub async fn run<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut S) -> T + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.clone().ok_or_else(|| Error::Compute("compute thread stopped".into()))?;
-        let job: Job = Box::new(move || {
-            let _ = reply.send(f());
+        let tx = self.tx.clone();
+        let job: Job<S> = Box::new(move |s| {
+            let _ = reply.send(f(s));
         });
         // The queue is short and jobs are long: hand the (possibly blocking) send to the
         // blocking pool rather than stall a runtime thread.
@@ -51,15 +58,6 @@ impl ComputeThread {
             .map_err(|e| Error::Compute(e.to_string()))?
             .map_err(|_| Error::Compute("compute thread stopped".into()))?;
         rx.await.map_err(|_| Error::Compute("compute job panicked".into()))
-    }
-}
-
-impl Drop for ComputeThread {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -73,27 +71,26 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn runs_torch_work_off_the_runtime() {
-        let c = ComputeThread::spawn("test-compute").unwrap();
+    async fn runs_torch_work_off_the_runtime_with_owned_state() {
+        let c = ComputeThread::spawn("test-compute", || 10.0).unwrap();
         let (sum, thread) = c
-            .run(|| {
+            .run(|base: &mut f64| {
                 let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
-                (
-                    t.sum(tch::Kind::Float).double_value(&[]),
-                    std::thread::current().name().map(String::from),
-                )
+                *base += t.sum(tch::Kind::Float).double_value(&[]);
+                (*base, std::thread::current().name().map(String::from))
             })
             .await
             .unwrap();
-        assert_eq!(sum, 6.0);
+        assert_eq!(sum, 16.0);
         assert_eq!(thread.as_deref(), Some("test-compute"));
+        assert_eq!(c.run(|base: &mut f64| *base).await.unwrap(), 16.0, "state persists");
     }
 
     // The runtime here has one thread: if compute ran on it, no tick could happen meanwhile.
     #[tokio::test(flavor = "current_thread")]
     async fn long_compute_does_not_starve_the_runtime() {
-        let c = ComputeThread::spawn("test-compute").unwrap();
-        let work = c.run(|| {
+        let c = ComputeThread::spawn("test-compute", || ()).unwrap();
+        let work = c.run(|_: &mut ()| {
             let start = std::time::Instant::now();
             let a = tch::Tensor::ones([256, 256], (tch::Kind::Float, tch::Device::Cpu));
             let mut n = 0;

@@ -32,6 +32,9 @@ pub enum Error {
     /// A bad flag or environment value.
     #[error("invalid setting: {0}")]
     Settings(String),
+    /// A collective or the rendezvous failed.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// libtorch failed on the compute thread.
     #[error("compute: {0}")]
     Compute(String),

@@ -13,24 +13,46 @@ pub mod dist;
 pub mod error;
 /// The control-plane session with the coordinator.
 pub mod session;
+/// The compute thread's state: device, store and process group of the current generation.
+pub mod world;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use dancegrpo_proto::RankAssignment;
 pub use error::{Error, Result};
 use session::{Session, SessionSettings};
 
+use crate::compute::ComputeThread;
+use crate::device::Device;
+use crate::world::World;
+
+/// A worker process's settings.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// How to reach the coordinator and what to tell it.
+    pub session: SessionSettings,
+    /// The device to compute on.
+    pub device: Device,
+    /// Bound on the rendezvous and every collective.
+    pub collective_timeout: Duration,
+}
+
+type Joining = Pin<Box<dyn Future<Output = (RankAssignment, Result<String>)> + Send>>;
+
 /// Runs the worker until the job ends or `shutdown` is cancelled (SIGTERM / Ctrl-C), then
 /// drains and says goodbye.
-pub async fn run(mut settings: SessionSettings, shutdown: CancellationToken) -> Result<()> {
-    let compute = compute::ComputeThread::spawn("dancegrpo-compute")?;
-    if settings.info.device_description.is_empty() {
-        settings.info.device_description = compute.run(compute::describe_cpu).await?;
-    }
+pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Result<()> {
+    let WorkerSettings { session: mut session_settings, device, collective_timeout } = settings;
+    let compute =
+        std::sync::Arc::new(ComputeThread::spawn("dancegrpo-compute", move || World::new(device))?);
+    session_settings.info.device_description = compute.run(World::init_device).await??;
     let session = tokio::select! {
-        s = Session::connect(settings) => s?,
+        s = Session::connect(session_settings) => s?,
         _ = shutdown.cancelled() => {
             tracing::info!("stopped before registering");
             return Ok(());
@@ -39,20 +61,33 @@ pub async fn run(mut settings: SessionSettings, shutdown: CancellationToken) -> 
     let joined = session.joined().await;
     tracing::info!(job = %joined.config.job_name, job_id = %joined.job_id,
         "joined; waiting for the rest of the world");
+    let backend_override = joined.config.backend.clone();
 
     let (draining_tx, draining) = watch::channel(false);
     let hb_stop = CancellationToken::new();
     let mut heartbeats = tokio::spawn(session.clone().heartbeat_loop(hb_stop.clone(), draining));
     let mut assignment = session.assignment();
     let mut job_state = session.job_state();
-    let mut announced = None;
+    // The generation whose process group this rank has formed (or is forming).
+    let mut formed: Option<u64> = None;
+    let mut joining: Option<Joining> = None;
     let outcome = loop {
-        if let Some(a) = assignment.borrow_and_update().clone() {
-            if announced.as_ref() != Some(&a) {
-                tracing::info!(rank = a.rank, world_size = a.world_size, generation = a.generation,
-                    store = %format!("{}:{}", a.store.host, a.store.port), "rank assigned");
-                announced = Some(a);
-            }
+        let current = assignment.borrow_and_update().clone();
+        if let Some(a) = current.filter(|a| joining.is_none() && formed != Some(a.generation)) {
+            tracing::info!(rank = a.rank, world_size = a.world_size, generation = a.generation,
+                store = %format!("{}:{}", a.store.host, a.store.port), "rank assigned; forming the process group");
+            formed = Some(a.generation);
+            let compute = compute.clone();
+            let backend = backend_override.clone();
+            joining = Some(Box::pin(async move {
+                let r = compute
+                    .run({
+                        let a = a.clone();
+                        move |w: &mut World| w.join(&a, &backend, collective_timeout)
+                    })
+                    .await;
+                (a, r.and_then(|r| r.map(|b| b.to_string())))
+            }));
         }
         let js = *job_state.borrow_and_update();
         if js.is_terminal() {
@@ -67,6 +102,14 @@ pub async fn run(mut settings: SessionSettings, shutdown: CancellationToken) -> 
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(Error::Compute(format!("heartbeat task: {e}"))),
                 };
+            }
+            (a, r) = async { joining.as_mut().expect("guarded").await }, if joining.is_some() => {
+                joining = None;
+                match r {
+                    Ok(backend) => tracing::info!(rank = a.rank, world_size = a.world_size,
+                        generation = a.generation, %backend, "process group ready"),
+                    Err(e) => break Err(e),
+                }
             }
             _ = assignment.changed() => {}
             _ = job_state.changed() => {}
@@ -84,6 +127,5 @@ pub async fn run(mut settings: SessionSettings, shutdown: CancellationToken) -> 
     session.goodbye(&reason).await;
     hb_stop.cancel();
     let _ = heartbeats.await;
-    drop(compute);
     outcome.map(|_| ())
 }

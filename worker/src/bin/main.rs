@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dancegrpo_proto::WorkerInfo;
+use dancegrpo_worker::WorkerSettings;
+use dancegrpo_worker::device::Device;
 use dancegrpo_worker::session::SessionSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +43,11 @@ struct RunArgs {
     local_rank: u32,
     /// Device: `cpu`, `cuda:N` or `npu:N`.
     #[arg(long, env = "DANCEGRPO_DEVICE", default_value = "cpu")]
-    device: String,
+    device: Device,
+    /// Bound, in seconds, on the rendezvous and every collective: a dead or missing peer is an
+    /// error after this long.
+    #[arg(long, default_value_t = 300)]
+    collective_timeout_s: u64,
     /// Keep retrying an unreachable coordinator for this many seconds.
     #[arg(long, default_value_t = 300)]
     connect_timeout_s: u64,
@@ -86,17 +92,22 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     let coordinator =
         if coordinator.contains("://") { coordinator } else { format!("http://{coordinator}") };
-    let settings = SessionSettings {
+    let session = SessionSettings {
         coordinator,
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         info: WorkerInfo {
             host: hostname(),
             node_rank: a.node_rank,
             local_rank: a.local_rank,
-            device: a.device,
+            device: a.device.to_string(),
             device_description: String::new(),
             pid: std::process::id(),
         },
+    };
+    let settings = WorkerSettings {
+        session,
+        device: a.device,
+        collective_timeout: Duration::from_secs(a.collective_timeout_s),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

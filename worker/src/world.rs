@@ -1,0 +1,98 @@
+//! The compute thread's state: the device, and this rank's place in the world, meaning the c10d
+//! store and process group of the current generation. A new generation (a worker was lost and
+//! its slot refilled) re-forms the group on a fresh store prefix without restarting this
+//! process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dancegrpo_proto::RankAssignment;
+use tch::{Kind, Tensor};
+
+use crate::device::Device;
+use crate::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp, Store};
+use crate::error::{Error, Result};
+
+/// Everything the compute thread owns.
+#[derive(Debug)]
+pub struct World {
+    device: Device,
+    /// The store and whether this rank hosts it. The host keeps it across generations (its
+    /// port stays bound); clients reconnect each generation.
+    store: Option<(Arc<Store>, bool)>,
+    group: Option<ProcessGroup>,
+}
+
+impl World {
+    /// State for `device`; nothing touches the device until [`World::init_device`].
+    pub fn new(device: Device) -> Self {
+        Self { device, store: None, group: None }
+    }
+
+    /// Initialises the device on the calling (compute) thread and describes it.
+    pub fn init_device(&mut self) -> Result<String> {
+        self.device.init()?;
+        Ok(match self.device {
+            Device::Cpu => crate::compute::describe_cpu(),
+            other => other.to_string(),
+        })
+    }
+
+    /// The current group, if this rank has joined one.
+    pub fn group(&mut self) -> Option<&mut ProcessGroup> {
+        self.group.as_mut()
+    }
+
+    /// Joins the world of `a` and proves it works: a barrier, then an all-reduce whose result
+    /// every rank can predict. Returns the backend used.
+    pub fn join(
+        &mut self,
+        a: &RankAssignment,
+        backend_override: &str,
+        timeout: Duration,
+    ) -> Result<Backend> {
+        let backend = Backend::resolve(self.device, backend_override)?;
+        let options = GroupOptions::default().with_timeout(timeout);
+        // The previous generation's group must go before its store can be replaced.
+        self.group = None;
+        let is_master = a.rank == 0;
+        let reuse = match &self.store {
+            Some((s, was_master)) => {
+                *was_master && is_master && s.port() == a.store.port && a.store.host == s_host(s)
+            }
+            None => false,
+        };
+        let store = match (&self.store, reuse) {
+            (Some((s, _)), true) => s.clone(),
+            _ => {
+                self.store = None;
+                Store::connect(&a.store.host, a.store.port, is_master, timeout)?
+            }
+        };
+        self.store = Some((store.clone(), is_master));
+        let mut group = ProcessGroup::with_store(
+            store,
+            &a.store.prefix,
+            a.rank,
+            a.world_size,
+            backend,
+            &options,
+        )?;
+        group.barrier()?;
+        let mut probe = self.device.to(&Tensor::from_slice(&[1.0f32]))?;
+        group.all_reduce(&mut probe, ReduceOp::Sum)?;
+        let got = probe.to_kind(Kind::Double).double_value(&[0]);
+        if got != f64::from(a.world_size) {
+            return Err(Error::Compute(format!(
+                "all-reduce check of generation {} gave {got}, expected {}",
+                a.generation, a.world_size
+            )));
+        }
+        self.group = Some(group);
+        Ok(backend)
+    }
+}
+
+fn s_host(s: &Store) -> String {
+    s.addr().rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()
+}
