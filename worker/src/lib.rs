@@ -3,12 +3,20 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
+/// One-shot check commands (`check encode-prompts`).
+pub mod check;
 /// The compute thread that owns the device and the model.
 pub mod compute;
+/// Prompt datasets (own and reference layouts).
+pub mod data;
 /// The error type.
 pub mod error;
+/// Prompts file to text embeddings (`preprocess`).
+pub mod preprocess;
 /// The control-plane session with the coordinator.
 pub mod session;
+/// T5 and CLIP text encoders.
+pub mod text;
 
 use std::time::Duration;
 
