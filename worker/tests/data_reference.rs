@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use dancegrpo_worker::data::prompts::{PromptFilter, read_prompts};
-use dancegrpo_worker::data::{self, PromptDataset};
+use dancegrpo_worker::data;
 use tch::{Kind, Tensor};
 
 fn golden() -> PathBuf {

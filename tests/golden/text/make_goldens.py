@@ -8,8 +8,10 @@ Reproduce (from the repository root; the venv comes from deploy/reference-venv.s
     $(deploy/reference-venv.sh) tests/golden/text/make_goldens.py
 
 Pinned versions (asserted below): torch 2.11.0, transformers 5.24.0, diffusers 0.42.1,
-tokenizers 0.23.3, sentencepiece 0.2.3, safetensors 0.8.0. Everything is seeded; re-running
-rewrites byte-identical tokenizer and weight files and outputs equal to f32 rounding.
+tokenizers 0.23.3, sentencepiece 0.2.3, safetensors 0.8.0. Everything is seeded, but the
+BPE and SentencePiece trainers break frequency ties in an unspecified order, so a re-run can
+give slightly different tokenizer files (and so different goldens). The committed files are
+the goldens; re-run only to change them, and commit everything it writes together.
 
 What it writes under tests/golden/text/:
 - model/           laid out like FLUX.1-dev: text_encoder/ (CLIPTextModel, one safetensors),
@@ -179,7 +181,15 @@ def make_clip(vocab_size, gen):
     out = os.path.join(MODEL, "text_encoder")
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
-    return model
+    # transformers 5 saves CLIPTextModel keys without the `text_model.` prefix; FLUX.1-dev's
+    # file (saved by transformers 4) has it. Write it the FLUX way, and encode with the model
+    # transformers loads back from that file.
+    sd = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    loaded = transformers.CLIPTextModel.from_pretrained(out).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    return loaded
 
 
 def make_t5(vocab_size, gen):

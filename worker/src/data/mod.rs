@@ -112,7 +112,7 @@ pub struct DatasetSpec {
 }
 
 /// A prompt dataset with random access; both layouts implement it.
-pub trait PromptDataset: Send + Sync {
+pub trait PromptDataset: Send + Sync + std::fmt::Debug {
     /// Number of prompts.
     fn len(&self) -> usize;
     /// True when there are none.

@@ -171,9 +171,9 @@ struct TensorRef {
 enum Value {
     Mark,
     None,
-    Bool(bool),
+    Bool,
     Int(i64),
-    Float(f64),
+    Float,
     Str(String),
     Tuple(Vec<Value>),
     List(Vec<Value>),
@@ -190,9 +190,9 @@ impl Value {
         match self {
             Value::Mark => "mark",
             Value::None => "None",
-            Value::Bool(_) => "bool",
+            Value::Bool => "bool",
             Value::Int(_) => "int",
-            Value::Float(_) => "float",
+            Value::Float => "float",
             Value::Str(_) => "str",
             Value::Tuple(_) => "tuple",
             Value::List(_) => "list",
@@ -306,8 +306,7 @@ impl<'a> Unpickler<'a> {
                 b'.' => return self.pop(),
                 b'(' => self.stack.push(Value::Mark),
                 b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                0x88 | 0x89 => self.stack.push(Value::Bool),
                 b'K' => {
                     let v = self.u8()?;
                     self.stack.push(Value::Int(v.into()))
@@ -331,8 +330,8 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(Value::Int(i64::from_le_bytes(buf)))
                 }
                 b'G' => {
-                    let b = self.take(8)?;
-                    self.stack.push(Value::Float(f64::from_be_bytes(b.try_into().expect("8"))))
+                    self.take(8)?;
+                    self.stack.push(Value::Float)
                 }
                 b'X' => {
                     let n = self.u32()? as usize;

@@ -201,7 +201,7 @@ pub struct ShardHeader {
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<ShardHeader, DataError> {
     let bad = |m: String| DataError::malformed(path, m);
     let (n, meta): (usize, Metadata) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a readable safetensors shard: {e}")))?;
+        .map_err(|e| bad(format!("not a readable safetensors shard (truncated or corrupt): {e}")))?;
     let data_start = 8 + n;
     let info = |name: &str| meta.info(name).ok_or_else(|| bad(format!("no tensor {name}")));
     let (pe, pooled) = (info("prompt_embeds")?, info("pooled_prompt_embeds")?);

@@ -130,12 +130,14 @@ impl ClipTextModel {
     /// Builds the tower from `w` (keys as in `CLIPTextModel.state_dict()`).
     pub fn new(cfg: ClipTextConfig, w: &Weights) -> Result<Self, TextError> {
         let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
-        let e = "text_model.embeddings";
+        // FLUX.1-dev's file has the `text_model.` prefix; transformers 5 saves without it.
+        let root = if w.contains("text_model.embeddings.token_embedding.weight") { "text_model." } else { "" };
+        let e = format!("{root}embeddings");
         let tok = w.get(&format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d])?;
         let pos = w.get(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("text_model.encoder.layers.{i}");
+            let p = format!("{root}encoder.layers.{i}");
             layers.push(Layer {
                 ln1: Norm::new(w, &format!("{p}.layer_norm1"), d)?,
                 q: Linear::new(w, &format!("{p}.self_attn.q_proj"), d, d)?,
@@ -147,7 +149,7 @@ impl ClipTextModel {
                 fc2: Linear::new(w, &format!("{p}.mlp.fc2"), d, m)?,
             });
         }
-        let final_ln = Norm::new(w, "text_model.final_layer_norm", d)?;
+        let final_ln = Norm::new(w, &format!("{root}final_layer_norm"), d)?;
         Ok(Self { cfg, tok, pos, layers, final_ln })
     }
 

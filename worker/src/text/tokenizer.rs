@@ -144,25 +144,24 @@ pub fn load_clip(dir: &Path, len: usize) -> Result<FixedLenTokenizer, TextError>
         PreTokenizerWrapper::from(split),
         PreTokenizerWrapper::from(ByteLevel::new(false, true, true)),
     ]);
-    let mut tok = Tokenizer::new(bpe)
-        .with_normalizer(Some(normalizer.into()))
-        .with_pre_tokenizer(Some(pre.into()));
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(normalizer)).map_err(|e| tok_err(&vocab, e))?;
+    tok.with_pre_tokenizer(Some(pre));
     let id = |t: &str| {
         tok.token_to_id(t)
             .ok_or_else(|| TextError::Tokenizer(format!("{}: no token {t:?}", vocab.display())))
     };
     let (bos_id, eos_id) = (id(&specials.bos)?, id(&specials.eos)?);
-    tok = tok.with_post_processor(Some(
+    tok.with_post_processor(Some(
         RobertaProcessing::new((specials.eos.clone(), eos_id), (specials.bos.clone(), bos_id))
             .trim_offsets(false)
-            .add_prefix_space(false)
-            .into(),
+            .add_prefix_space(false),
     ));
     let added: Vec<AddedToken> = [&specials.bos, &specials.eos, &specials.unk, &specials.pad]
         .into_iter()
         .map(|t| AddedToken::from(t.clone(), true))
         .collect();
-    tok.add_special_tokens(&added);
+    tok.add_special_tokens(added).map_err(|e| tok_err(&vocab, e))?;
     FixedLenTokenizer::new(tok, len, &specials.pad, vocab.display().to_string())
 }
 
@@ -260,13 +259,13 @@ fn t5_from_spiece(path: &Path) -> Result<Tokenizer, TextError> {
     let mut tok = Tokenizer::new(model);
     if let Some(map) = m.normalizer.and_then(|n| n.precompiled_charsmap).filter(|m| !m.is_empty()) {
         let p = Precompiled::from(&map).map_err(|e| tok_err(path, e))?;
-        tok = tok.with_normalizer(Some(p.into()));
+        tok.with_normalizer(Some(p)).map_err(|e| tok_err(path, e))?;
     }
     let pre = PreSequence::new(vec![
         PreTokenizerWrapper::from(WhitespaceSplit),
         PreTokenizerWrapper::from(Metaspace::new('▁', PrependScheme::Always, true)),
     ]);
-    tok = tok.with_pre_tokenizer(Some(pre.into()));
+    tok.with_pre_tokenizer(Some(pre));
     let eos = tok.token_to_id("</s>").ok_or_else(|| tok_err(path, "no </s> piece"))?;
     let template: TemplateProcessing = serde_json::from_value(serde_json::json!({
         "type": "TemplateProcessing",
@@ -279,10 +278,10 @@ fn t5_from_spiece(path: &Path) -> Result<Tokenizer, TextError> {
         "special_tokens": {"</s>": {"id": "</s>", "ids": [eos], "tokens": ["</s>"]}}
     }))
     .map_err(|e| tok_err(path, e))?;
-    tok = tok.with_post_processor(Some(template.into()));
+    tok.with_post_processor(Some(template));
     let mut specials: Vec<AddedToken> =
         ["<pad>", "</s>", "<unk>"].iter().map(|t| AddedToken::from(*t, true)).collect();
     specials.extend(extra.into_iter().map(|e| AddedToken::from(e, true)));
-    tok.add_special_tokens(&specials);
+    tok.add_special_tokens(specials).map_err(|e| tok_err(path, e))?;
     Ok(tok)
 }

@@ -57,6 +57,11 @@ impl Weights {
         Ok(t.shallow_clone())
     }
 
+    /// Whether `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// The first of `names` present (for tied or renamed keys), with `shape`.
     pub fn get_any(&self, names: &[&str], shape: &[i64]) -> Result<Tensor, TextError> {
         let found = names.iter().find(|n| self.tensors.contains_key(**n));
