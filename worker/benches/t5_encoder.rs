@@ -14,7 +14,8 @@ use dancegrpo_worker::text::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
 fn main() {
-    let threads: i32 = std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: i32 =
+        std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let dir = tempfile::tempdir().expect("tempdir");
     let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/t5_peer.py");
@@ -27,7 +28,8 @@ fn main() {
         .expect("run python (the reference venv must be on PATH)");
     assert!(out.status.success(), "python peer failed: {}", String::from_utf8_lossy(&out.stderr));
     let line = String::from_utf8_lossy(&out.stdout);
-    let py: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or("")).expect("peer JSON");
+    let py: serde_json::Value =
+        serde_json::from_str(line.trim().lines().last().unwrap_or("")).expect("peer JSON");
     let py_ms = py["ms"].as_f64().expect("ms");
 
     tch::set_num_threads(threads);
@@ -49,7 +51,12 @@ fn main() {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let rs_ms = times[times.len() / 2];
-    println!("T5 encoder (d512, 4 layers, 2x512 tokens, f32, {threads} threads, median of {iters}):");
-    println!("  dancegrpo (tch): {rs_ms:.1} ms   transformers: {py_ms:.1} ms   ratio ours/theirs: {:.2}", rs_ms / py_ms);
+    println!(
+        "T5 encoder (d512, 4 layers, 2x512 tokens, f32, {threads} threads, median of {iters}):"
+    );
+    println!(
+        "  dancegrpo (tch): {rs_ms:.1} ms   transformers: {py_ms:.1} ms   ratio ours/theirs: {:.2}",
+        rs_ms / py_ms
+    );
     println!("  max |diff| of outputs: {diff:.2e}");
 }

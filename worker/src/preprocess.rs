@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind};
 
+use crate::data::DataError;
 use crate::data::prompts::{Prompt, PromptFilter, read_prompts};
 use crate::data::shards::{
     FORMAT, MANIFEST, Manifest, ManifestItem, dtype_name, read_shard_header, shard_name,
     write_shard,
 };
-use crate::data::DataError;
 use crate::text::{EncoderOptions, FluxTextEncoders, TextError};
 
 /// What can stop preprocessing.
@@ -141,14 +141,20 @@ pub fn run(o: &PreprocessOptions) -> Result<PreprocessReport, PreprocessError> {
     if !todo.is_empty() {
         let encoders = FluxTextEncoders::load(
             &o.model_dir,
-            EncoderOptions { device: o.device, kind: o.kind, max_sequence_length: o.max_sequence_length },
+            EncoderOptions {
+                device: o.device,
+                kind: o.kind,
+                max_sequence_length: o.max_sequence_length,
+            },
         )?;
         let total: usize = todo.iter().map(|&k| captions_of(k).len()).sum();
         let bar = if o.progress { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} prompts, {per_sec}, eta {eta}")
-                .expect("static template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} prompts, {per_sec}, eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar.set_message(format!("rank {}/{}", o.rank, o.world_size));
         for &k in &todo {
@@ -178,7 +184,13 @@ pub fn run(o: &PreprocessOptions) -> Result<PreprocessReport, PreprocessError> {
     } else {
         false
     };
-    Ok(PreprocessReport { prompts: prompts.len(), shards: n_shards, written: todo.len(), skipped, manifest_written })
+    Ok(PreprocessReport {
+        prompts: prompts.len(),
+        shards: n_shards,
+        written: todo.len(),
+        skipped,
+        manifest_written,
+    })
 }
 
 /// `preprocess --merge`: writes the manifest from the shards of a (multi-rank) run; fails,
@@ -207,9 +219,12 @@ fn merge_prompts(out: &Path, prompts: &[Prompt], shard_size: usize) -> Result<()
         let path = out.join(shard_name(k));
         let h = read_shard_header(&path)?;
         let first = k * shard_size;
-        let want: Vec<&str> =
-            prompts[first..(first + shard_size).min(prompts.len())].iter().map(|p| p.text.as_str()).collect();
-        if h.first_index != first || h.captions.iter().map(String::as_str).ne(want.iter().copied()) {
+        let want: Vec<&str> = prompts[first..(first + shard_size).min(prompts.len())]
+            .iter()
+            .map(|p| p.text.as_str())
+            .collect();
+        if h.first_index != first || h.captions.iter().map(String::as_str).ne(want.iter().copied())
+        {
             return Err(PreprocessError::Invalid(format!(
                 "{} was made from different prompts",
                 path.display()
@@ -217,7 +232,10 @@ fn merge_prompts(out: &Path, prompts: &[Prompt], shard_size: usize) -> Result<()
         }
         let s = (h.prompt_embeds_shape.clone(), h.pooled_shape.clone(), h.kind);
         if shape.get_or_insert_with(|| s.clone()) != &s {
-            return Err(PreprocessError::Invalid(format!("{}: shapes differ from shard 0", path.display())));
+            return Err(PreprocessError::Invalid(format!(
+                "{}: shapes differ from shard 0",
+                path.display()
+            )));
         }
         for (off, c) in h.captions.into_iter().enumerate() {
             items.push(ManifestItem { index: first + off, caption: c, shard: k, offset: off });

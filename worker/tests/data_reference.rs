@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use dancegrpo_worker::data::prompts::{PromptFilter, read_prompts};
 use dancegrpo_worker::data;
+use dancegrpo_worker::data::prompts::{PromptFilter, read_prompts};
 use tch::{Kind, Tensor};
 
 fn golden() -> PathBuf {
@@ -30,14 +30,15 @@ fn reference_layout_loads_to_the_saved_tensors() {
     let want = Tensor::read_safetensors(golden().join("ref_layout_expected.safetensors")).unwrap();
     let get = |n: String| want.iter().find(|(k, _)| *k == n).unwrap().1.shallow_clone();
     let prompts: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap())
+            .unwrap();
     assert_eq!(ds.len(), 3);
     assert_eq!(ds.spec().prompt_embeds_shape, vec![512, 32]);
     assert_eq!(ds.spec().kind, Kind::BFloat16);
     assert!(ds.verify().is_empty());
-    for i in 0..3 {
+    for (i, prompt) in prompts.iter().enumerate().take(3) {
         let it = ds.get(i).unwrap();
-        assert_eq!(it.caption, prompts[i]);
+        assert_eq!(&it.caption, prompt);
         // Bit-exact: the same bf16 values, including item 1 saved as a view with an offset.
         assert!(it.prompt_embeds.equal(&get(format!("prompt_embed.{i}"))), "item {i}");
         assert!(it.pooled_prompt_embeds.equal(&get(format!("pooled_prompt_embeds.{i}"))));
@@ -83,7 +84,10 @@ fn a_wrong_shape_is_reported_with_both_shapes() {
     let errs = ds.verify();
     assert_eq!(errs.len(), 1, "{errs:?}");
     let e = errs[0].to_string();
-    assert!(e.contains("prompt_embed/2.pt") && e.contains("[32]") && e.contains("[512, 32]"), "{e}");
+    assert!(
+        e.contains("prompt_embed/2.pt") && e.contains("[32]") && e.contains("[512, 32]"),
+        "{e}"
+    );
     assert!(ds.get(2).is_err());
 }
 

@@ -34,7 +34,8 @@ fn expected(name: &str) -> Tensor {
 /// Golden prompts 0..3 (non-empty ones) as a prompts file, plus a CJK line that is dropped.
 fn prompts_file(dir: &Path) -> (PathBuf, Vec<String>) {
     let ps: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap())
+            .unwrap();
     let keep: Vec<String> = ps[..2].to_vec();
     let text = format!("{}\n只有中文\n{}\n{}\n", keep[0], keep[1], keep[0]);
     let f = dir.join("prompts.txt");
@@ -44,8 +45,20 @@ fn prompts_file(dir: &Path) -> (PathBuf, Vec<String>) {
 
 fn pre_args<'a>(model: &'a str, prompts: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "preprocess", "--model-dir", model, "--prompts", prompts, "--out", out, "--shard-size", "2",
-        "--batch-size", "2", "--dtype", "f32", "--quiet",
+        "preprocess",
+        "--model-dir",
+        model,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "f32",
+        "--quiet",
     ]
 }
 
@@ -74,7 +87,10 @@ fn preprocess_then_inspect_resume_and_ranks() {
         let it = ds.get(i).unwrap();
         assert_eq!(it.caption, captions[i]);
         // Computed in f32, stored in bf16: within bf16 rounding (2^-8 relative) of the golden.
-        for (got, want) in [(&it.prompt_embeds, pe.get(golden_row)), (&it.pooled_prompt_embeds, pooled.get(golden_row))] {
+        for (got, want) in [
+            (&it.prompt_embeds, pe.get(golden_row)),
+            (&it.pooled_prompt_embeds, pooled.get(golden_row)),
+        ] {
             let want = want.to_kind(Kind::BFloat16).to_kind(Kind::Float);
             let d = (got.to_kind(Kind::Float) - &want).abs().max().double_value(&[]);
             assert!(d <= 1e-2, "item {i}: {d}");
@@ -131,15 +147,26 @@ fn inspect_reads_the_reference_layout() {
 fn check_encode_prompts_matches_the_goldens() {
     let tmp = tempfile::tempdir().unwrap();
     let ps: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden().join("prompts.json")).unwrap())
+            .unwrap();
     // The non-empty golden prompts (a prompts file cannot hold blank lines).
     let f = tmp.path().join("p.txt");
     std::fs::write(&f, format!("{}\n{}\n{}\n", ps[0], ps[1], ps[2])).unwrap();
     let out = tmp.path().join("out.safetensors");
     let model = golden().join("model");
     ok(&worker(
-        &["check", "encode-prompts", "--model-dir", model.to_str().unwrap(), "--prompts",
-          f.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "f32"],
+        &[
+            "check",
+            "encode-prompts",
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--prompts",
+            f.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ],
         &[],
     ));
     let got = Tensor::read_safetensors(&out).unwrap();
@@ -159,7 +186,8 @@ fn a_prompts_file_with_a_blank_line_is_refused_with_its_line() {
     std::fs::write(&f, "one\n\nthree\n").unwrap();
     let model = golden().join("model");
     let out = tmp.path().join("out");
-    let r = worker(&pre_args(model.to_str().unwrap(), f.to_str().unwrap(), out.to_str().unwrap()), &[]);
+    let r =
+        worker(&pre_args(model.to_str().unwrap(), f.to_str().unwrap(), out.to_str().unwrap()), &[]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("p.txt:2: blank line"), "{err}");

@@ -22,7 +22,8 @@ fn expected(name: &str) -> Tensor {
 }
 
 fn ids_of(tok: &dancegrpo_worker::text::tokenizer::FixedLenTokenizer, ps: &[String]) -> Tensor {
-    let rows: Vec<Tensor> = ps.iter().map(|p| Tensor::from_slice(&tok.encode(p).unwrap())).collect();
+    let rows: Vec<Tensor> =
+        ps.iter().map(|p| Tensor::from_slice(&tok.encode(p).unwrap())).collect();
     Tensor::stack(&rows, 0)
 }
 
@@ -54,7 +55,9 @@ fn encoders_match_encode_prompt_in_f32() {
     let out = enc.encode(&prompts()).unwrap();
     // f32 on both sides; differences come only from summation order (~1e-6 here), the
     // issue's bound is 1e-4.
-    for (got, name) in [(&out.prompt_embeds, "prompt_embeds"), (&out.pooled_prompt_embeds, "pooled_prompt_embeds")] {
+    for (got, name) in
+        [(&out.prompt_embeds, "prompt_embeds"), (&out.pooled_prompt_embeds, "pooled_prompt_embeds")]
+    {
         let want = expected(name);
         assert_eq!(got.size(), want.size(), "{name}");
         let diff = (got - &want).abs().max().double_value(&[]);
@@ -88,7 +91,8 @@ fn a_wrong_weight_shape_names_the_key_and_both_shapes() {
         }
     }
     Tensor::write_safetensors(&ts, &file).unwrap();
-    let err = FluxTextEncoders::load(dir.path(), EncoderOptions::default()).unwrap_err().to_string();
+    let err =
+        FluxTextEncoders::load(dir.path(), EncoderOptions::default()).unwrap_err().to_string();
     assert!(err.contains("text_model.final_layer_norm.weight"), "{err}");
     assert!(err.contains("[31]") && err.contains("[32]"), "{err}");
 }

@@ -66,10 +66,8 @@ pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
 
 /// Runs `check encode-prompts`.
 pub fn encode_prompts(a: &EncodePromptsArgs) -> anyhow::Result<()> {
-    let prompts: Vec<String> = read_prompts(&a.prompts, PromptFilter::default())?
-        .into_iter()
-        .map(|p| p.text)
-        .collect();
+    let prompts: Vec<String> =
+        read_prompts(&a.prompts, PromptFilter::default())?.into_iter().map(|p| p.text).collect();
     anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", a.prompts.display());
     let enc = FluxTextEncoders::load(
         &a.model_dir,

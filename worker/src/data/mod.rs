@@ -10,10 +10,10 @@
 
 /// The `dataset` and `preprocess` command lines.
 pub mod cli;
-/// Reads `torch.save` files of one tensor.
-pub mod pt;
 /// The prompts text file.
 pub mod prompts;
+/// Reads `torch.save` files of one tensor.
+pub mod pt;
 /// The DanceGRPO reference layout.
 pub mod reference;
 /// The project's own sharded layout.

@@ -1,9 +1,10 @@
 //! Reads a `torch.save` of one tensor (the zip format PyTorch has written since 1.6), as the
 //! DanceGRPO and MindSpeed-MM preprocessing scripts leave them.
 //!
-//! Why not libtorch: tch's `Tensor::load` goes through `torch::load`, which expects a
-//! TorchScript archive, and `loadz` expects a dict at the root; neither takes a bare tensor
-//! pickle. No well-kept crate reads torch pickles without pulling a whole framework (candle,
+//! Why not libtorch: checked on the golden files, tch's `Tensor::load` (`torch::load`, a
+//! TorchScript archive reader) fails with "PytorchStreamReader failed locating file
+//! constants.pkl", and `Tensor::loadz_multi` (`_load_parameters`) with "Expected GenericDict
+//! but got Tensor"; libtorch's `pickle_load` would need a C++ shim of our own. No well-kept crate reads torch pickles without pulling a whole framework (candle,
 //! burn), and `serde-pickle` has no persistent ids. The subset needed for one tensor is small:
 //! `_rebuild_tensor_v2(storage, offset, size, stride, ...)` with the storage a persistent id
 //! pointing at `data/<key>` in the zip. Reading only the pickle and the zip directory also
@@ -84,9 +85,7 @@ pub fn load(path: &Path) -> Result<Tensor, PtError> {
     let mut entry = zip.by_name(&info.storage_entry).map_err(|e| zip_err(path, e))?;
     let need = info.storage_numel as usize * info.kind.elt_size_in_bytes();
     let mut bytes = Vec::with_capacity(need);
-    entry
-        .read_to_end(&mut bytes)
-        .map_err(|e| zip_err(path, zip::result::ZipError::Io(e)))?;
+    entry.read_to_end(&mut bytes).map_err(|e| zip_err(path, zip::result::ZipError::Io(e)))?;
     if bytes.len() < need {
         return Err(pickle_err(
             path,
@@ -179,7 +178,11 @@ enum Value {
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Global(String, String),
-    Storage { kind: Kind, key: String, numel: i64 },
+    Storage {
+        kind: Kind,
+        key: String,
+        numel: i64,
+    },
     Tensor(TensorRef),
     /// A call we do not interpret (its result is never needed for a bare tensor).
     Opaque,
@@ -206,10 +209,9 @@ impl Value {
 
     fn as_ints(&self) -> Option<Vec<i64>> {
         match self {
-            Value::Tuple(v) | Value::List(v) => v
-                .iter()
-                .map(|x| if let Value::Int(i) = x { Some(*i) } else { None })
-                .collect(),
+            Value::Tuple(v) | Value::List(v) => {
+                v.iter().map(|x| if let Value::Int(i) = x { Some(*i) } else { None }).collect()
+            }
             _ => None,
         }
     }
@@ -279,11 +281,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn pop_mark(&mut self) -> R<Vec<Value>> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("MARK missing")?;
+        let at = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("MARK missing")?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
         Ok(items)
@@ -325,7 +323,8 @@ impl<'a> Unpickler<'a> {
                     if n > 8 {
                         return Err("LONG1 wider than 64 bits".into());
                     }
-                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
+                    let mut buf =
+                        if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
                     buf[..n].copy_from_slice(b);
                     self.stack.push(Value::Int(i64::from_le_bytes(buf)))
                 }
@@ -455,10 +454,15 @@ fn persistent_load(pid: Value) -> R<Value> {
         return Err("persistent id is not a tuple".into());
     };
     match items.as_slice() {
-        [Value::Str(tag), Value::Global(_, class), Value::Str(key), _location, Value::Int(numel)]
-            if tag == "storage" =>
-        {
-            let kind = storage_kind(class).ok_or_else(|| format!("unknown storage type {class}"))?;
+        [
+            Value::Str(tag),
+            Value::Global(_, class),
+            Value::Str(key),
+            _location,
+            Value::Int(numel),
+        ] if tag == "storage" => {
+            let kind =
+                storage_kind(class).ok_or_else(|| format!("unknown storage type {class}"))?;
             Ok(Value::Storage { kind, key: key.clone(), numel: *numel })
         }
         _ => Err("unsupported persistent id (expected a torch storage)".into()),
@@ -477,7 +481,9 @@ fn reduce(f: Value, args: Value) -> R<Value> {
             let (Some(Value::Storage { kind, key, numel }), Some(Value::Int(offset))) =
                 (a.first(), a.get(1))
             else {
-                return Err("_rebuild_tensor_v2 expects (storage, offset, size, stride, ...)".into());
+                return Err(
+                    "_rebuild_tensor_v2 expects (storage, offset, size, stride, ...)".into()
+                );
             };
             let shape = a.get(2).and_then(Value::as_ints).ok_or("tensor size is not ints")?;
             let stride = a.get(3).and_then(Value::as_ints).ok_or("tensor stride is not ints")?;

@@ -48,7 +48,11 @@ impl ReferenceDataset {
         let mut ds = Self {
             dir: dir.to_owned(),
             entries,
-            spec: DatasetSpec { prompt_embeds_shape: vec![], pooled_shape: vec![], kind: Kind::BFloat16 },
+            spec: DatasetSpec {
+                prompt_embeds_shape: vec![],
+                pooled_shape: vec![],
+                kind: Kind::BFloat16,
+            },
         };
         for i in 0..ds.entries.len() {
             for p in ds.paths(i) {
@@ -64,15 +68,24 @@ impl ReferenceDataset {
         if !ds.entries.is_empty() {
             let [pe, pooled, _] = ds.paths(0);
             let (pe, pooled) = (pt::read_info(&pe)?, pt::read_info(&pooled)?);
-            for (info, path, rank) in [(&pe, ds.paths(0)[0].clone(), 2), (&pooled, ds.paths(0)[1].clone(), 1)] {
+            for (info, path, rank) in
+                [(&pe, ds.paths(0)[0].clone(), 2), (&pooled, ds.paths(0)[1].clone(), 1)]
+            {
                 if info.shape.len() != rank || !is_float(info.kind) {
                     return Err(DataError::malformed(
                         &path,
-                        format!("expected a {rank}-D float tensor, found {:?} {:?}", info.kind, info.shape),
+                        format!(
+                            "expected a {rank}-D float tensor, found {:?} {:?}",
+                            info.kind, info.shape
+                        ),
                     ));
                 }
             }
-            ds.spec = DatasetSpec { prompt_embeds_shape: pe.shape, pooled_shape: pooled.shape, kind: pe.kind };
+            ds.spec = DatasetSpec {
+                prompt_embeds_shape: pe.shape,
+                pooled_shape: pooled.shape,
+                kind: pe.kind,
+            };
         }
         Ok(ds)
     }
@@ -174,4 +187,3 @@ impl PromptDataset for ReferenceDataset {
         "reference (videos2caption.json + .pt)"
     }
 }
-

@@ -75,7 +75,10 @@ impl Manifest {
         let m: Self = serde_json::from_str(&text)
             .map_err(|e| DataError::malformed(&path, format!("bad manifest: {e}")))?;
         if m.format != FORMAT {
-            return Err(DataError::malformed(&path, format!("format {:?}, expected {FORMAT:?}", m.format)));
+            return Err(DataError::malformed(
+                &path,
+                format!("format {:?}, expected {FORMAT:?}", m.format),
+            ));
         }
         Ok(m)
     }
@@ -200,8 +203,10 @@ pub struct ShardHeader {
 /// Reads and checks a shard's header from its bytes (a map of the file).
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<ShardHeader, DataError> {
     let bad = |m: String| DataError::malformed(path, m);
-    let (n, meta): (usize, Metadata) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a readable safetensors shard (truncated or corrupt): {e}")))?;
+    let (n, meta): (usize, Metadata) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+            bad(format!("not a readable safetensors shard (truncated or corrupt): {e}"))
+        })?;
     let data_start = 8 + n;
     let info = |name: &str| meta.info(name).ok_or_else(|| bad(format!("no tensor {name}")));
     let (pe, pooled) = (info("prompt_embeds")?, info("pooled_prompt_embeds")?);
@@ -230,7 +235,11 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<ShardHeader, DataError> {
         .and_then(|s| serde_json::from_str(s).ok())
         .ok_or_else(|| bad("metadata captions missing".into()))?;
     let count = captions.len();
-    if pe.shape.len() != 3 || pe.shape[0] != count || pooled.shape.len() != 2 || pooled.shape[0] != count {
+    if pe.shape.len() != 3
+        || pe.shape[0] != count
+        || pooled.shape.len() != 2
+        || pooled.shape[0] != count
+    {
         return Err(bad(format!(
             "shapes {:?} and {:?} do not hold {count} prompts",
             pe.shape, pooled.shape
@@ -276,7 +285,10 @@ pub struct ShardDataset {
 
 impl std::fmt::Debug for ShardDataset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardDataset").field("dir", &self.dir).field("len", &self.manifest.items.len()).finish()
+        f.debug_struct("ShardDataset")
+            .field("dir", &self.dir)
+            .field("len", &self.manifest.items.len())
+            .finish()
     }
 }
 
@@ -334,7 +346,10 @@ impl ShardDataset {
                 return Err(DataError::Entry {
                     path: mpath.clone(),
                     index: i,
-                    message: format!("points at shard {} row {}, which does not exist", it.shard, it.offset),
+                    message: format!(
+                        "points at shard {} row {}, which does not exist",
+                        it.shard, it.offset
+                    ),
                 });
             }
         }
@@ -347,7 +362,15 @@ impl ShardDataset {
     }
 }
 
-fn row(map: &[u8], start: usize, range: (usize, usize), n: usize, i: usize, shape: &[i64], kind: Kind) -> Result<Tensor, DataError> {
+fn row(
+    map: &[u8],
+    start: usize,
+    range: (usize, usize),
+    n: usize,
+    i: usize,
+    shape: &[i64],
+    kind: Kind,
+) -> Result<Tensor, DataError> {
     let per = (range.1 - range.0) / n.max(1);
     let from = start + range.0 + i * per;
     Ok(Tensor::f_from_data_size(&map[from..from + per], shape, kind)?)
@@ -367,12 +390,32 @@ impl PromptDataset for ShardDataset {
     }
 
     fn get(&self, index: usize) -> Result<PromptItem, DataError> {
-        let it = self.manifest.items.get(index).ok_or(DataError::OutOfRange { index, len: self.len() })?;
+        let it = self
+            .manifest
+            .items
+            .get(index)
+            .ok_or(DataError::OutOfRange { index, len: self.len() })?;
         let s = &self.shards[it.shard];
         let h = &s.header;
         let n = h.captions.len();
-        let pe = row(&s.map, h.data_start, h.pe_range, n, it.offset, &self.spec.prompt_embeds_shape, h.kind)?;
-        let pooled = row(&s.map, h.data_start, h.pooled_range, n, it.offset, &self.spec.pooled_shape, h.kind)?;
+        let pe = row(
+            &s.map,
+            h.data_start,
+            h.pe_range,
+            n,
+            it.offset,
+            &self.spec.prompt_embeds_shape,
+            h.kind,
+        )?;
+        let pooled = row(
+            &s.map,
+            h.data_start,
+            h.pooled_range,
+            n,
+            it.offset,
+            &self.spec.pooled_shape,
+            h.kind,
+        )?;
         Ok(PromptItem {
             caption: it.caption.clone(),
             prompt_embeds: pe,
@@ -394,7 +437,11 @@ impl PromptDataset for ShardDataset {
                 errs.push(DataError::Entry {
                     path: mpath.clone(),
                     index: i,
-                    message: format!("caption differs from row {} of {}", it.offset, s.path.display()),
+                    message: format!(
+                        "caption differs from row {} of {}",
+                        it.offset,
+                        s.path.display()
+                    ),
                 });
             }
         }

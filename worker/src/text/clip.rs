@@ -78,7 +78,10 @@ struct Linear {
 
 impl Linear {
     fn new(w: &Weights, p: &str, out: i64, inp: i64) -> Result<Self, TextError> {
-        Ok(Self { w: w.get(&format!("{p}.weight"), &[out, inp])?, b: w.get(&format!("{p}.bias"), &[out])? })
+        Ok(Self {
+            w: w.get(&format!("{p}.weight"), &[out, inp])?,
+            b: w.get(&format!("{p}.bias"), &[out])?,
+        })
     }
     fn fwd(&self, x: &Tensor) -> Result<Tensor, TextError> {
         Ok(x.f_linear(&self.w, Some(&self.b))?)
@@ -131,10 +134,15 @@ impl ClipTextModel {
     pub fn new(cfg: ClipTextConfig, w: &Weights) -> Result<Self, TextError> {
         let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
         // FLUX.1-dev's file has the `text_model.` prefix; transformers 5 saves without it.
-        let root = if w.contains("text_model.embeddings.token_embedding.weight") { "text_model." } else { "" };
+        let root = if w.contains("text_model.embeddings.token_embedding.weight") {
+            "text_model."
+        } else {
+            ""
+        };
         let e = format!("{root}embeddings");
         let tok = w.get(&format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d])?;
-        let pos = w.get(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
+        let pos =
+            w.get(&format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d])?;
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("{root}encoder.layers.{i}");

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use super::TextError;
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::t5::{T5Config, T5Encoder};
 use super::tokenizer::{FixedLenTokenizer, load_clip, load_t5};
 use super::weights::Weights;
-use super::TextError;
 
 /// How to run the encoders.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +98,8 @@ impl FluxTextEncoders {
         let (t5_ids, clip_ids) = self.tokenize(prompts)?;
         tch::no_grad(|| {
             let d = self.opts.device;
-            let prompt_embeds = self.t5.forward(&t5_ids.f_to_device(d)?)?.f_to_device(Device::Cpu)?;
+            let prompt_embeds =
+                self.t5.forward(&t5_ids.f_to_device(d)?)?.f_to_device(Device::Cpu)?;
             let pooled = self.clip.forward(&clip_ids.f_to_device(d)?)?.f_to_device(Device::Cpu)?;
             Ok(EncodedPrompts { prompt_embeds, pooled_prompt_embeds: pooled })
         })

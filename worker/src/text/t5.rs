@@ -165,7 +165,9 @@ impl T5Encoder {
             .f_to_kind(Kind::Float)?
             .f_div_scalar(max_exact as f64)?
             .f_log()?
-            .f_div_scalar((self.cfg.relative_attention_max_distance as f64 / max_exact as f64).ln())?
+            .f_div_scalar(
+                (self.cfg.relative_attention_max_distance as f64 / max_exact as f64).ln(),
+            )?
             .f_mul_scalar((nb - max_exact) as f64)?
             .f_to_kind(Kind::Int64)?
             .f_add_scalar(max_exact)?

@@ -25,8 +25,8 @@ use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
     AddedToken, NormalizerWrapper, PaddingDirection, PaddingParams, PaddingStrategy,
-    PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
 };
 
 use super::TextError;
@@ -124,8 +124,9 @@ pub fn load_clip(dir: &Path, len: usize) -> Result<FixedLenTokenizer, TextError>
         .continuing_subword_prefix(String::new())
         .build()
         .map_err(|e| tok_err(&vocab, e))?;
-    let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-        .map_err(|e| tok_err(&vocab, e))?;
+    let ws =
+        Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| tok_err(&vocab, e))?;
     let normalizer = Sequence::new(vec![
         NormalizerWrapper::from(NFC),
         NormalizerWrapper::from(ws),
@@ -185,7 +186,9 @@ fn clip_specials(dir: &Path) -> Result<ClipSpecials, TextError> {
         let text = std::fs::read_to_string(&path).map_err(|e| TextError::io(&path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| tok_err(&path, e))?;
         let get = |k: &str| {
-            v.get(k).and_then(|x| x.as_str().or_else(|| x.get("content")?.as_str())).map(str::to_owned)
+            v.get(k)
+                .and_then(|x| x.as_str().or_else(|| x.get("content")?.as_str()))
+                .map(str::to_owned)
         };
         for (k, slot) in [
             ("bos_token", &mut s.bos),

@@ -72,6 +72,5 @@ impl Weights {
 /// Reads and parses a `config.json`.
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TextError> {
     let text = std::fs::read_to_string(path).map_err(|e| TextError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| TextError::Config(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))
 }
