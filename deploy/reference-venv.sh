@@ -8,7 +8,8 @@ set -euo pipefail
 TORCH_VERSION=2.11.0
 VENV="${DANCEGRPO_VENV:-$HOME/.cache/dancegrpo/torch-$TORCH_VERSION}"
 PINS=(diffusers==0.42.1 transformers==5.24.0 open-clip-torch==3.3.0 safetensors==0.8.0
-      ftfy==6.3.1 regex pillow)
+      ftfy==6.3.1 regex pillow
+      sentencepiece==0.2.3 protobuf==7.36.2 tokenizers==0.23.3)
 
 "$(dirname "$0")/bootstrap.sh" >&2
 stamp="$VENV/.reference-$(echo "${PINS[*]}" | md5sum | cut -c1-12)"

@@ -3,18 +3,26 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
+/// One-shot check commands (`check encode-prompts`).
+pub mod check;
 /// The compute thread that owns the device and the model.
 pub mod compute;
 /// The device layer: `cpu`, `cuda:N`, `npu:N`.
 pub mod device;
 /// The data plane: c10d collectives and the rendezvous.
 pub mod dist;
+/// Prompt datasets (own and reference layouts).
+pub mod data;
 /// The error type.
 pub mod error;
+/// Prompts file to text embeddings (`preprocess`).
+pub mod preprocess;
 /// The control-plane session with the coordinator.
 pub mod session;
 /// The compute thread's state: device, store and process group of the current generation.
 pub mod world;
+/// T5 and CLIP text encoders.
+pub mod text;
 
 use std::future::Future;
 use std::pin::Pin;

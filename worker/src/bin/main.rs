@@ -22,6 +22,14 @@ struct Cli {
 enum Command {
     /// Join the job the coordinator at MASTER_ADDR:MASTER_PORT runs.
     Run(RunArgs),
+    /// Encode a prompts file into text embeddings (own layout), optionally across ranks.
+    Preprocess(dancegrpo_worker::data::cli::PreprocessArgs),
+    /// Look at a prompt dataset (own or reference layout).
+    #[command(subcommand)]
+    Dataset(dancegrpo_worker::data::cli::DatasetCommand),
+    /// One-shot checks against the Python reference.
+    #[command(subcommand)]
+    Check(dancegrpo_worker::check::CheckCommand),
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +144,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a).await,
+        Command::Preprocess(a) => {
+            init_tracing(LogFormat::Text);
+            tokio::task::block_in_place(|| a.run())
+        }
+        Command::Dataset(c) => tokio::task::block_in_place(|| c.run()),
+        Command::Check(c) => tokio::task::block_in_place(|| c.run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
