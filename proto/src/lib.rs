@@ -14,14 +14,16 @@ pub mod v1 {
 }
 pub use v1 as pb;
 
+/// Group-relative advantages per reward, with the NaN/Inf guard.
+pub mod advantage;
 /// The job configuration: reference flag names, launch defaults and validation.
 pub mod config;
 /// Conversions between wire messages and domain types.
 pub mod convert;
-/// Domain types of the control plane.
-pub mod types;
 /// Typed ids.
 pub mod ids;
+/// Domain types of the control plane.
+pub mod types;
 
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};

@@ -3,10 +3,16 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
+/// `check` subcommands: run one component on files.
+pub mod check;
+/// open_clip CLIP towers (the HPS-v2.1 reward model) and their checkpoint loaders.
+pub mod clip;
 /// The compute thread that owns the device and the model.
 pub mod compute;
 /// The error type.
 pub mod error;
+/// Rewards: the `Reward` trait, built-in rewards, HPS-v2.1, the multi-reward loss.
+pub mod reward;
 /// The control-plane session with the coordinator.
 pub mod session;
 

@@ -20,6 +20,11 @@ struct Cli {
 enum Command {
     /// Join the job the coordinator at MASTER_ADDR:MASTER_PORT runs.
     Run(RunArgs),
+    /// Run one component on files (parity checks, debugging).
+    #[command(subcommand)]
+    Check(dancegrpo_worker::check::CheckCommand),
+    /// Convert a PyTorch checkpoint (.pt/.bin zip pickle) to safetensors.
+    Convert(dancegrpo_worker::check::hps::ConvertArgs),
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +130,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a).await,
+        Command::Check(c) => dancegrpo_worker::check::run(c),
+        Command::Convert(a) => dancegrpo_worker::check::hps::run_convert(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
