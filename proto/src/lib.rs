@@ -20,10 +20,10 @@ pub mod advantage;
 pub mod config;
 /// Conversions between wire messages and domain types.
 pub mod convert;
-/// Typed ids.
-pub mod ids;
 /// Domain types of the control plane.
 pub mod types;
+/// Typed ids.
+pub mod ids;
 
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};
