@@ -54,8 +54,8 @@ fn on_policy_ratio_is_one_and_gradient_is_minus_weighted_advantage() {
     out.total.backward();
     // d/dlogp of -A·r at r = 1 is -A (the unclipped branch is active), averaged over 3.
     let g = Vec::<f64>::try_from(&new.grad()).unwrap();
-    let want =
-        [-(0.5 * 1.0) / 3.0, -(0.5 * -1.0 + 2.0 * 2.0) / 3.0, -(0.5 * 0.5 + 2.0 * -2.0) / 3.0];
+    let (a1, a2) = ([1.0, -1.0, 0.5], [0.0, 2.0, -2.0]);
+    let want: Vec<f64> = (0..3).map(|i| -(0.5 * a1[i] + 2.0 * a2[i]) / 3.0).collect();
     for (x, w) in g.iter().zip(want) {
         assert!((x - w).abs() < 1e-12, "{g:?}");
     }
