@@ -61,7 +61,8 @@ fn cuda_includes(torch: &Path) -> Vec<PathBuf> {
 }
 
 fn main() {
-    for v in ["LIBTORCH", "PYTHON_SYS_EXECUTABLE", "PATH", "TORCH_NPU_ROOT"] {
+    build_pickle_shim();
+    for v in ["LIBTORCH", "PYTHON_SYS_EXECUTABLE", "VIRTUAL_ENV", "TORCH_NPU_ROOT"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     for f in ["csrc/dist_shim.h", "csrc/dist_shim.cpp", "csrc/npu_shim.cpp"] {
@@ -137,4 +138,45 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", npu_lib.display());
     }
     b.compile("dancegrpo_dist_shim");
+}
+
+/// Compiles `csrc/pickle.cpp`, the reader of PyTorch zip pickles (`HPS_v2.1_compressed.pt`),
+/// against the headers of the same torch that tch links. Self-contained on purpose: it only
+/// needs the torch directory and the C++ ABI flag torch was built with.
+fn build_pickle_shim() {
+    println!("cargo:rerun-if-changed=csrc/pickle.cpp");
+    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
+    let (torch_dir, cxx11_abi) = match std::env::var("LIBTORCH") {
+        Ok(l) => (PathBuf::from(l), std::env::var("LIBTORCH_CXX11_ABI").unwrap_or("1".into())),
+        Err(_) => {
+            let out = Command::new(&python)
+                .args([
+                    "-c",
+                    "import os, torch; print(os.path.dirname(torch.__file__)); \
+                     print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+                ])
+                .output()
+                .expect("running python to locate torch for csrc/pickle.cpp");
+            assert!(
+                out.status.success(),
+                "python cannot import torch (needed for csrc/pickle.cpp)"
+            );
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let mut lines = text.lines();
+            let dir = PathBuf::from(lines.next().unwrap_or_default().trim());
+            (dir, lines.next().unwrap_or("1").trim().to_string())
+        }
+    };
+    let include = torch_dir.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/pickle.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
+        // The torch headers are noisy; their warnings are not ours to fix.
+        .warnings(false)
+        .flag("-w")
+        .compile("dg_pickle");
 }

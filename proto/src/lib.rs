@@ -14,6 +14,8 @@ pub mod v1 {
 }
 pub use v1 as pb;
 
+/// Group-relative advantages per reward, with the NaN/Inf guard.
+pub mod advantage;
 /// The job configuration: reference flag names, launch defaults and validation.
 pub mod config;
 /// Conversions between wire messages and domain types.

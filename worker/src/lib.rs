@@ -3,8 +3,10 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
-/// One-shot check commands (`check encode-prompts`).
+/// `check` subcommands: run one component on files (parity checks, debugging).
 pub mod check;
+/// open_clip CLIP towers (the HPS-v2.1 reward model) and their checkpoint loaders.
+pub mod clip;
 /// The compute thread that owns the device and the model.
 pub mod compute;
 /// The device layer: `cpu`, `cuda:N`, `npu:N`.
@@ -17,6 +19,8 @@ pub mod data;
 pub mod error;
 /// Prompts file to text embeddings (`preprocess`).
 pub mod preprocess;
+/// Rewards: the `Reward` trait, built-in rewards, HPS-v2.1, the multi-reward loss.
+pub mod reward;
 /// The control-plane session with the coordinator.
 pub mod session;
 /// The compute thread's state: device, store and process group of the current generation.

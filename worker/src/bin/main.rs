@@ -30,6 +30,8 @@ enum Command {
     /// One-shot checks against the Python reference.
     #[command(subcommand)]
     Check(dancegrpo_worker::check::CheckCommand),
+    /// Convert a PyTorch checkpoint (.pt/.bin zip pickle) to safetensors.
+    Convert(dancegrpo_worker::check::hps::ConvertArgs),
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +152,7 @@ async fn main() -> ExitCode {
         }
         Command::Dataset(c) => tokio::task::block_in_place(|| c.run()),
         Command::Check(c) => tokio::task::block_in_place(|| c.run()),
+        Command::Convert(a) => tokio::task::block_in_place(|| dancegrpo_worker::check::hps::run_convert(&a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

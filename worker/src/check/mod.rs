@@ -1,6 +1,9 @@
-//! `dancegrpo-worker check ...`: one-shot commands that run a piece of the worker on given
-//! inputs and write its outputs, for comparison with the Python reference.
+//! `dancegrpo-worker check ...`: one-shot commands that run one component of the worker on
+//! given files and write its outputs, for parity checks against the Python reference and for
+//! debugging a deployment.
 
+/// HPS reward checks (`hps-score`, `tokenize`) and the weight converter.
+pub mod hps;
 /// `check encode-prompts`.
 pub mod text;
 
@@ -9,6 +12,10 @@ pub mod text;
 pub enum CheckCommand {
     /// Encode prompts with the T5 and CLIP text encoders, as FLUX's encode_prompt does.
     EncodePrompts(text::EncodePromptsArgs),
+    /// Score images against prompts with the HPS-v2.1 model in a directory.
+    HpsScore(hps::HpsScoreArgs),
+    /// Print the open_clip token ids of each prompt (one JSON list of 77 per line).
+    Tokenize(hps::TokenizeArgs),
 }
 
 impl CheckCommand {
@@ -16,6 +23,8 @@ impl CheckCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             CheckCommand::EncodePrompts(a) => text::encode_prompts(&a),
+            CheckCommand::HpsScore(a) => hps::run_hps_score(&a),
+            CheckCommand::Tokenize(a) => hps::run_tokenize(&a),
         }
     }
 }

@@ -1,0 +1,72 @@
+//! open_clip CLIP towers in tch (the HPS-v2.1 reward model is open_clip ViT-H-14), their
+//! configuration, and strict loading of open_clip checkpoints: PyTorch zip pickles
+//! (`open_clip_pytorch_model.bin`, `HPS_v2.1_compressed.pt`) or safetensors.
+
+/// The model configuration (open_clip's JSON format; ViT-H-14 preset).
+pub mod config;
+/// Strict state-dict loading: missing, unexpected and mis-shaped keys are errors.
+pub mod load;
+/// The CLIP model: image and text towers.
+pub mod model;
+/// Reading PyTorch zip pickles through libtorch's unpickler (C++ shim).
+pub mod pickle;
+/// The shared residual transformer.
+pub mod transformer;
+
+pub use config::ClipConfig;
+pub use load::{check_shapes, load_into, read_state_dict};
+pub use model::{ClipModel, l2_normalize, state_dict_shapes};
+
+/// Errors of the CLIP model and its loaders.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    /// A bad model configuration.
+    #[error("open_clip config: {0}")]
+    Config(String),
+    /// A weight file could not be read.
+    #[error("reading {path}: {message}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The checkpoint lacks a key the model has.
+    #[error("{path}: missing key '{key}' (expected shape {expected:?})")]
+    MissingKey {
+        /// The file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+        /// The model's shape for it.
+        expected: Vec<i64>,
+    },
+    /// The checkpoint has a key the model does not.
+    #[error("{path}: unexpected key '{key}' (shape {found:?}) not in the model")]
+    UnexpectedKey {
+        /// The file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+        /// Its shape in the file.
+        found: Vec<i64>,
+    },
+    /// A key whose shape differs between model and checkpoint.
+    #[error("{path}: key '{key}' has shape {found:?} in the file but {expected:?} in the model")]
+    ShapeMismatch {
+        /// The file.
+        path: String,
+        /// The state-dict key.
+        key: String,
+        /// The model's shape.
+        expected: Vec<i64>,
+        /// The file's shape.
+        found: Vec<i64>,
+    },
+    /// Bad input to a forward pass.
+    #[error("bad input: {0}")]
+    Input(String),
+    /// libtorch failed.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
