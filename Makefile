@@ -28,7 +28,7 @@ lint: bootstrap
 unit-tests: bootstrap
 	cargo test --workspace
 
-test: lint unit-tests
+test: lint unit-tests npu-check cuda-check
 
 # Compile check of the Ascend (HCCL) shim against the torch-npu wheel's headers; no NPU needed.
 npu-check: bootstrap

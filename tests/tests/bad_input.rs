@@ -135,7 +135,8 @@ async fn another_protocol_version_is_failed_precondition() {
 #[test]
 fn bad_devices_name_the_valid_forms_and_the_missing_feature() {
     let c = Cluster::new(CONFIG);
-    let out = c.run_to_end("dancegrpo-worker", &["run", "--device", "gpu0"], Duration::from_secs(20));
+    let out =
+        c.run_to_end("dancegrpo-worker", &["run", "--device", "gpu0"], Duration::from_secs(20));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cpu") && err.contains("cuda:N") && err.contains("npu:N"), "{err}");

@@ -9,12 +9,12 @@ pub mod check;
 pub mod clip;
 /// The compute thread that owns the device and the model.
 pub mod compute;
+/// Prompt datasets (own and reference layouts).
+pub mod data;
 /// The device layer: `cpu`, `cuda:N`, `npu:N`.
 pub mod device;
 /// The data plane: c10d collectives and the rendezvous.
 pub mod dist;
-/// Prompt datasets (own and reference layouts).
-pub mod data;
 /// The error type.
 pub mod error;
 /// Prompts file to text embeddings (`preprocess`).
@@ -23,10 +23,10 @@ pub mod preprocess;
 pub mod reward;
 /// The control-plane session with the coordinator.
 pub mod session;
-/// The compute thread's state: device, store and process group of the current generation.
-pub mod world;
 /// T5 and CLIP text encoders.
 pub mod text;
+/// The compute thread's state: device, store and process group of the current generation.
+pub mod world;
 
 use std::future::Future;
 use std::pin::Pin;

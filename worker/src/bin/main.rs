@@ -152,7 +152,9 @@ async fn main() -> ExitCode {
         }
         Command::Dataset(c) => tokio::task::block_in_place(|| c.run()),
         Command::Check(c) => tokio::task::block_in_place(|| c.run()),
-        Command::Convert(a) => tokio::task::block_in_place(|| dancegrpo_worker::check::hps::run_convert(&a)),
+        Command::Convert(a) => {
+            tokio::task::block_in_place(|| dancegrpo_worker::check::hps::run_convert(&a))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
