@@ -7,6 +7,10 @@
 pub mod compute;
 /// The error type.
 pub mod error;
+/// The FLUX transformer: config, network, weight loading, activation checkpointing.
+pub mod flux;
+/// FLUX latent packing and position ids.
+pub mod latents;
 /// The control-plane session with the coordinator.
 pub mod session;
 
