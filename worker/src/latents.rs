@@ -22,13 +22,16 @@ pub fn latent_size(height: i64, width: i64) -> Result<(i64, i64)> {
 pub fn pack(latents: &Tensor) -> Result<Tensor> {
     let s = latents.size();
     if s.len() != 4 || s[2] % 2 != 0 || s[3] % 2 != 0 {
-        return Err(ModelError::Input(format!("pack needs [B, C, h, w] with even h, w; got {s:?}")));
+        return Err(ModelError::Input(format!(
+            "pack needs [B, C, h, w] with even h, w; got {s:?}"
+        )));
     }
     let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
-    Ok(latents
-        .f_view([b, c, h / 2, 2, w / 2, 2])?
-        .f_permute([0, 2, 4, 1, 3, 5])?
-        .f_reshape([b, (h / 2) * (w / 2), c * 4])?)
+    Ok(latents.f_view([b, c, h / 2, 2, w / 2, 2])?.f_permute([0, 2, 4, 1, 3, 5])?.f_reshape([
+        b,
+        (h / 2) * (w / 2),
+        c * 4,
+    ])?)
 }
 
 /// The inverse of [`pack`] for an image of `height` × `width` pixels.

@@ -11,8 +11,12 @@ pub mod error;
 pub mod flux;
 /// FLUX latent packing and position ids.
 pub mod latents;
+/// The DanceGRPO SDE sampler: schedule, step, log-prob, rollout, recomputation.
+pub mod sampler;
 /// The control-plane session with the coordinator.
 pub mod session;
+/// The FLUX VAE decoder and image post-processing.
+pub mod vae;
 
 use std::time::Duration;
 

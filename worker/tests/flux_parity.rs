@@ -24,7 +24,12 @@ fn run(m: &LoadedFlux, g: &BTreeMap<String, Tensor>) -> Tensor {
 }
 
 fn diffusers() -> LoadedFlux {
-    load_flux(&golden_dir().join("tiny/transformer"), Device::Cpu, WeightPolicy::Frozen(Kind::Float)).unwrap()
+    load_flux(
+        &golden_dir().join("tiny/transformer"),
+        Device::Cpu,
+        WeightPolicy::Frozen(Kind::Float),
+    )
+    .unwrap()
 }
 
 /// f32, batch 2, 48×80 px (non-square), diffusers sharded layout: ≤ 1e-4 of the output scale.
@@ -48,8 +53,10 @@ fn bfl_layout_matches_diffusers() {
     assert!(matches!(detect_layout(&path).unwrap(), Layout::Bfl(_)));
     // The config comes from tiny/config.json? No: it is inferred from the shapes unless a
     // config.json sits next to the file, and the tiny head dim needs the explicit one.
-    let cfg = dancegrpo_worker::flux::FluxConfig::from_file(&golden_dir().join("tiny/transformer/config.json"))
-        .unwrap();
+    let cfg = dancegrpo_worker::flux::FluxConfig::from_file(
+        &golden_dir().join("tiny/transformer/config.json"),
+    )
+    .unwrap();
     let m = dancegrpo_worker::flux::load::load_flux_with(
         &Layout::Bfl(path),
         &cfg,
@@ -75,7 +82,9 @@ fn bfl_layout_matches_diffusers() {
 /// gives errors of order 1 at this scale.
 #[test]
 fn forward_bf16_matches_diffusers() {
-    let m = load_flux(&golden_dir().join("tiny/transformer"), Device::Cpu, WeightPolicy::FrozenBf16).unwrap();
+    let m =
+        load_flux(&golden_dir().join("tiny/transformer"), Device::Cpu, WeightPolicy::FrozenBf16)
+            .unwrap();
     let g = golden("forward_bf16.safetensors");
     let out = run(&m, &g);
     assert_eq!(out.kind(), Kind::BFloat16);

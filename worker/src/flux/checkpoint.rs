@@ -40,7 +40,11 @@ fn grad_of(t: &Tensor) -> Result<Tensor> {
 /// Forward + backward of `loss_fn(velocity)` with per-block recomputation. Gradients are
 /// accumulated into the model's trainable variables exactly as `loss.backward()` would after a
 /// plain [`FluxTransformer::forward`]. Returns the (detached) loss.
-pub fn forward_backward_checkpointed<F>(model: &FluxTransformer, inputs: &FluxInputs<'_>, loss_fn: F) -> Result<Tensor>
+pub fn forward_backward_checkpointed<F>(
+    model: &FluxTransformer,
+    inputs: &FluxInputs<'_>,
+    loss_fn: F,
+) -> Result<Tensor>
 where
     F: FnOnce(&Tensor) -> Result<Tensor>,
 {

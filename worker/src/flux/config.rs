@@ -86,7 +86,10 @@ impl FluxConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
         if self.patch_size != 1 {
-            return bad(format!("patch_size {} (only 1 is supported, as in FLUX)", self.patch_size));
+            return bad(format!(
+                "patch_size {} (only 1 is supported, as in FLUX)",
+                self.patch_size
+            ));
         }
         if self.num_attention_heads <= 0 || self.attention_head_dim <= 0 || self.in_channels <= 0 {
             return bad("heads, head dim and in_channels must be positive".into());
@@ -95,7 +98,9 @@ impl FluxConfig {
             return bad("joint_attention_dim and pooled_projection_dim must be positive".into());
         }
         let sum: i64 = self.axes_dims_rope.iter().sum();
-        if sum != self.attention_head_dim || self.axes_dims_rope.iter().any(|d| d % 2 != 0 || *d <= 0) {
+        if sum != self.attention_head_dim
+            || self.axes_dims_rope.iter().any(|d| d % 2 != 0 || *d <= 0)
+        {
             return bad(format!(
                 "axes_dims_rope {:?} must be positive, even and sum to attention_head_dim {}",
                 self.axes_dims_rope, self.attention_head_dim

@@ -70,14 +70,17 @@ pub fn detect_layout(path: &Path) -> Result<Layout> {
     let index = path.join("diffusion_pytorch_model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::format(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::format(&index, e))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| ModelError::format(&index, "no weight_map object"))?;
         let mut files = BTreeSet::new();
         for f in map.values() {
-            let f = f.as_str().ok_or_else(|| ModelError::format(&index, "weight_map values must be strings"))?;
+            let f = f
+                .as_str()
+                .ok_or_else(|| ModelError::format(&index, "weight_map values must be strings"))?;
             files.insert(path.join(f));
         }
         return Ok(Layout::Diffusers(files.into_iter().collect()));
@@ -112,7 +115,9 @@ pub fn read_config(path: &Path, layout: &Layout) -> Result<FluxConfig> {
     }
     match layout {
         Layout::Bfl(f) => infer_bfl_config(&SafetensorsFile::open(f)?),
-        Layout::Diffusers(_) => Err(ModelError::format(dir, "no config.json next to the diffusers weights")),
+        Layout::Diffusers(_) => {
+            Err(ModelError::format(dir, "no config.json next to the diffusers weights"))
+        }
     }
 }
 
@@ -121,12 +126,15 @@ pub fn infer_bfl_config(file: &SafetensorsFile) -> Result<FluxConfig> {
     let keys = file.keys();
     let prefix = if keys.iter().all(|k| k.starts_with(BFL_PREFIX)) { BFL_PREFIX } else { "" };
     let shape = |k: &str| {
-        file.shape(&format!("{prefix}{k}"))
-            .ok_or_else(|| ModelError::format(file.path(), format!("cannot infer the config: no {prefix}{k}")))
+        file.shape(&format!("{prefix}{k}")).ok_or_else(|| {
+            ModelError::format(file.path(), format!("cannot infer the config: no {prefix}{k}"))
+        })
     };
     let count = |p: &str| {
         keys.iter()
-            .filter_map(|k| k.strip_prefix(prefix)?.strip_prefix(p)?.split('.').next()?.parse::<usize>().ok())
+            .filter_map(|k| {
+                k.strip_prefix(prefix)?.strip_prefix(p)?.split('.').next()?.parse::<usize>().ok()
+            })
             .map(|i| i + 1)
             .max()
             .unwrap_or(0)
@@ -153,7 +161,10 @@ pub fn infer_bfl_config(file: &SafetensorsFile) -> Result<FluxConfig> {
 }
 
 /// The BFL → diffusers key map for `cfg`.
-fn bfl_map(cfg: &FluxConfig, prefix: &'static str) -> impl Fn(&str) -> std::result::Result<Vec<Piece>, ()> {
+fn bfl_map(
+    cfg: &FluxConfig,
+    prefix: &'static str,
+) -> impl Fn(&str) -> std::result::Result<Vec<Piece>, ()> {
     let d = cfg.inner_dim();
     let (nd, ns) = (cfg.num_layers, cfg.num_single_layers);
     move |key: &str| {
@@ -166,7 +177,8 @@ fn bfl_map(cfg: &FluxConfig, prefix: &'static str) -> impl Fn(&str) -> std::resu
                 .map(|(t, r)| Piece { target: format!("{t}.{suffix}"), rows: Some(*r) })
                 .collect::<Vec<_>>())
         };
-        let whole_split = |ts: &[String]| Ok(ts.iter().map(|t| Piece::whole(format!("{t}.{suffix}"))).collect());
+        let whole_split =
+            |ts: &[String]| Ok(ts.iter().map(|t| Piece::whole(format!("{t}.{suffix}"))).collect());
         match stem {
             "img_in" => return w("x_embedder"),
             "txt_in" => return w("context_embedder"),
@@ -193,12 +205,20 @@ fn bfl_map(cfg: &FluxConfig, prefix: &'static str) -> impl Fn(&str) -> std::resu
                 match inner {
                     "img_mod.lin" => w(&t("norm1.linear")),
                     "txt_mod.lin" => w(&t("norm1_context.linear")),
-                    "img_attn.qkv" => whole_split(&[t("attn.to_q"), t("attn.to_k"), t("attn.to_v")]),
-                    "txt_attn.qkv" => {
-                        whole_split(&[t("attn.add_q_proj"), t("attn.add_k_proj"), t("attn.add_v_proj")])
+                    "img_attn.qkv" => {
+                        whole_split(&[t("attn.to_q"), t("attn.to_k"), t("attn.to_v")])
                     }
-                    "img_attn.norm.query_norm" if suffix == "scale" => Ok(vec![Piece::whole(t("attn.norm_q.weight"))]),
-                    "img_attn.norm.key_norm" if suffix == "scale" => Ok(vec![Piece::whole(t("attn.norm_k.weight"))]),
+                    "txt_attn.qkv" => whole_split(&[
+                        t("attn.add_q_proj"),
+                        t("attn.add_k_proj"),
+                        t("attn.add_v_proj"),
+                    ]),
+                    "img_attn.norm.query_norm" if suffix == "scale" => {
+                        Ok(vec![Piece::whole(t("attn.norm_q.weight"))])
+                    }
+                    "img_attn.norm.key_norm" if suffix == "scale" => {
+                        Ok(vec![Piece::whole(t("attn.norm_k.weight"))])
+                    }
                     "txt_attn.norm.query_norm" if suffix == "scale" => {
                         Ok(vec![Piece::whole(t("attn.norm_added_q.weight"))])
                     }
@@ -219,11 +239,20 @@ fn bfl_map(cfg: &FluxConfig, prefix: &'static str) -> impl Fn(&str) -> std::resu
                 let t = |n: &str| format!("{p}.{n}");
                 match inner {
                     // linear1 = [q; k; v; mlp] rows: d, d, d, 4d.
-                    "linear1" => whole_split(&[t("attn.to_q"), t("attn.to_k"), t("attn.to_v"), t("proj_mlp")]),
+                    "linear1" => whole_split(&[
+                        t("attn.to_q"),
+                        t("attn.to_k"),
+                        t("attn.to_v"),
+                        t("proj_mlp"),
+                    ]),
                     "linear2" => w(&t("proj_out")),
                     "modulation.lin" => w(&t("norm.linear")),
-                    "norm.query_norm" if suffix == "scale" => Ok(vec![Piece::whole(t("attn.norm_q.weight"))]),
-                    "norm.key_norm" if suffix == "scale" => Ok(vec![Piece::whole(t("attn.norm_k.weight"))]),
+                    "norm.query_norm" if suffix == "scale" => {
+                        Ok(vec![Piece::whole(t("attn.norm_q.weight"))])
+                    }
+                    "norm.key_norm" if suffix == "scale" => {
+                        Ok(vec![Piece::whole(t("attn.norm_k.weight"))])
+                    }
                     _ => Err(()),
                 }
             }
@@ -266,7 +295,12 @@ pub fn load_flux(path: &Path, device: Device, policy: WeightPolicy) -> Result<Lo
 }
 
 /// [`load_flux`] with an explicit layout and config.
-pub fn load_flux_with(layout: &Layout, cfg: &FluxConfig, device: Device, policy: WeightPolicy) -> Result<LoadedFlux> {
+pub fn load_flux_with(
+    layout: &Layout,
+    cfg: &FluxConfig,
+    device: Device,
+    policy: WeightPolicy,
+) -> Result<LoadedFlux> {
     let mut vs = VarStore::new(device);
     vs.set_kind(policy.kind());
     let model = FluxTransformer::new(&vs.root(), cfg, policy.kind())?;

@@ -35,7 +35,10 @@ pub struct Linear {
 
 impl Linear {
     fn new(p: nn::Path<'_>, i: i64, o: i64) -> Self {
-        Self { weight: p.var("weight", &[o, i], Init::Const(0.)), bias: p.var("bias", &[o], Init::Const(0.)) }
+        Self {
+            weight: p.var("weight", &[o, i], Init::Const(0.)),
+            bias: p.var("bias", &[o], Init::Const(0.)),
+        }
     }
 
     /// `x·Wᵀ + b` in `x`'s dtype.
@@ -54,7 +57,10 @@ struct Mlp2 {
 
 impl Mlp2 {
     fn new(p: nn::Path<'_>, i: i64, d: i64) -> Self {
-        Self { linear_1: Linear::new(&p / "linear_1", i, d), linear_2: Linear::new(&p / "linear_2", d, d) }
+        Self {
+            linear_1: Linear::new(&p / "linear_1", i, d),
+            linear_2: Linear::new(&p / "linear_2", d, d),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -71,7 +77,10 @@ struct FeedForward {
 
 impl FeedForward {
     fn new(p: nn::Path<'_>, d: i64, h: i64) -> Self {
-        Self { proj: Linear::new(&p / "net" / 0 / "proj", d, h), out: Linear::new(&p / "net" / 2, h, d) }
+        Self {
+            proj: Linear::new(&p / "net" / 0 / "proj", d, h),
+            out: Linear::new(&p / "net" / 2, h, d),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -117,15 +126,20 @@ impl Rope {
                 axes.len()
             )));
         }
-        let pos = ids.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Double)?;
+        let pos =
+            ids.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Double)?;
         let mut cos = Vec::with_capacity(axes.len());
         let mut sin = Vec::with_capacity(axes.len());
         for (a, &dim) in axes.iter().enumerate() {
             let j = Tensor::f_arange_start_step(0, dim, 2, (Kind::Double, tch::Device::Cpu))?;
             let freqs = Tensor::f_pow_scalar(THETA, &(j / dim as f64))?.f_reciprocal()?;
             let angles = pos.f_select(1, a as i64)?.f_outer(&freqs)?;
-            cos.push(angles.f_cos()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?);
-            sin.push(angles.f_sin()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?);
+            cos.push(
+                angles.f_cos()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?,
+            );
+            sin.push(
+                angles.f_sin()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?,
+            );
         }
         let anchor = f32_anchor(ids)?;
         let view = |parts: &[Tensor]| -> Result<Tensor> {
@@ -157,7 +171,8 @@ fn f32_anchor(like: &Tensor) -> Result<Tensor> {
 /// The 256-wide `[cos, sin]` sinusoid of `t` (already ×1000), computed in f32.
 fn sinusoid(t: &Tensor) -> Result<Tensor> {
     let half = TIME_DIM / 2;
-    let ex = (Tensor::f_arange(half, (Kind::Float, tch::Device::Cpu))? * (-(10_000f64).ln())) / half as f64;
+    let ex = (Tensor::f_arange(half, (Kind::Float, tch::Device::Cpu))? * (-(10_000f64).ln()))
+        / half as f64;
     let freqs = ex.f_exp()?.f_to_other(&f32_anchor(t)?, false, false)?;
     let a = t.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&freqs.f_unsqueeze(0)?)?;
     Ok(Tensor::f_cat(&[a.f_cos()?, a.f_sin()?], -1)?)
@@ -168,7 +183,16 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> 
     let q = rope.apply(q)?.f_transpose(1, 2)?;
     let k = rope.apply(k)?.f_transpose(1, 2)?;
     let v = v.f_transpose(1, 2)?;
-    let o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)?;
+    let o = Tensor::f_scaled_dot_product_attention(
+        &q,
+        &k,
+        &v,
+        None::<Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    )?;
     Ok(o.f_transpose(1, 2)?.f_flatten(2, 3)?)
 }
 
@@ -238,7 +262,13 @@ impl DoubleBlock {
     }
 
     /// `(x, c) → (x', c')` for image tokens `x` `[B, N, d]` and text tokens `c` `[B, T, d]`.
-    pub fn forward(&self, x: &Tensor, c: &Tensor, temb: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        temb: &Tensor,
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor)> {
         let silu = temb.f_silu()?;
         let m = self.norm1.forward(&silu)?.f_chunk(6, 1)?;
         let mc = self.norm1_context.forward(&silu)?.f_chunk(6, 1)?;
@@ -374,7 +404,9 @@ impl FluxTransformer {
             x_embedder: Linear::new(p / "x_embedder", cfg.in_channels, d),
             context_embedder: Linear::new(p / "context_embedder", cfg.joint_attention_dim, d),
             timestep_embedder: Mlp2::new(&tte / "timestep_embedder", TIME_DIM, d),
-            guidance_embedder: cfg.guidance_embeds.then(|| Mlp2::new(&tte / "guidance_embedder", TIME_DIM, d)),
+            guidance_embedder: cfg
+                .guidance_embeds
+                .then(|| Mlp2::new(&tte / "guidance_embedder", TIME_DIM, d)),
             text_embedder: Mlp2::new(&tte / "text_embedder", cfg.pooled_projection_dim, d),
             double_blocks: (0..cfg.num_layers)
                 .map(|i| DoubleBlock::new(p / "transformer_blocks" / i, cfg))
@@ -408,7 +440,10 @@ impl FluxTransformer {
         let es = i.encoder_hidden_states.size();
         let ps = i.pooled_projections.size();
         if hs.len() != 3 || hs[2] != self.cfg.in_channels {
-            return bad(format!("hidden_states must be [B, N, {}], got {hs:?}", self.cfg.in_channels));
+            return bad(format!(
+                "hidden_states must be [B, N, {}], got {hs:?}",
+                self.cfg.in_channels
+            ));
         }
         let (b, n) = (hs[0], hs[1]);
         if es.len() != 3 || es[0] != b || es[2] != self.cfg.joint_attention_dim {
@@ -461,7 +496,10 @@ impl FluxTransformer {
         }
         let temb = temb.f_add(&self.text_embedder.forward(&pooled)?)?;
         let c = self.context_embedder.forward(&i.encoder_hidden_states.f_to_kind(k)?)?;
-        let ids = Tensor::f_cat(&[i.txt_ids.f_to_kind(Kind::Float)?, i.img_ids.f_to_kind(Kind::Float)?], 0)?;
+        let ids = Tensor::f_cat(
+            &[i.txt_ids.f_to_kind(Kind::Float)?, i.img_ids.f_to_kind(Kind::Float)?],
+            0,
+        )?;
         let rope = Rope::new(&ids, &self.cfg.axes_dims_rope)?;
         Ok(Stem { x, c, temb, rope })
     }

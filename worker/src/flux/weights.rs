@@ -136,8 +136,10 @@ pub(crate) fn load_mapped(
     let mut filled: HashMap<&str, i64> = HashMap::new();
     for file in files {
         for key in file.keys() {
-            let pieces =
-                map(&key).map_err(|()| ModelError::Unexpected { key: key.clone(), file: file.path.clone() })?;
+            let pieces = map(&key).map_err(|()| ModelError::Unexpected {
+                key: key.clone(),
+                file: file.path.clone(),
+            })?;
             if pieces.is_empty() {
                 continue;
             }
@@ -145,9 +147,9 @@ pub(crate) fn load_mapped(
             let mut expected: Option<Vec<i64>> = None;
             let mut plan = Vec::with_capacity(pieces.len());
             for p in &pieces {
-                let (name, var) = vars
-                    .get_key_value(p.target.as_str())
-                    .ok_or_else(|| ModelError::Unexpected { key: key.clone(), file: file.path.clone() })?;
+                let (name, var) = vars.get_key_value(p.target.as_str()).ok_or_else(|| {
+                    ModelError::Unexpected { key: key.clone(), file: file.path.clone() }
+                })?;
                 let size = var.size();
                 let (a, b) = p.rows.unwrap_or((0, size.first().copied().unwrap_or(1)));
                 let mut shape = size.clone();
