@@ -3,6 +3,8 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
+/// `dancegrpo-worker check …`: model parity checks on tensors from files.
+pub mod check;
 /// The compute thread that owns the device and the model.
 pub mod compute;
 /// The error type.

@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Join the job the coordinator at MASTER_ADDR:MASTER_PORT runs.
     Run(RunArgs),
+    /// Run one model component on tensors from a file (parity checks with any weights).
+    #[command(subcommand)]
+    Check(dancegrpo_worker::check::CheckCommand),
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +128,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a).await,
+        Command::Check(c) => dancegrpo_worker::check::run(c).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,21 @@ impl Schedule {
         Ok(Self { sigmas, timesteps })
     }
 
+    /// A schedule from explicit σ values (e.g. the reference's own, for the check command);
+    /// σ must be finite, start ≤ 1, decrease strictly and end ≥ 0.
+    pub fn from_sigmas(sigmas: Vec<f32>) -> Result<Self> {
+        let ok = sigmas.len() >= 2
+            && sigmas.iter().all(|s| s.is_finite() && (0.0..=1.0).contains(s))
+            && sigmas.windows(2).all(|w| w[1] < w[0]);
+        if !ok {
+            return Err(ModelError::Input(format!(
+                "sigmas must be at least 2 strictly decreasing values in [0, 1], got {sigmas:?}"
+            )));
+        }
+        let timesteps = sigmas[..sigmas.len() - 1].iter().map(|&x| (x * 1000f32) as i64).collect();
+        Ok(Self { sigmas, timesteps })
+    }
+
     /// Number of transitions S.
     pub fn steps(&self) -> usize {
         self.timesteps.len()
