@@ -51,8 +51,8 @@ fn forward_f32_matches_diffusers() {
 fn bfl_layout_matches_diffusers() {
     let path = golden_dir().join("tiny/flux-bfl.safetensors");
     assert!(matches!(detect_layout(&path).unwrap(), Layout::Bfl(_)));
-    // The config comes from tiny/config.json? No: it is inferred from the shapes unless a
-    // config.json sits next to the file, and the tiny head dim needs the explicit one.
+    // Without a config.json next to it a BFL file's config is inferred from its shapes, which
+    // cannot give the tiny RoPE split: pass the tiny config explicitly.
     let cfg = dancegrpo_worker::flux::FluxConfig::from_file(
         &golden_dir().join("tiny/transformer/config.json"),
     )
