@@ -53,7 +53,7 @@ fn rollout_step(m: &LoadedFlux, t: &Tensors) -> Tensor {
 }
 
 fn loss_of(lp: &Tensor) -> Result<Tensor> {
-    Ok(-(0.5 * (lp - lp.detach()).exp()).mean(Kind::Float))
+    Ok(-((lp - lp.detach()).exp() * 0.5).mean(Kind::Float))
 }
 
 fn zero_grads(m: &LoadedFlux) {
