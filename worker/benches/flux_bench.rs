@@ -66,10 +66,10 @@ fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool) {
     zero_grads(m);
     let (x, nxt) = (&t["hidden_states"], &t["next"]);
     if checkpointed {
-        forward_backward_checkpointed(&m.model, &inputs(t), |v| {
+        let loss = forward_backward_checkpointed(&m.model, &inputs(t), |v| {
             loss_of(&sde_step(v, x, &sched(), 0, 0.3, Next::Given(nxt))?.log_prob)
-        })
-        .unwrap();
+        });
+        drop(loss.unwrap());
     } else {
         let v = m.model.forward(&inputs(t)).unwrap();
         let lp = sde_step(&v, x, &sched(), 0, 0.3, Next::Given(nxt)).unwrap().log_prob;
