@@ -17,14 +17,22 @@ pub mod device;
 pub mod dist;
 /// The error type.
 pub mod error;
+/// The FLUX transformer: config, network, weight loading, activation checkpointing.
+pub mod flux;
+/// FLUX latent packing and position ids.
+pub mod latents;
 /// Prompts file to text embeddings (`preprocess`).
 pub mod preprocess;
 /// Rewards: the `Reward` trait, built-in rewards, HPS-v2.1, the multi-reward loss.
 pub mod reward;
+/// The DanceGRPO SDE sampler: schedule, step, log-prob, rollout, recomputation.
+pub mod sampler;
 /// The control-plane session with the coordinator.
 pub mod session;
 /// T5 and CLIP text encoders.
 pub mod text;
+/// The FLUX VAE decoder and image post-processing.
+pub mod vae;
 /// The compute thread's state: device, store and process group of the current generation.
 pub mod world;
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Python peer of `worker/benches/flux_bench.rs`: diffusers' FluxTransformer2DModel on the same
+config, inputs and thread count. The Rust bench runs this script first (same run), loads the
+weights and inputs it saves, times its own code and prints the ratios.
+
+Standalone use: python flux_bench.py --dir DIR --threads N --iters K
+Prints one JSON line with the timings (seconds, median) and peak-memory deltas (MiB).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import safetensors.torch as st
+import torch
+from diffusers import FluxTransformer2DModel
+
+SMALL = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
+             joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(8, 28, 28), in_channels=64)
+MID = dict(SMALL, num_attention_heads=8)
+TXT = 512
+
+
+def img_ids(px):
+    h = px // 16
+    ids = torch.zeros(h, h, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(h)[None, :]
+    return ids.reshape(h * h, 3)
+
+
+def inputs(cfg, px, gen):
+    n = (px // 16) ** 2
+    return dict(
+        hidden_states=torch.randn(1, n, 64, generator=gen),
+        encoder_hidden_states=torch.randn(1, TXT, cfg["joint_attention_dim"], generator=gen),
+        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=gen),
+        timestep=torch.tensor([0.75]),
+        guidance=torch.tensor([3.5]),
+        img_ids=img_ids(px),
+        txt_ids=torch.zeros(TXT, 3),
+    )
+
+
+# The SDE step of ALGORITHM.md section 2.4 (sigma 0.75 -> 0.7, eta 0.3).
+SIG, SIG_NEXT, ETA = 0.75, 0.7, 0.3
+
+
+def sde_mean(v, x):
+    d = SIG_NEXT - SIG
+    x0 = x - SIG * v
+    score = -(x - x0 * (1 - SIG)) / SIG**2
+    return x + d * v + (-0.5 * ETA**2 * score) * d
+
+
+def log_prob(v, x, nxt):
+    std = ETA * math.sqrt(SIG - SIG_NEXT)
+    return (-((nxt - sde_mean(v, x)) ** 2) / (2 * std**2)).mean(dim=(1, 2))
+
+
+def build(cfg, gen):
+    m = FluxTransformer2DModel(**cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 else 0.0))
+    return m
+
+
+def rollout_step(m, inp):
+    with torch.no_grad():
+        v = m(**inp, return_dict=False)[0]
+        return sde_mean(v, inp["hidden_states"]) + torch.randn_like(v) * ETA * math.sqrt(SIG - SIG_NEXT)
+
+
+def train_step(m, inp, nxt, keep_grads=False):
+    # Timing: gradients set to None, as DanceGRPO's optimizer.zero_grad() does. Memory: zeroed
+    # in place, like the Rust side, so neither measurement counts allocating the gradients.
+    m.zero_grad(set_to_none=not keep_grads)
+    v = m(**inp, return_dict=False)[0]
+    lp = log_prob(v, inp["hidden_states"], nxt)
+    loss = -(0.5 * torch.exp(lp - lp.detach())).mean()
+    loss.backward()
+    return loss
+
+
+def timed(f, iters):
+    f()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def rss_peak_delta(f):
+    """Peak resident memory growth of f() in MiB (VmHWM reset through /proc/self/clear_refs)."""
+    def field(name):
+        with open("/proc/self/status") as s:
+            for line in s:
+                if line.startswith(name):
+                    return int(line.split()[1]) / 1024
+    with open("/proc/self/clear_refs", "w") as c:
+        c.write("5")
+    base = field("VmRSS:")
+    f()
+    return field("VmHWM:") - base
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--px", type=int, default=256)
+    ap.add_argument("--mid-px", type=int, default=512)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(0)
+    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    for name, cfg, px in (("small", SMALL, a.px), ("mid", MID, a.mid_px)):
+        m = build(cfg, gen)
+        d = os.path.join(a.dir, name)
+        m.save_pretrained(d, safe_serialization=True)
+        inp = inputs(cfg, px, gen)
+        nxt = rollout_step(m, inp)
+        st.save_file({**inp, "next": nxt, "v": m(**inp, return_dict=False)[0].detach()}, os.path.join(d, "inputs.safetensors"))
+        if name == "small":
+            out["rollout_s"] = timed(lambda: rollout_step(m, inp), a.iters)
+            out["train_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
+            m.enable_gradient_checkpointing()
+            out["train_ckpt_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
+        else:
+            m.disable_gradient_checkpointing()
+            train_step(m, inp, nxt)  # allocate the gradients once, outside the measurement
+            out["mem_plain_mib"] = rss_peak_delta(lambda: train_step(m, inp, nxt, True))
+            m.enable_gradient_checkpointing()
+            out["mem_ckpt_mib"] = rss_peak_delta(lambda: train_step(m, inp, nxt, True))
+        del m
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

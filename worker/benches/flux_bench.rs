@@ -1,0 +1,174 @@
+//! FLUX transformer benchmark, ours vs diffusers side by side in one run (CPU, f32).
+//!
+//! ```text
+//! cargo bench -p dancegrpo-worker --bench flux_bench
+//! BENCH_THREADS=2 BENCH_ITERS=3 cargo bench -p dancegrpo-worker --bench flux_bench
+//! ```
+//! Runs `flux_bench.py` (diffusers 0.42.1, the venv's python) first: it builds the small config
+//! (hidden 256 = 4 heads × 64, 2 double + 4 single blocks, 256×256 px → 256 image tokens, 512
+//! text tokens of width 4096) and a mid config (hidden 512, same depth, 512×512 px), saves their
+//! weights and inputs, and times itself. This bench then loads the same files and times:
+//! - one rollout step (no-grad forward + SDE step),
+//! - one training micro-step (forward with grad + log-prob of a stored transition + backward),
+//!   plain and with activation checkpointing (diffusers: `enable_gradient_checkpointing`),
+//!
+//! at the same thread count, and prints ours/diffusers. Then the peak resident-memory growth of
+//! one training micro-step on the mid config, with and without checkpointing, for both.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use dancegrpo_worker::flux::checkpoint::forward_backward_checkpointed;
+use dancegrpo_worker::flux::weights::SafetensorsFile;
+use dancegrpo_worker::flux::{FluxInputs, LoadedFlux, Result, WeightPolicy, load_flux};
+use dancegrpo_worker::sampler::{Next, Schedule, sde_step};
+use tch::{Device, Kind, Tensor};
+
+type Tensors = std::collections::BTreeMap<String, Tensor>;
+
+fn inputs(t: &Tensors) -> FluxInputs<'_> {
+    FluxInputs {
+        hidden_states: &t["hidden_states"],
+        encoder_hidden_states: &t["encoder_hidden_states"],
+        pooled_projections: &t["pooled_projections"],
+        timestep: &t["timestep"],
+        guidance: Some(&t["guidance"]),
+        img_ids: &t["img_ids"],
+        txt_ids: &t["txt_ids"],
+    }
+}
+
+/// A two-step schedule whose step 0 is σ 0.75 → 0.7, the step the Python peer uses.
+fn sched() -> Schedule {
+    Schedule::from_sigmas(vec![0.75, 0.7, 0.0]).unwrap()
+}
+
+fn rollout_step(m: &LoadedFlux, t: &Tensors) -> Tensor {
+    tch::no_grad(|| {
+        let v = m.model.forward(&inputs(t)).unwrap();
+        let n = v.randn_like();
+        sde_step(&v, &t["hidden_states"], &sched(), 0, 0.3, Next::Noise(&n)).unwrap().next
+    })
+}
+
+fn loss_of(lp: &Tensor) -> Result<Tensor> {
+    Ok(-((lp - lp.detach()).exp() * 0.5).mean(Kind::Float))
+}
+
+fn zero_grads(m: &LoadedFlux) {
+    for mut v in m.vs.trainable_variables() {
+        v.zero_grad();
+    }
+}
+
+fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool) {
+    zero_grads(m);
+    let (x, nxt) = (&t["hidden_states"], &t["next"]);
+    if checkpointed {
+        let loss = forward_backward_checkpointed(&m.model, &inputs(t), |v| {
+            loss_of(&sde_step(v, x, &sched(), 0, 0.3, Next::Given(nxt))?.log_prob)
+        });
+        drop(loss.unwrap());
+    } else {
+        let v = m.model.forward(&inputs(t)).unwrap();
+        let lp = sde_step(&v, x, &sched(), 0, 0.3, Next::Given(nxt)).unwrap().log_prob;
+        loss_of(&lp).unwrap().backward();
+    }
+}
+
+fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut ts: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts[ts.len() / 2]
+}
+
+fn status_mib(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+/// Peak resident-memory growth of `f` in MiB (VmHWM reset through /proc/self/clear_refs).
+fn rss_peak_delta(f: impl FnOnce()) -> f64 {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let base = status_mib("VmRSS:");
+    f();
+    status_mib("VmHWM:") - base
+}
+
+fn load(dir: &Path) -> (LoadedFlux, Tensors) {
+    let m = load_flux(dir, Device::Cpu, WeightPolicy::TrainableF32).unwrap();
+    let t = SafetensorsFile::open(dir.join("inputs.safetensors")).unwrap().read_all().unwrap();
+    (m, t)
+}
+
+fn main() {
+    let threads: i32 =
+        std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1)
+        });
+    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    tch::set_num_threads(threads);
+    let dir = tempfile::tempdir().unwrap();
+    let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
+        format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/flux_bench.py");
+    let out = Command::new(format!("{venv}/bin/python"))
+        .arg(&script)
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()])
+        .output()
+        .expect("run the python peer");
+    assert!(out.status.success(), "python peer failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let py: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let p = |k: &str| py[k].as_f64().unwrap();
+
+    let (m, t) = load(&dir.path().join("small"));
+    // Same weights, same inputs: the velocities agree (sanity: we time the same computation).
+    let v = tch::no_grad(|| m.model.forward(&inputs(&t))).unwrap();
+    let diff = (&v - &t["v"]).abs().max().double_value(&[]) / t["v"].abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "ours and diffusers disagree: {diff}");
+    let rollout = timed(iters, || drop(rollout_step(&m, &t)));
+    let train = timed(iters, || train_step(&m, &t, false));
+    let train_ck = timed(iters, || train_step(&m, &t, true));
+    drop(m);
+
+    println!(
+        "FLUX transformer, CPU f32, {threads} threads, median of {iters} (torch {})",
+        py["torch"]
+    );
+    println!(
+        "small config: hidden 256 (4x64), 2 double + 4 single, 256x256 px (256 img + 512 txt tokens)"
+    );
+    println!("{:<34} {:>10} {:>10} {:>8}", "", "ours [s]", "diffusers", "ratio");
+    for (name, ours, theirs) in [
+        ("rollout step (fwd + SDE)", rollout, p("rollout_s")),
+        ("train micro-step (fwd+bwd)", train, p("train_s")),
+        ("train micro-step, checkpointed", train_ck, p("train_ckpt_s")),
+    ] {
+        println!("{name:<34} {ours:>10.4} {theirs:>10.4} {:>8.3}", ours / theirs);
+    }
+
+    let (m, t) = load(&dir.path().join("mid"));
+    train_step(&m, &t, false); // allocate the gradients outside the measurement
+    let plain = rss_peak_delta(|| train_step(&m, &t, false));
+    let ck = rss_peak_delta(|| train_step(&m, &t, true));
+    println!(
+        "mid config: hidden 512 (8x64), 2 double + 4 single, 512x512 px (1024 img + 512 txt tokens)"
+    );
+    println!(
+        "peak RSS growth of one training micro-step [MiB]: ours plain {plain:.0}, checkpointed {ck:.0}; diffusers plain {:.0}, checkpointed {:.0}",
+        p("mem_plain_mib"),
+        p("mem_ckpt_mib")
+    );
+}

@@ -1,0 +1,112 @@
+//! Activation checkpointing for the training forward + backward of one transition.
+//!
+//! PyTorch's `torch.utils.checkpoint` re-runs each block in backward from a saved input. tch
+//! has neither that nor a custom autograd Function, so the same schedule is driven by hand,
+//! block by block, with ordinary `backward()` calls:
+//!
+//! 1. The stem (embeddings, conditioning vector `temb`) runs **with** grad; its outputs are then
+//!    cut from the graph. `temb` becomes one leaf shared by every block and the head, so its
+//!    gradient accumulates across all of them.
+//! 2. All blocks run under `no_grad`. Only each block's input is kept (two `[B, L, d]` tensors
+//!    per double block, one per single block) – no activations.
+//! 3. The head runs with grad on a leaf copy of the last block's output, the caller's loss is
+//!    built on the velocity, and `loss.backward()` fills the head's weight gradients, the `temb`
+//!    leaf's gradient and the gradient `g` w.r.t. the last block's output.
+//! 4. In reverse order, each block is recomputed with grad from its saved input (made a leaf)
+//!    and `Σ(out ⊙ g)` is back-propagated: its gradient w.r.t. `out` is exactly `g`, so this
+//!    accumulates the block's true weight gradients and yields the gradient w.r.t. its input,
+//!    the `g` of the block before. For double blocks the sum runs over both streams.
+//! 5. Finally `Σ(x ⊙ gx) + Σ(c ⊙ gc) + Σ(temb ⊙ g_temb)` is back-propagated through the stem.
+//!
+//! Peak memory is therefore the saved block inputs plus one block's autograd graph, instead of
+//! every block's graph (MODELS.md §5). Cost: one extra forward of the blocks. The weight
+//! gradients equal the plain backward's up to the summation order of `temb`'s gradient
+//! (`tests/flux_checkpoint.rs` proves it on a tiny config).
+
+use tch::Tensor;
+
+use super::error::Result;
+use super::model::{FluxInputs, FluxTransformer, Stem};
+
+fn leaf(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_detach()?.f_set_requires_grad(true)?)
+}
+
+fn grad_of(t: &Tensor) -> Result<Tensor> {
+    let g = t.grad();
+    if g.defined() { Ok(g) } else { Ok(t.f_zeros_like()?) }
+}
+
+/// Forward + backward of `loss_fn(velocity)` with per-block recomputation. Gradients are
+/// accumulated into the model's trainable variables exactly as `loss.backward()` would after a
+/// plain [`FluxTransformer::forward`]. Returns the (detached) loss.
+pub fn forward_backward_checkpointed<F>(
+    model: &FluxTransformer,
+    inputs: &FluxInputs<'_>,
+    loss_fn: F,
+) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor) -> Result<Tensor>,
+{
+    let Stem { x, c, temb, rope } = model.stem(inputs)?;
+    let temb_leaf = leaf(&temb)?;
+    let t = c.size()[1];
+
+    // 2. Forward without a graph, keeping block inputs only.
+    let (double_inputs, single_inputs, h_out) = tch::no_grad(|| -> Result<_> {
+        let (mut xi, mut ci) = (x.f_detach()?, c.f_detach()?);
+        let mut double_inputs = Vec::with_capacity(model.double_blocks.len());
+        for blk in &model.double_blocks {
+            let (xo, co) = blk.forward(&xi, &ci, &temb_leaf, &rope)?;
+            double_inputs.push((xi, ci));
+            (xi, ci) = (xo, co);
+        }
+        let mut h = Tensor::f_cat(&[ci, xi], 1)?;
+        let mut single_inputs = Vec::with_capacity(model.single_blocks.len());
+        for blk in &model.single_blocks {
+            let ho = blk.forward(&h, &temb_leaf, &rope)?;
+            single_inputs.push(h);
+            h = ho;
+        }
+        Ok((double_inputs, single_inputs, h))
+    })?;
+
+    // 3. Head and loss.
+    let h_leaf = leaf(&h_out)?;
+    drop(h_out);
+    let v = model.head(&h_leaf.f_narrow(1, t, h_leaf.size()[1] - t)?, &temb_leaf)?;
+    let loss = loss_fn(&v)?;
+    loss.f_backward()?;
+    let mut g = grad_of(&h_leaf)?;
+    drop(h_leaf);
+
+    // 4. Recompute each block with grad, newest first.
+    for (blk, h_in) in model.single_blocks.iter().zip(single_inputs).rev() {
+        let h_in = leaf(&h_in)?;
+        let out = blk.forward(&h_in, &temb_leaf, &rope)?;
+        out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
+        g = grad_of(&h_in)?;
+    }
+    let n = g.size()[1] - t;
+    let mut gc = g.f_narrow(1, 0, t)?;
+    let mut gx = g.f_narrow(1, t, n)?;
+    drop(g);
+    for (blk, (x_in, c_in)) in model.double_blocks.iter().zip(double_inputs).rev() {
+        let (x_in, c_in) = (leaf(&x_in)?, leaf(&c_in)?);
+        let (xo, co) = blk.forward(&x_in, &c_in, &temb_leaf, &rope)?;
+        let s = xo.f_mul(&gx)?.f_sum(xo.kind())? + co.f_mul(&gc)?.f_sum(co.kind())?;
+        s.f_backward()?;
+        gx = grad_of(&x_in)?;
+        gc = grad_of(&c_in)?;
+    }
+
+    // 5. Through the stem.
+    let g_temb = grad_of(&temb_leaf)?;
+    let s = x.f_mul(&gx)?.f_sum(x.kind())?
+        + c.f_mul(&gc)?.f_sum(c.kind())?
+        + temb.f_mul(&g_temb)?.f_sum(temb.kind())?;
+    if s.requires_grad() {
+        s.f_backward()?;
+    }
+    Ok(loss.f_detach()?)
+}

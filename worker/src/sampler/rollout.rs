@@ -1,0 +1,171 @@
+//! Rollout (ALGORITHM.md §2.3) and the recomputation of a stored transition's log-prob under
+//! the current weights (§5 step 7).
+
+use tch::{Kind, Tensor};
+
+use super::noise::NoiseKey;
+use super::schedule::Schedule;
+use super::step::{Next, sde_step};
+use crate::flux::checkpoint::forward_backward_checkpointed;
+use crate::flux::error::{ModelError, Result};
+use crate::flux::{FluxInputs, FluxTransformer};
+
+/// The prompt side of the transformer call, constant over a trajectory.
+#[derive(Debug)]
+pub struct Conditioning<'a> {
+    /// T5 states `[B, T, joint_dim]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// CLIP pooled vector `[B, pooled_dim]`.
+    pub pooled_projections: &'a Tensor,
+    /// Distilled guidance (3.5 for DanceGRPO); ignored by models without guidance embeds.
+    pub guidance: f64,
+    /// Image ids `[N, 3]`.
+    pub img_ids: &'a Tensor,
+    /// Text ids `[T, 3]`.
+    pub txt_ids: &'a Tensor,
+}
+
+/// What a rollout keeps for training.
+#[derive(Debug)]
+pub struct Trajectory {
+    /// `z_0 … z_S`, `[B, S+1, N, C]` f32.
+    pub latents: Tensor,
+    /// Log-prob of each transition, `[B, S]` f32.
+    pub log_probs: Tensor,
+    /// x0 prediction of the last step `[B, N, C]` f32: what gets decoded.
+    pub x0: Tensor,
+}
+
+/// The velocity at `z` for step `i`; the model sees the quantised σ.
+fn velocity(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    z: &Tensor,
+    sched: &Schedule,
+    i: usize,
+) -> Result<Tensor> {
+    let b = z.size()[0];
+    // New tensors come from `z` (its device and f32), never from a tch::Device (NPU note).
+    let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
+    let t = row.f_full_like(sched.model_sigma(i) as f64)?;
+    let g = row.f_full_like(cond.guidance)?;
+    let inputs = FluxInputs {
+        hidden_states: z,
+        encoder_hidden_states: cond.encoder_hidden_states,
+        pooled_projections: cond.pooled_projections,
+        timestep: &t,
+        guidance: model.config().guidance_embeds.then_some(&g),
+        img_ids: cond.img_ids,
+        txt_ids: cond.txt_ids,
+    };
+    model.forward(&inputs)
+}
+
+/// Samples `B` trajectories from the initial latents `init` `[B, N, C]` with the SDE. `noise(i)`
+/// gives the standard normal noise `[B, N, C]` of transition `i`. Runs without grad.
+pub fn rollout_with_noise(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    init: &Tensor,
+    sched: &Schedule,
+    eta: f64,
+    mut noise: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<Trajectory> {
+    let _guard = tch::no_grad_guard();
+    let mut z = init.f_to_kind(Kind::Float)?;
+    let mut latents = vec![z.shallow_clone()];
+    let mut log_probs = Vec::with_capacity(sched.steps());
+    let mut x0 = None;
+    for i in 0..sched.steps() {
+        let v = velocity(model, cond, &z, sched, i)?;
+        let n = noise(i)?.f_to_other(&z, false, false)?;
+        let out = sde_step(&v, &z, sched, i, eta, Next::Noise(&n))?;
+        z = out.next;
+        latents.push(z.shallow_clone());
+        log_probs.push(out.log_prob);
+        x0 = Some(out.x0);
+    }
+    Ok(Trajectory {
+        latents: Tensor::f_stack(&latents, 1)?,
+        log_probs: Tensor::f_stack(&log_probs, 1)?,
+        x0: x0.ok_or_else(|| ModelError::Input("empty schedule".into()))?,
+    })
+}
+
+/// Samples one trajectory per key (row `b` of `cond` belongs to `keys[b]`), with the noise
+/// drawn from the keys: reproducible from (seed, prompt, member) on any device.
+pub fn rollout(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    keys: &[NoiseKey],
+    sched: &Schedule,
+    eta: f64,
+    init_same_noise: bool,
+) -> Result<Trajectory> {
+    let n = cond.img_ids.size()[0];
+    let c = model.config().in_channels;
+    if keys.len() as i64 != cond.encoder_hidden_states.size()[0] {
+        return Err(ModelError::Input(format!(
+            "{} noise keys for a batch of {}",
+            keys.len(),
+            cond.encoder_hidden_states.size()[0]
+        )));
+    }
+    let init: Vec<Tensor> =
+        keys.iter().map(|k| k.initial(n, c, init_same_noise)).collect::<Result<_>>()?;
+    let init = Tensor::f_stack(&init, 0)?.f_to_other(
+        &cond.encoder_hidden_states.f_to_kind(Kind::Float)?,
+        false,
+        false,
+    )?;
+    rollout_with_noise(model, cond, &init, sched, eta, |i| {
+        let rows: Vec<Tensor> = keys.iter().map(|k| k.step(i, n, c)).collect::<Result<_>>()?;
+        Ok(Tensor::f_stack(&rows, 0)?)
+    })
+}
+
+/// The log-prob `[B]` of the stored transition `z → z_next` at step `i` under the current
+/// weights, with gradient (when the model's variables require it).
+pub fn recompute_log_prob(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    z: &Tensor,
+    z_next: &Tensor,
+    sched: &Schedule,
+    i: usize,
+    eta: f64,
+) -> Result<Tensor> {
+    let v = velocity(model, cond, z, sched, i)?;
+    Ok(sde_step(&v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
+}
+
+/// Like [`recompute_log_prob`] followed by `loss_fn(log_prob).backward()`, but with activation
+/// checkpointing (see [`crate::flux::checkpoint`]). Returns the detached loss.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_log_prob_checkpointed(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    z: &Tensor,
+    z_next: &Tensor,
+    sched: &Schedule,
+    i: usize,
+    eta: f64,
+    loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let b = z.size()[0];
+    let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
+    let t = row.f_full_like(sched.model_sigma(i) as f64)?;
+    let g = row.f_full_like(cond.guidance)?;
+    let inputs = FluxInputs {
+        hidden_states: z,
+        encoder_hidden_states: cond.encoder_hidden_states,
+        pooled_projections: cond.pooled_projections,
+        timestep: &t,
+        guidance: model.config().guidance_embeds.then_some(&g),
+        img_ids: cond.img_ids,
+        txt_ids: cond.txt_ids,
+    };
+    forward_backward_checkpointed(model, &inputs, |v| {
+        loss_fn(&sde_step(v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
+    })
+}
