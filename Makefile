@@ -26,7 +26,7 @@ lint: bootstrap
 	cargo clippy --workspace --all-targets -- -D warnings
 
 unit-tests: bootstrap
-	cargo test --workspace
+	cargo test --workspace --no-fail-fast
 
 test: lint unit-tests npu-check cuda-check
 

@@ -41,6 +41,11 @@ async fn workers_register_get_ranks_and_a_killed_one_is_lost() {
         assert!(w.last_heartbeat_unix_ms > 0);
     }
 
+    // Let both finish forming the c10d group first: a rank dying mid-rendezvous is a
+    // different failure (the survivor's rendezvous errors out) than the one tested here.
+    for w in [&w0, &w1] {
+        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
+    }
     // SIGKILL: no goodbye, so only the missed heartbeats reveal it.
     w0.signal("KILL");
     w0.wait_timeout(Duration::from_secs(5)).expect("killed");
