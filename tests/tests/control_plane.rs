@@ -92,7 +92,7 @@ async fn job_record_survives_a_coordinator_restart() {
     coord.signal("KILL");
     coord.wait_timeout(Duration::from_secs(5)).expect("coordinator killed");
 
-    let (_coord, addr2) = c.coordinator(FAST);
+    let (_coord, addr2) = c.coordinator_on(&addr, FAST);
     let after = job_status(&addr2).await.unwrap();
     assert_eq!(after.job_id, before.job_id, "same job record after restart");
     assert_eq!(after.created_unix_ms, before.created_unix_ms);
@@ -105,6 +105,17 @@ async fn job_record_survives_a_coordinator_restart() {
     let jobs = list.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].job_id, before.job_id);
+    // The workers were never restarted: they find themselves forgotten, register again, and
+    // the world re-forms under the next generation.
+    await_condition(Duration::from_secs(30), "workers back after the restart", || async {
+        let s = job_status(&addr2).await.ok()?;
+        (s.generation == 2).then_some(())?;
+        running_ranks(&addr2).await
+    })
+    .await;
+    for w in [&_w0, &_w1] {
+        wait_for_log(w, "generation=2 backend=gloo", Duration::from_secs(60));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
