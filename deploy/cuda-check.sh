@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ]; then
 fi
 # The test binaries are what deploy/gpu-tests.sh can run on a GPU host; their paths come from
 # cargo's JSON messages.
-bins=$(cargo build -p dancegrpo-worker --features cuda --tests --message-format=json-render-diagnostics "$@" \
+bins=$(cargo build -p dancegrpo-worker --features cuda --test dist_loopback --message-format=json-render-diagnostics "$@" \
   | "$VENV/bin/python" -c '
 import json, sys
 for line in sys.stdin:
