@@ -3,6 +3,8 @@
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
+/// Shared unmasked scaled-dot-product attention.
+mod attention;
 /// `check` subcommands: run one component on files (parity checks, debugging).
 pub mod check;
 /// open_clip CLIP towers (the HPS-v2.1 reward model) and their checkpoint loaders.

@@ -183,16 +183,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> 
     let q = rope.apply(q)?.f_transpose(1, 2)?;
     let k = rope.apply(k)?.f_transpose(1, 2)?;
     let v = v.f_transpose(1, 2)?;
-    let o = Tensor::f_scaled_dot_product_attention(
-        &q,
-        &k,
-        &v,
-        None::<Tensor>,
-        0.0,
-        false,
-        None,
-        false,
-    )?;
+    let o = crate::attention::attention(&q, &k, &v)?;
     Ok(o.f_transpose(1, 2)?.f_flatten(2, 3)?)
 }
 

@@ -186,16 +186,7 @@ impl Attention {
         let q = heads(self.q.forward(&h)?)?;
         let k = heads(self.k.forward(&h)?)?;
         let v = heads(self.v.forward(&h)?)?;
-        let o = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        )?;
+        let o = crate::attention::attention(&q, &k, &v)?;
         let o = self.out.forward(&o.f_squeeze_dim(1)?)?;
         Ok(o.f_transpose(1, 2)?.f_reshape(s.as_slice())?.f_add(x)?)
     }
