@@ -25,7 +25,7 @@ lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-unit-tests: bootstrap
+unit-tests: build
 	cargo test --workspace --no-fail-fast
 
 test: lint unit-tests npu-check cuda-check
