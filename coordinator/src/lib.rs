@@ -13,6 +13,8 @@ pub mod config;
 pub mod db;
 /// The error type and its mapping to gRPC status codes.
 pub mod error;
+/// Reward-curve PNG.
+pub mod plot;
 /// The reward log (one float per line, as the reference writes it).
 pub mod reward_log;
 /// Prompt shuffle and per-worker work items of an iteration.

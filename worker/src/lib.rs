@@ -31,6 +31,8 @@ pub mod reward;
 pub mod sampler;
 /// The control-plane session with the coordinator.
 pub mod session;
+/// The GRPO training loop on one worker.
+pub mod train;
 /// T5 and CLIP text encoders.
 pub mod text;
 /// The FLUX VAE decoder and image post-processing.
