@@ -23,6 +23,9 @@ pub struct JobRecord {
     pub world_size: u32,
     /// Group generation (bumped on every re-formed world).
     pub generation: u64,
+    /// Newest step rank 0 has written a checkpoint of (0 = none): where a re-formed world
+    /// restarts from.
+    pub checkpoint_step: u64,
     /// The job config.
     pub config: JobConfig,
     /// Last notable event, for humans.
@@ -59,6 +62,8 @@ pub struct IterationRecord {
     pub mean_rewards: Vec<f64>,
     /// Worker-reported metrics as JSON (loss, grad norm, ratios, timings).
     pub metrics_json: String,
+    /// The prompt sampler's position after this iteration, as JSON.
+    pub cursor_json: String,
 }
 
 /// Handle to the database file.
@@ -67,7 +72,7 @@ pub struct Db {
     conn: Connection,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 impl Db {
     /// Opens (creating if needed) the database at `path`.
@@ -91,12 +96,20 @@ impl Db {
                 path.display()
             )));
         }
+        if version != 0 && version < SCHEMA_VERSION {
+            // Pre-release schema (no training state): there is nothing in it worth migrating.
+            return Err(Error::InvalidRequest(format!(
+                "database {} has the pre-release schema v{version}; start with a new --db",
+                path.display()
+            )));
+        }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
                 id TEXT PRIMARY KEY, name TEXT NOT NULL, state TEXT NOT NULL,
                 step INTEGER NOT NULL, world_size INTEGER NOT NULL, generation INTEGER NOT NULL,
                 config_json TEXT NOT NULL, message TEXT NOT NULL,
-                created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+                created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+                checkpoint_step INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS workers (
                 id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id),
                 rank INTEGER, node_rank INTEGER NOT NULL, local_rank INTEGER NOT NULL,
@@ -107,6 +120,7 @@ impl Db {
              CREATE TABLE IF NOT EXISTS iterations (
                 job_id TEXT NOT NULL REFERENCES jobs(id), iteration INTEGER NOT NULL,
                 mean_rewards_json TEXT NOT NULL, metrics_json TEXT NOT NULL,
+                cursor_json TEXT NOT NULL,
                 PRIMARY KEY (job_id, iteration));",
         )?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -139,7 +153,7 @@ impl Db {
     pub fn put_job(&self, j: &JobRecord) -> Result<()> {
         let config = serde_json::to_string(&j.config).expect("JobConfig serializes");
         self.conn.execute(
-            "INSERT OR REPLACE INTO jobs VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            "INSERT OR REPLACE INTO jobs VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
             params![
                 j.id.as_str(),
                 j.name,
@@ -150,7 +164,8 @@ impl Db {
                 config,
                 j.message,
                 j.created_ms,
-                j.updated_ms
+                j.updated_ms,
+                j.checkpoint_step as i64
             ],
         )?;
         Ok(())
@@ -210,13 +225,23 @@ impl Db {
     /// only happens when an iteration is redone after a resume).
     pub fn put_iteration(&self, job: &JobId, it: &IterationRecord) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO iterations VALUES (?1,?2,?3,?4)",
+            "INSERT OR REPLACE INTO iterations VALUES (?1,?2,?3,?4,?5)",
             params![
                 job.as_str(),
                 it.iteration as i64,
                 serde_json::to_string(&it.mean_rewards).expect("floats serialize"),
-                it.metrics_json
+                it.metrics_json,
+                it.cursor_json
             ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the iterations after `step` (a job rolled back to the checkpoint of `step`).
+    pub fn truncate_iterations(&self, job: &JobId, step: u64) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM iterations WHERE job_id = ?1 AND iteration > ?2",
+            params![job.as_str(), step as i64],
         )?;
         Ok(())
     }
@@ -224,7 +249,7 @@ impl Db {
     /// The iteration history of a job, oldest first.
     pub fn iterations(&self, job: &str) -> Result<Vec<IterationRecord>> {
         let mut stmt = self.conn.prepare(
-            "SELECT iteration, mean_rewards_json, metrics_json FROM iterations
+            "SELECT iteration, mean_rewards_json, metrics_json, cursor_json FROM iterations
              WHERE job_id = ?1 ORDER BY iteration",
         )?;
         let rows = stmt.query_map([job], |r| {
@@ -239,6 +264,7 @@ impl Db {
                     )
                 })?,
                 metrics_json: r.get(2)?,
+                cursor_json: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -269,6 +295,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         message: r.get(7)?,
         created_ms: r.get(8)?,
         updated_ms: r.get(9)?,
+        checkpoint_step: r.get::<_, i64>(10)? as u64,
     })
 }
 
@@ -287,6 +314,7 @@ mod tests {
             step: 3,
             world_size: 2,
             generation: 1,
+            checkpoint_step: 0,
             config: JobConfig::default(),
             message: String::new(),
             created_ms: 1,
@@ -315,6 +343,7 @@ mod tests {
                 iteration: 1,
                 mean_rewards: vec![0.5],
                 metrics_json: "{}".into(),
+                cursor_json: "{}".into(),
             };
             db.put_iteration(&job.id, &it).unwrap();
         }

@@ -80,6 +80,34 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A request for a world generation that has been re-formed since.
+    #[error(
+        "generation {requested} was superseded by generation {current} (the world was \
+         re-formed); wait for the new assignment and ask for work again"
+    )]
+    Superseded {
+        /// What the worker quoted.
+        requested: u64,
+        /// The coordinator's.
+        current: u64,
+    },
+    /// The job has failed; the message says why.
+    #[error("job failed: {0}")]
+    JobFailed(String),
+    /// Not possible yet (e.g. no rank assigned).
+    #[error("{0}")]
+    NotReady(String),
+    /// A long poll ran out of time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The job's prompt data cannot be used.
+    #[error("prompt data {path}: {message}")]
+    Data {
+        /// The configured `data_json_path`.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -96,6 +124,11 @@ impl From<Error> for tonic::Status {
                 Status::invalid_argument(msg)
             }
             Error::WorldFull { .. } => Status::resource_exhausted(msg),
+            Error::Superseded { .. } => Status::aborted(msg),
+            Error::JobFailed(_) => Status::aborted(msg),
+            Error::NotReady(_) => Status::unavailable(msg),
+            Error::Timeout(_) => Status::deadline_exceeded(msg),
+            Error::Data { .. } => Status::failed_precondition(msg),
             Error::DuplicateSlot { .. } => Status::already_exists(msg),
             Error::UnknownWorker(_) | Error::UnknownJob(_) => Status::not_found(msg),
             Error::ConfigLoad(_) | Error::Db(_) | Error::Io { .. } | Error::Transport(_) => {

@@ -66,15 +66,16 @@ impl PromptSampler {
     }
 }
 
-/// Seed of one trajectory's SDE noise: a fixed function of (job seed, iteration, group,
-/// member), so any trajectory can be replayed on its own.
-pub fn trajectory_seed(job_seed: u64, iteration: u64, group: u64, member: u32) -> u64 {
+/// Seed of a group's noise: a fixed function of (job seed, iteration, group, attempt), so any
+/// trajectory can be replayed on its own. Members share it (the worker keys each member's SDE
+/// noise by its index, and `init_same_noise` shares the initial latent within the group).
+pub fn trajectory_seed(job_seed: u64, iteration: u64, group: u64, attempt: u32) -> u64 {
     // SplitMix64 finalizer over the packed fields: cheap, stable across releases, and
     // well-mixed enough that neighbouring trajectories get unrelated streams.
     let mut z = job_seed
         ^ iteration.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ group.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-        ^ u64::from(member).wrapping_mul(0x1656_67B1_9E37_79F9);
+        ^ u64::from(attempt).wrapping_mul(0x1656_67B1_9E37_79F9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -108,7 +109,7 @@ pub fn plan_iteration(
                 prompt_index,
                 group_id: g as u64,
                 member_index: m,
-                seed: trajectory_seed(job_seed, iteration, g as u64, m),
+                seed: trajectory_seed(job_seed, iteration, g as u64, 0),
             })
         })
         .collect();
@@ -155,8 +156,8 @@ mod tests {
         // Group 0 (prompt 5) spans ranks 0 and 1.
         assert_eq!(plan[0].iter().filter(|w| w.prompt_index == 5).count(), 3);
         assert_eq!(plan[1][0].prompt_index, 5);
-        let seeds: HashSet<u64> = flat.iter().map(|w| w.seed).collect();
-        assert_eq!(seeds.len(), 12, "distinct noise per trajectory");
+        let seeds: HashSet<(u64, u64)> = flat.iter().map(|w| (w.group_id, w.seed)).collect();
+        assert_eq!(seeds.len(), 3, "one seed per group, distinct between groups");
         assert!(flat.iter().all(|w| w.iteration == 3));
         let e = plan_iteration(0, &[1, 2, 3], 3, 2, 0).unwrap_err();
         assert!(e.contains("do not split evenly over 2 workers"), "{e}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use dancegrpo_proto::pb::coordinator_server::Coordinator;
 use dancegrpo_proto::pb::job_service_server::JobService;
-use dancegrpo_proto::{WorkerId, WorkerInfo, WorkerState, pb};
+use dancegrpo_proto::{WorkItem, WorkerId, WorkerInfo, WorkerState, pb};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -25,12 +25,6 @@ impl CoordinatorService {
     pub fn new(state: Arc<CoordinatorState>) -> Self {
         Self { state }
     }
-}
-
-fn unimplemented_until_training(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc}: the training loop is not part of this coordinator build yet"
-    ))
 }
 
 #[tonic::async_trait]
@@ -82,30 +76,70 @@ impl Coordinator for CoordinatorService {
 
     async fn get_work(
         &self,
-        _: Request<pb::GetWorkRequest>,
+        req: Request<pb::GetWorkRequest>,
     ) -> Result<Response<pb::GetWorkResponse>, Status> {
-        Err(unimplemented_until_training("GetWork"))
+        let r = req.into_inner();
+        let a = self.state.get_work(
+            &WorkerId::from(r.worker_id),
+            r.iteration,
+            r.generation,
+            r.checkpointed_step,
+        )?;
+        Ok(Response::new(pb::GetWorkResponse {
+            iteration: a.iteration,
+            items: a.items.iter().map(Into::into).collect(),
+            done: a.done,
+            restore: a.restore.map(|(step, dir)| pb::Restore {
+                step,
+                checkpoint_dir: dir.map(|d| d.display().to_string()).unwrap_or_default(),
+            }),
+            sample_grid: a.sample_grid,
+        }))
     }
 
     async fn report_rewards(
         &self,
-        _: Request<pb::ReportRewardsRequest>,
+        req: Request<pb::ReportRewardsRequest>,
     ) -> Result<Response<pb::ReportRewardsResponse>, Status> {
-        Err(unimplemented_until_training("ReportRewards"))
+        let r = req.into_inner();
+        let rewards = r
+            .rewards
+            .into_iter()
+            .map(|t| {
+                let item = t.item.ok_or(Error::InvalidRequest("reward without `item`".into()))?;
+                Ok((WorkItem::from(item), t.rewards, t.error))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.state.report_rewards(
+            &WorkerId::from(r.worker_id),
+            r.iteration,
+            r.generation,
+            rewards,
+        )?;
+        Ok(Response::new(pb::ReportRewardsResponse {}))
     }
 
     async fn get_advantages(
         &self,
-        _: Request<pb::GetAdvantagesRequest>,
+        req: Request<pb::GetAdvantagesRequest>,
     ) -> Result<Response<pb::GetAdvantagesResponse>, Status> {
-        Err(unimplemented_until_training("GetAdvantages"))
+        let r = req.into_inner();
+        let resp = self
+            .state
+            .get_advantages(&WorkerId::from(r.worker_id), r.iteration, r.generation)
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn report_step_metrics(
         &self,
-        _: Request<pb::ReportStepMetricsRequest>,
+        req: Request<pb::ReportStepMetricsRequest>,
     ) -> Result<Response<pb::ReportStepMetricsResponse>, Status> {
-        Err(unimplemented_until_training("ReportStepMetrics"))
+        let r = req.into_inner();
+        let m = r.metrics.ok_or(Error::InvalidRequest("missing field `metrics`".into()))?;
+        let (checkpoint, trainer_state_json) =
+            self.state.report_step_metrics(&WorkerId::from(r.worker_id), r.generation, m)?;
+        Ok(Response::new(pb::ReportStepMetricsResponse { checkpoint, trainer_state_json }))
     }
 }
 
@@ -137,7 +171,7 @@ fn status_to_pb(s: &JobSnapshot) -> pb::JobStatus {
             .map(|h| pb::IterationRecord {
                 iteration: h.iteration,
                 mean_rewards: h.mean_rewards.clone(),
-                metrics: None,
+                metrics: crate::outputs::metrics_from_json(&h.metrics_json),
             })
             .collect(),
         created_unix_ms: j.created_ms,

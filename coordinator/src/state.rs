@@ -4,12 +4,14 @@
 //! persisted before anyone can observe it. Nothing awaits while holding it. Every change bumps
 //! a `watch` counter that `WatchJob` streams follow.
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkerId,
-    WorkerInfo, WorkerState,
+    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkItem,
+    WorkerId, WorkerInfo, WorkerState, pb,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -17,6 +19,81 @@ use tokio::time::Instant;
 use crate::config::CoordinatorSettings;
 use crate::db::{Db, IterationRecord, JobRecord, WorkerRecord};
 use crate::error::{Error, Result};
+use crate::iteration::{Iteration, IterationError};
+use crate::outputs::{self, Outputs, TrainerState};
+use crate::schedule::{Cursor, PromptSampler};
+
+/// How long GetAdvantages waits for the other ranks' rewards before it gives up with an error.
+const ADVANTAGES_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What GetWork hands a worker.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// The iteration to run (0-based).
+    pub iteration: u64,
+    /// This rank's trajectories.
+    pub items: Vec<WorkItem>,
+    /// The job has no more iterations.
+    pub done: bool,
+    /// Load this state first: (step, checkpoint dir; `None` = the pretrained model).
+    pub restore: Option<(u64, Option<PathBuf>)>,
+    /// Write a grid of this iteration's samples.
+    pub sample_grid: bool,
+}
+
+/// The training side of the job: the prompt stream, the iteration in flight and the outputs.
+#[derive(Debug)]
+struct Training {
+    sampler: PromptSampler,
+    iteration: Option<Iteration>,
+    outputs: Outputs,
+    /// Mean rewards of completed iterations; `history.len() == job.step`.
+    history: Vec<Vec<f64>>,
+    /// Ranks told the job is done.
+    done: BTreeSet<u32>,
+    /// A checkpoint outside `output_dir` this job was resumed from, and its step.
+    resumed_from: Option<(u64, PathBuf)>,
+}
+
+impl Training {
+    fn checkpoint_dir(&self, cfg: &JobConfig, step: u64) -> Option<PathBuf> {
+        if step == 0 {
+            return None;
+        }
+        match &self.resumed_from {
+            Some((s, dir)) if *s == step => Some(dir.clone()),
+            _ => Some(PathBuf::from(&cfg.output_dir).join(format!("checkpoint-{step}"))),
+        }
+    }
+
+    /// Goes back to the last checkpoint: the weights of the ranks no longer agree with any
+    /// recorded step once a world is re-formed, so the iterations after it are redone.
+    fn rewind(&mut self, db: &Db, job: &mut JobRecord, dataset_len: u64) -> Result<()> {
+        let step = job.checkpoint_step.min(job.step);
+        let records = db.iterations(job.id.as_str())?;
+        let cursor = if step == 0 {
+            Cursor::default()
+        } else {
+            let rec = records.iter().find(|r| r.iteration == step).ok_or_else(|| {
+                Error::InvalidRequest(format!("no record of iteration {step} to rewind to"))
+            })?;
+            serde_json::from_str(&rec.cursor_json).map_err(|e| {
+                Error::InvalidRequest(format!("bad cursor of iteration {step}: {e}"))
+            })?
+        };
+        if step != job.step {
+            tracing::warn!(from = job.step, to = step, "rewinding to the last checkpoint");
+        }
+        db.truncate_iterations(&job.id, step)?;
+        self.history.truncate(step as usize);
+        job.step = step;
+        self.sampler = PromptSampler::new(job.config.sampler_seed, dataset_len, cursor);
+        self.iteration = None;
+        self.done.clear();
+        self.outputs = Outputs::open(&job.config, &self.history)?;
+        Ok(())
+    }
+}
 
 /// What a worker gets back when it registers.
 #[derive(Clone, Debug)]
@@ -57,6 +134,8 @@ struct Inner {
     db: Db,
     job: JobRecord,
     workers: Vec<Worker>,
+    training: Training,
+    dataset_len: u64,
 }
 
 /// The coordinator's state for the job it runs.
@@ -75,9 +154,11 @@ pub fn now_ms() -> i64 {
 impl CoordinatorState {
     /// Opens the database and creates the job, or picks up the unfinished job of the same name.
     pub fn open(settings: CoordinatorSettings) -> Result<Arc<Self>> {
+        // Fail at start-up, not at the first iteration, when the prompts are missing.
+        let dataset_len = outputs::dataset_len(&settings.job)?;
         let db = Db::open(&settings.db_path)?;
         let now = now_ms();
-        let (job, workers) = match db.find_active_job(&settings.job.job_name)? {
+        let (mut job, workers) = match db.find_active_job(&settings.job.job_name)? {
             Some(mut job) => {
                 tracing::info!(job_id = %job.id, step = job.step, "resuming job record");
                 // Workers of the previous coordinator process must register again: their
@@ -107,6 +188,7 @@ impl CoordinatorState {
                     step: 0,
                     world_size: settings.topology.world_size,
                     generation: 0,
+                    checkpoint_step: 0,
                     config: settings.job.clone(),
                     message: "waiting for workers".into(),
                     created_ms: now,
@@ -117,8 +199,51 @@ impl CoordinatorState {
                 (job, Vec::new())
             }
         };
+        let mut resumed_from = None;
+        let mut history: Vec<Vec<f64>> =
+            db.iterations(job.id.as_str())?.into_iter().map(|r| r.mean_rewards).collect();
+        if job.step == 0 && history.is_empty() {
+            if let Some(dir) = outputs::resolve_resume(&job.config)? {
+                let ts = TrainerState::read(&dir)?;
+                if ts.sampler_seed != job.config.sampler_seed {
+                    return Err(Error::InvalidRequest(format!(
+                        "checkpoint {} was made with sampler_seed {}, this job has {}",
+                        dir.display(),
+                        ts.sampler_seed,
+                        job.config.sampler_seed
+                    )));
+                }
+                tracing::info!(checkpoint = %dir.display(), step = ts.step, "resuming from checkpoint");
+                let cursor = serde_json::to_string(&ts.cursor).expect("cursor serializes");
+                for (i, r) in ts.reward_history.iter().enumerate() {
+                    let last = i as u64 + 1 == ts.step;
+                    db.put_iteration(&job.id, &IterationRecord {
+                        iteration: i as u64 + 1,
+                        mean_rewards: r.clone(),
+                        metrics_json: "{}".into(),
+                        cursor_json: if last { cursor.clone() } else { String::new() },
+                    })?;
+                }
+                history = ts.reward_history.clone();
+                job.step = ts.step;
+                job.checkpoint_step = ts.step;
+                job.message = format!("resumed from {} (step {})", dir.display(), ts.step);
+                db.put_job(&job)?;
+                resumed_from = Some((ts.step, dir));
+            }
+        }
+        let mut training = Training {
+            sampler: PromptSampler::new(job.config.sampler_seed, dataset_len, Cursor::default()),
+            iteration: None,
+            outputs: Outputs::open(&job.config, &history)?,
+            history,
+            done: BTreeSet::new(),
+            resumed_from,
+        };
+        training.rewind(&db, &mut job, dataset_len)?;
+        db.put_job(&job)?;
         Ok(Arc::new(Self {
-            inner: Mutex::new(Inner { db, job, workers }),
+            inner: Mutex::new(Inner { db, job, workers, training, dataset_len }),
             settings,
             changed: watch::Sender::new(0),
         }))
@@ -165,7 +290,7 @@ impl CoordinatorState {
             }
         }
         let mut g = self.lock();
-        let Inner { db, job, workers } = &mut *g;
+        let Inner { db, job, workers, training, dataset_len } = &mut *g;
         if job.state.is_terminal() {
             return Err(Error::InvalidRequest(format!("job {} has ended ({})", job.id, job.state)));
         }
@@ -215,6 +340,7 @@ impl CoordinatorState {
         workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
         if formed {
             job.generation += 1;
+            training.rewind(db, job, *dataset_len)?;
             job.message = format!(
                 "worker {} rejoined as rank {}; world re-formed (generation {})",
                 worker_id,
@@ -225,6 +351,7 @@ impl CoordinatorState {
             db.put_job(job)?;
         } else if live + 1 == job.world_size {
             Self::form_world(db, job, workers)?;
+            training.rewind(db, job, *dataset_len)?;
         } else {
             job.message = format!("waiting for workers: {} of {}", live + 1, job.world_size);
             job.updated_ms = now;
@@ -307,7 +434,7 @@ impl CoordinatorState {
         reported: WorkerState,
     ) -> Result<(Option<RankAssignment>, JobState)> {
         let mut g = self.lock();
-        let Inner { db, job, workers } = &mut *g;
+        let Inner { db, job, workers, .. } = &mut *g;
         let w = Self::find(workers, id)?;
         w.last_seen = Instant::now();
         w.rec.last_heartbeat_ms = now_ms();
@@ -328,7 +455,7 @@ impl CoordinatorState {
     /// A clean exit.
     pub fn goodbye(&self, id: &WorkerId, reason: &str) -> Result<()> {
         let mut g = self.lock();
-        let Inner { db, job, workers } = &mut *g;
+        let Inner { db, job, workers, .. } = &mut *g;
         let w = Self::find(workers, id)?;
         w.rec.state = WorkerState::Stopped;
         w.rec.last_heartbeat_ms = now_ms();
@@ -349,7 +476,7 @@ impl CoordinatorState {
     pub fn expire(&self, now: Instant) -> Result<Vec<WorkerId>> {
         let timeout = self.settings.heartbeat_timeout;
         let mut g = self.lock();
-        let Inner { db, job, workers } = &mut *g;
+        let Inner { db, job, workers, .. } = &mut *g;
         let mut lost = Vec::new();
         for w in workers.iter_mut() {
             if w.rec.state.is_live() && now.saturating_duration_since(w.last_seen) > timeout {
@@ -376,6 +503,226 @@ impl CoordinatorState {
             self.notify();
         }
         Ok(lost)
+    }
+
+    /// The rank of a live worker in the current generation, or why it cannot work now.
+    fn working_rank(inner: &mut Inner, id: &WorkerId, generation: u64) -> Result<u32> {
+        let Inner { job, workers, .. } = inner;
+        if job.state == JobState::Failed {
+            return Err(Error::JobFailed(job.message.clone()));
+        }
+        let w = Self::find(workers, id)?;
+        let rank = w.rec.rank.ok_or_else(|| {
+            Error::NotReady("no rank yet: the world is not complete".to_string())
+        })?;
+        if generation != job.generation {
+            return Err(Error::Superseded { requested: generation, current: job.generation });
+        }
+        // A lost rank stalls every collective: say so instead of letting callers wait.
+        for r in 0..job.world_size {
+            if !workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live()) {
+                return Err(Error::NotReady(format!(
+                    "rank {r} is gone; the job continues from step {} when it rejoins",
+                    job.checkpoint_step
+                )));
+            }
+        }
+        Ok(rank)
+    }
+
+    fn fail_job(&self, inner: &mut Inner, message: String) -> Error {
+        tracing::error!("job failed: {message}");
+        inner.job.state = JobState::Failed;
+        inner.job.message = message.clone();
+        inner.job.updated_ms = now_ms();
+        inner.training.iteration = None;
+        if let Err(e) = inner.db.put_job(&inner.job) {
+            tracing::error!("cannot record the failure: {e}");
+        }
+        Error::JobFailed(message)
+    }
+
+    /// Step 1: `rank`'s work for the current iteration, planning it if it is the first ask.
+    /// `ready_for` is the step the worker's weights are at (`u64::MAX`: none).
+    pub fn get_work(
+        &self,
+        id: &WorkerId,
+        ready_for: u64,
+        generation: u64,
+        checkpointed_step: u64,
+    ) -> Result<Assignment> {
+        let mut g = self.lock();
+        let rank = Self::working_rank(&mut g, id, generation)?;
+        let world = g.job.world_size;
+        let Inner { db, job, training, .. } = &mut *g;
+        if rank == 0 && checkpointed_step > job.checkpoint_step {
+            job.checkpoint_step = checkpointed_step;
+            db.put_job(job)?;
+        }
+        let cfg = job.config.clone();
+        if job.step >= u64::from(cfg.max_train_steps) {
+            training.done.insert(rank);
+            if training.done.len() as u32 == world && job.state != JobState::Completed {
+                job.state = JobState::Completed;
+                job.message = format!("completed {} iterations", job.step);
+                job.updated_ms = now_ms();
+                db.put_job(job)?;
+                tracing::info!(steps = job.step, "job completed");
+                drop(g);
+                self.notify();
+            }
+            return Ok(Assignment {
+                iteration: u64::from(cfg.max_train_steps),
+                items: vec![],
+                done: true,
+                restore: None,
+                sample_grid: false,
+            });
+        }
+        let restore = (ready_for != job.step)
+            .then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
+        if training.iteration.is_none() {
+            let it = Iteration::plan(job.step, job.generation, &cfg, world, &mut training.sampler)
+                .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+            tracing::info!(iteration = it.index + 1, "iteration planned");
+            training.iteration = Some(it);
+        }
+        let it = training.iteration.as_ref().expect("planned above");
+        let every = u64::from(cfg.sample_grid_every);
+        let last = it.index + 1 == u64::from(cfg.max_train_steps);
+        Ok(Assignment {
+            iteration: it.index,
+            items: it.work(rank).to_vec(),
+            done: false,
+            restore,
+            sample_grid: every > 0 && (it.index % every == 0 || last),
+        })
+    }
+
+    fn current(slot: &mut Option<Iteration>, iteration: u64) -> Result<&mut Iteration> {
+        match slot.as_mut() {
+            Some(it) if it.index == iteration => Ok(it),
+            Some(it) => Err(Error::InvalidRequest(format!(
+                "iteration {iteration} is not in flight (iteration {} is)",
+                it.index
+            ))),
+            None => Err(Error::InvalidRequest(format!(
+                "iteration {iteration} is not in flight; ask for work first"
+            ))),
+        }
+    }
+
+    /// Step 2: rewards of `rank`'s trajectories: `(item, one value per reward, error)`.
+    pub fn report_rewards(
+        &self,
+        id: &WorkerId,
+        iteration: u64,
+        generation: u64,
+        rewards: Vec<(WorkItem, Vec<f64>, String)>,
+    ) -> Result<()> {
+        let mut g = self.lock();
+        let rank = Self::working_rank(&mut g, id, generation)?;
+        let Inner { job, training, .. } = &mut *g;
+        let Training { iteration: slot, sampler, .. } = training;
+        let it = Self::current(slot, iteration)?;
+        let outcome = it.report(rank, rewards, &job.config, sampler);
+        let out = match outcome {
+            Ok(()) => Ok(()),
+            Err(IterationError::Invalid(m)) => Err(Error::InvalidRequest(m)),
+            Err(IterationError::Fatal(m)) => Err(self.fail_job(&mut g, m)),
+        };
+        drop(g);
+        self.notify();
+        out
+    }
+
+    /// Step 3: `rank`'s advantages (or refill work), waiting until every group it holds
+    /// members of is complete.
+    pub async fn get_advantages(
+        &self,
+        id: &WorkerId,
+        iteration: u64,
+        generation: u64,
+    ) -> Result<pb::GetAdvantagesResponse> {
+        let deadline = Instant::now() + ADVANTAGES_TIMEOUT;
+        loop {
+            // Subscribe before looking, so a change between the look and the wait is not lost.
+            let mut changed = self.subscribe();
+            {
+                let mut g = self.lock();
+                let rank = Self::working_rank(&mut g, id, generation)?;
+                let it = Self::current(&mut g.training.iteration, iteration)?;
+                if let Some(resp) = it.advantages(rank) {
+                    return Ok(resp);
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return Err(Error::Timeout(format!(
+                    "no advantages for iteration {iteration} after {ADVANTAGES_TIMEOUT:?}: other \
+                     ranks have not reported their rewards"
+                )));
+            }
+        }
+    }
+
+    /// Step 5: `rank`'s metrics. Completes the iteration once every rank has reported, and
+    /// answers whether rank 0 writes a checkpoint now, with the state that goes in it.
+    pub fn report_step_metrics(
+        &self,
+        id: &WorkerId,
+        generation: u64,
+        metrics: pb::StepMetrics,
+    ) -> Result<(bool, String)> {
+        let mut g = self.lock();
+        let rank = Self::working_rank(&mut g, id, generation)?;
+        let Inner { db, job, training, .. } = &mut *g;
+        let cfg = job.config.clone();
+        let it = Self::current(&mut training.iteration, metrics.iteration)?;
+        let index = it.index;
+        let complete = it.record_metrics(rank, pb::StepMetrics { rank, ..metrics });
+        let means = it.mean_rewards();
+        let step = index + 1;
+        let every = u64::from(cfg.checkpointing_steps);
+        let checkpoint =
+            every > 0 && (step % every == 0 || step == u64::from(cfg.max_train_steps));
+        let mut reward_history = training.history.clone();
+        reward_history.push(means.clone());
+        let state = TrainerState {
+            step,
+            cursor: training.sampler.cursor(),
+            sampler_seed: cfg.sampler_seed,
+            reward_history,
+        };
+        let state_json = serde_json::to_string_pretty(&state).expect("trainer state serializes");
+        if complete {
+            if let Err(IterationError::Fatal(m) | IterationError::Invalid(m)) = it.check_replicas()
+            {
+                return Err(self.fail_job(&mut g, m));
+            }
+            let summary = it.summary();
+            let metrics_json = outputs::metrics_json(step, &means, &summary);
+            training.history.push(means.clone());
+            db.put_iteration(&job.id, &IterationRecord {
+                iteration: step,
+                mean_rewards: means.clone(),
+                metrics_json: metrics_json.to_string(),
+                cursor_json: serde_json::to_string(&state.cursor).expect("cursor serializes"),
+            })?;
+            training.outputs.record(&metrics_json, &training.history)?;
+            training.iteration = None;
+            job.step = step;
+            job.message = format!(
+                "iteration {step}/{}: reward {:.6}, loss {:.3e}",
+                cfg.max_train_steps,
+                means.first().copied().unwrap_or(f64::NAN),
+                summary.loss
+            );
+            job.updated_ms = now_ms();
+            db.put_job(job)?;
+            drop(g);
+            self.notify();
+        }
+        Ok((checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() }))
     }
 
     /// The job this coordinator runs.
@@ -425,8 +772,14 @@ mod tests {
     use crate::config::Topology;
 
     fn settings(dir: &std::path::Path, world: u32) -> CoordinatorSettings {
+        let data = dir.join("videos2caption.json");
+        std::fs::write(&data, r#"[{"caption": "a"}, {"caption": "b"}]"#).unwrap();
         CoordinatorSettings {
-            job: JobConfig::default(),
+            job: JobConfig {
+                data_json_path: data.display().to_string(),
+                output_dir: dir.join("out").display().to_string(),
+                ..JobConfig::default()
+            },
             topology: Topology::new(1, world, None).unwrap(),
             db_path: dir.join("db.sqlite"),
             heartbeat_interval: Duration::from_millis(100),

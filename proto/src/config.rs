@@ -121,6 +121,11 @@ pub struct JobConfig {
     pub reward_log: String,
     /// Collective backend override (`gloo`, `nccl`, `hccl`); empty = derived from the device.
     pub backend: String,
+    /// Where a new job starts from: `latest` (newest `checkpoint-N` in `output_dir`), a
+    /// checkpoint directory, or empty for the pretrained model.
+    pub resume_from_checkpoint: String,
+    /// A PNG grid of the samples every this many iterations (0 = never).
+    pub sample_grid_every: u32,
 }
 
 fn one() -> f64 {
@@ -174,6 +179,8 @@ impl Default for JobConfig {
             non_finite_policy: NonFinitePolicy::Fail,
             reward_log: "hps_reward.txt".into(),
             backend: String::new(),
+            resume_from_checkpoint: String::new(),
+            sample_grid_every: 10,
         }
     }
 }
@@ -223,6 +230,8 @@ impl JobConfig {
         "non_finite_policy",
         "reward_log",
         "backend",
+        "resume_from_checkpoint",
+        "sample_grid_every",
     ];
 
     /// Number of transitions trained per trajectory: `int((S − 1) · timestep_fraction)`, the

@@ -80,6 +80,8 @@ impl From<&JobConfig> for pb::JobConfig {
             } as i32,
             reward_log: c.reward_log.clone(),
             backend: c.backend.clone(),
+            resume_from_checkpoint: c.resume_from_checkpoint.clone(),
+            sample_grid_every: c.sample_grid_every,
         }
     }
 }
@@ -143,6 +145,8 @@ impl TryFrom<pb::JobConfig> for JobConfig {
             non_finite_policy,
             reward_log: c.reward_log,
             backend: c.backend,
+            resume_from_checkpoint: c.resume_from_checkpoint,
+            sample_grid_every: c.sample_grid_every,
         })
     }
 }

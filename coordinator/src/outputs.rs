@@ -1,0 +1,303 @@
+//! What a job leaves in `output_dir` for people and for resuming: the reward log (one float
+//! per line), `metrics.jsonl` (one JSON object per iteration), the reward-curve PNG, and the
+//! `trainer_state.json` a checkpoint carries. Also where the prompt count comes from.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use dancegrpo_proto::{JobConfig, pb};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::reward_log::RewardLog;
+use crate::schedule::Cursor;
+
+/// The metrics log's file name, next to the reward log.
+pub const METRICS_LOG: &str = "metrics.jsonl";
+/// The reward curve's file name.
+pub const REWARD_CURVE: &str = "reward_curve.png";
+/// The coordinator's part of a checkpoint.
+pub const TRAINER_STATE: &str = "trainer_state.json";
+
+/// The coordinator's state after `step` iterations: enough to resume from a checkpoint alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Completed iterations.
+    pub step: u64,
+    /// The prompt sampler's position.
+    pub cursor: Cursor,
+    /// The sampler's seed, to refuse a resume under another shuffle.
+    pub sampler_seed: u64,
+    /// Mean rewards of every completed iteration, so the reward log can be rebuilt in a new
+    /// output directory.
+    pub reward_history: Vec<Vec<f64>>,
+}
+
+impl TrainerState {
+    /// Reads `dir/trainer_state.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(TRAINER_STATE);
+        let text = std::fs::read_to_string(&path).map_err(io(&path, "cannot read"))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidRequest(format!("{} is not a trainer state: {e}", path.display()))
+        })
+    }
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let context = format!("{what} {}", path.display());
+    move |source| Error::Io { context, source }
+}
+
+/// `path` relative to `output_dir` unless absolute.
+pub fn in_output_dir(cfg: &JobConfig, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() { p.to_path_buf() } else { Path::new(&cfg.output_dir).join(p) }
+}
+
+/// Finds the checkpoint a new job starts from: `latest` is the newest complete
+/// `checkpoint-N` in `output_dir` (none yet: start fresh), anything else a directory.
+pub fn resolve_resume(cfg: &JobConfig) -> Result<Option<PathBuf>> {
+    match cfg.resume_from_checkpoint.as_str() {
+        "" => Ok(None),
+        "latest" => {
+            let Ok(entries) = std::fs::read_dir(&cfg.output_dir) else { return Ok(None) };
+            Ok(entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let n: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                    e.path().join(TRAINER_STATE).is_file().then(|| (n, e.path()))
+                })
+                .max_by_key(|(n, _)| *n)
+                .map(|(_, p)| p))
+        }
+        dir => {
+            let p = PathBuf::from(dir);
+            if !p.join(TRAINER_STATE).is_file() {
+                return Err(Error::InvalidRequest(format!(
+                    "resume_from_checkpoint {dir}: no {TRAINER_STATE} there (not a dancegrpo \
+                     checkpoint, or not completely written)"
+                )));
+            }
+            Ok(Some(p))
+        }
+    }
+}
+
+/// Number of prompts in the job's dataset: `data_json_path` is the own layout's
+/// `manifest.json`, the reference's `videos2caption.json`, or a directory holding either.
+pub fn dataset_len(cfg: &JobConfig) -> Result<u64> {
+    let raw = &cfg.data_json_path;
+    let bad = |message: String| Error::Data { path: raw.clone(), message };
+    let p = Path::new(raw);
+    let file = if p.is_dir() {
+        ["manifest.json", "videos2caption.json"]
+            .iter()
+            .map(|n| p.join(n))
+            .find(|f| f.is_file())
+            .ok_or_else(|| {
+                bad("neither manifest.json nor videos2caption.json in this directory; run \
+                     `dancegrpo-worker preprocess` first"
+                    .into())
+            })?
+    } else if p.is_file() {
+        p.to_path_buf()
+    } else {
+        return Err(bad("not found; run `dancegrpo-worker preprocess` first".into()));
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let n = match &v {
+        serde_json::Value::Array(items) => items.len(),
+        serde_json::Value::Object(o) => o
+            .get("items")
+            .and_then(|i| i.as_array())
+            .map(Vec::len)
+            .ok_or_else(|| bad("a manifest without an `items` list".into()))?,
+        _ => return Err(bad("expected a list of prompts or a manifest".into())),
+    };
+    if n == 0 {
+        return Err(bad("the dataset has no prompts".into()));
+    }
+    Ok(n as u64)
+}
+
+/// One iteration's line of `metrics.jsonl` (and the record the status API shows).
+pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &pb::StepMetrics) -> serde_json::Value {
+    let t = m.timings.clone().unwrap_or_default();
+    serde_json::json!({
+        "iteration": step,
+        "mean_rewards": mean_rewards,
+        "loss": m.loss,
+        "grad_norm": m.grad_norm,
+        "ratio_dev_mean": m.ratio_dev_mean,
+        "ratio_dev_max": m.ratio_dev_max,
+        "clip_fraction": m.clip_fraction,
+        "optimizer_steps": m.optimizer_steps,
+        "timings_s": {
+            "rollout": t.rollout_s,
+            "decode": t.decode_s,
+            "reward": t.reward_s,
+            "train": t.train_s,
+            "communication": t.communication_s,
+        },
+    })
+}
+
+/// Reads back [`metrics_json`]; `None` for iterations without metrics (resumed history).
+pub fn metrics_from_json(text: &str) -> Option<pb::StepMetrics> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let t = v.get("timings_s")?;
+    let tf = |k: &str| t.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    Some(pb::StepMetrics {
+        iteration: v.get("iteration")?.as_u64()?,
+        loss: f("loss"),
+        grad_norm: f("grad_norm"),
+        ratio_dev_mean: f("ratio_dev_mean"),
+        ratio_dev_max: f("ratio_dev_max"),
+        clip_fraction: f("clip_fraction"),
+        optimizer_steps: f("optimizer_steps") as u32,
+        timings: Some(pb::PhaseTimings {
+            rollout_s: tf("rollout"),
+            decode_s: tf("decode"),
+            reward_s: tf("reward"),
+            train_s: tf("train"),
+            communication_s: tf("communication"),
+        }),
+        ..Default::default()
+    })
+}
+
+/// The files a running job appends to.
+#[derive(Debug)]
+pub struct Outputs {
+    reward_log: RewardLog,
+    metrics: PathBuf,
+    curve: PathBuf,
+    title: String,
+    reward_names: Vec<String>,
+}
+
+impl Outputs {
+    /// Opens the outputs of a job that has completed `history.len()` iterations: the reward
+    /// log and the metrics log are cut back to that many entries (an iteration that was
+    /// written but never recorded as complete is redone), and a missing reward log (a resume
+    /// into a new output directory) is rebuilt from `history`.
+    pub fn open(cfg: &JobConfig, history: &[Vec<f64>]) -> Result<Self> {
+        let log_path = in_output_dir(cfg, &cfg.reward_log);
+        let completed = history.len() as u64;
+        if !log_path.exists() && completed > 0 {
+            let mut fresh = RewardLog::open(&log_path, 0)?;
+            for h in history {
+                fresh.append(h.first().copied().unwrap_or(f64::NAN))?;
+            }
+        }
+        let reward_log = RewardLog::open(&log_path, completed)?;
+        let dir = log_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let metrics = dir.join(METRICS_LOG);
+        truncate_jsonl(&metrics, completed)?;
+        Ok(Self {
+            reward_log,
+            metrics,
+            curve: dir.join(REWARD_CURVE),
+            title: cfg.job_name.clone(),
+            reward_names: cfg.rewards.iter().map(|r| r.name.clone()).collect(),
+        })
+    }
+
+    /// Records one finished iteration and redraws the curve from `history` (all of them).
+    pub fn record(&mut self, line: &serde_json::Value, history: &[Vec<f64>]) -> Result<()> {
+        let mean = history.last().and_then(|h| h.first()).copied().unwrap_or(f64::NAN);
+        self.reward_log.append(mean)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.metrics)
+            .map_err(io(&self.metrics, "cannot open"))?;
+        writeln!(f, "{line}").map_err(io(&self.metrics, "cannot append to"))?;
+        let series: Vec<(String, Vec<f64>)> = self
+            .reward_names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                (name.clone(), history.iter().map(|h| h.get(k).copied().unwrap_or(f64::NAN)).collect())
+            })
+            .collect();
+        // A plot that fails to draw must not stop training; say so and go on.
+        if let Err(e) = crate::plot::write_reward_curve(&self.curve, &self.title, &series) {
+            tracing::warn!(path = %self.curve.display(), "reward curve not written: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the lines of iterations `1..=keep` of a JSONL file (rewritten through a temp file
+/// and a rename).
+fn truncate_jsonl(path: &Path, keep: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("iteration").and_then(|i| i.as_u64()))
+                .is_some_and(|i| i <= keep)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !kept.is_empty() {
+        body.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, body).map_err(io(&tmp, "cannot write"))?;
+    std::fs::rename(&tmp, path).map_err(io(path, "cannot replace"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_length_from_either_layout_and_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |p: &Path| JobConfig { data_json_path: p.display().to_string(), ..Default::default() };
+        std::fs::write(dir.path().join("videos2caption.json"), r#"[{"a":1},{"a":2},{"a":3}]"#)
+            .unwrap();
+        assert_eq!(dataset_len(&cfg(dir.path())).unwrap(), 3);
+        std::fs::write(dir.path().join("manifest.json"), r#"{"items":[{}, {}]}"#).unwrap();
+        assert_eq!(dataset_len(&cfg(dir.path())).unwrap(), 2, "own layout first");
+        assert_eq!(dataset_len(&cfg(&dir.path().join("videos2caption.json"))).unwrap(), 3);
+        let e = dataset_len(&cfg(&dir.path().join("nope"))).unwrap_err().to_string();
+        assert!(e.contains("nope: not found; run `dancegrpo-worker preprocess`"), "{e}");
+        std::fs::write(dir.path().join("bad.json"), "[").unwrap();
+        let e = dataset_len(&cfg(&dir.path().join("bad.json"))).unwrap_err().to_string();
+        assert!(e.contains("not JSON"), "{e}");
+    }
+
+    #[test]
+    fn outputs_rebuild_a_missing_log_and_cut_back_an_unrecorded_iteration() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JobConfig {
+            output_dir: dir.path().display().to_string(),
+            reward_log: "reward.txt".into(),
+            ..Default::default()
+        };
+        let history = vec![vec![0.25], vec![0.5]];
+        let mut o = Outputs::open(&cfg, &history).unwrap();
+        let log = dir.path().join("reward.txt");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
+        let mut h3 = history.clone();
+        h3.push(vec![0.1]);
+        o.record(&serde_json::json!({"iteration": 3}), &h3).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n0.1\n");
+        drop(o);
+        // Iteration 3 was logged but the job only recorded 2: it is redone, not duplicated.
+        Outputs::open(&cfg, &history).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
+        assert_eq!(std::fs::read_to_string(dir.path().join(METRICS_LOG)).unwrap(), "");
+    }
+}
