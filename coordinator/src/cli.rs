@@ -76,10 +76,22 @@ pub fn status_json(s: &pb::JobStatus) -> Value {
                 "registered_unix_ms": w.registered_unix_ms,
             })
         }).collect::<Vec<_>>(),
-        "history": s.history.iter().map(|h| json!({
-            "iteration": h.iteration,
-            "mean_rewards": h.mean_rewards,
-        })).collect::<Vec<_>>(),
+        "history": s.history.iter().map(|h| {
+            let m = h.metrics.clone().unwrap_or_default();
+            let t = m.timings.unwrap_or_default();
+            json!({
+                "iteration": h.iteration,
+                "mean_rewards": h.mean_rewards,
+                "loss": m.loss,
+                "grad_norm": m.grad_norm,
+                "ratio_dev_max": m.ratio_dev_max,
+                "clip_fraction": m.clip_fraction,
+                "timings_s": {
+                    "rollout": t.rollout_s, "decode": t.decode_s, "reward": t.reward_s,
+                    "train": t.train_s, "communication": t.communication_s,
+                },
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -138,13 +150,46 @@ pub fn status_text(s: &pb::JobStatus) -> String {
         );
     }
     if !s.history.is_empty() {
-        let _ = writeln!(o, "reward history (mean per iteration):");
+        let _ = writeln!(o, "iterations (last 10; times in seconds, slowest rank):");
+        let _ = writeln!(o, "{}", iteration_header());
         for h in s.history.iter().rev().take(10).rev() {
-            let r: Vec<String> = h.mean_rewards.iter().map(|r| format!("{r:.5}")).collect();
-            let _ = writeln!(o, "  {:>6}  {}", h.iteration, r.join("  "));
+            let _ = writeln!(o, "{}", iteration_row(h));
         }
     }
     o
+}
+
+/// Header of the per-iteration table.
+pub fn iteration_header() -> String {
+    format!(
+        "  {:>6}  {:>10}  {:>10}  {:>9}  {:>9}  {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "ITER", "REWARD", "LOSS", "GRADNORM", "|R-1|MAX", "ROLLOUT", "DECODE", "REWARD", "TRAIN",
+        "COMM"
+    )
+}
+
+/// One iteration as a table row: mean reward(s), loss, grad norm, ratio deviation, timings.
+pub fn iteration_row(h: &pb::IterationRecord) -> String {
+    let r: Vec<String> = h.mean_rewards.iter().map(|r| format!("{r:.5}")).collect();
+    match &h.metrics {
+        Some(m) => {
+            let t = m.timings.clone().unwrap_or_default();
+            format!(
+                "  {:>6}  {:>10}  {:>10.3e}  {:>9.3e}  {:>9.2e}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                h.iteration,
+                r.join(" "),
+                m.loss,
+                m.grad_norm,
+                m.ratio_dev_max,
+                t.rollout_s,
+                t.decode_s,
+                t.reward_s,
+                t.train_s,
+                t.communication_s
+            )
+        }
+        None => format!("  {:>6}  {:>10}  (resumed; no metrics)", h.iteration, r.join(" ")),
+    }
 }
 
 /// `status`: one snapshot.
@@ -166,15 +211,34 @@ pub async fn status(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<(
 }
 
 /// `watch`: follows the status until the job ends or the user interrupts.
-pub async fn watch(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<()> {
+pub async fn watch(addr: &str, job_id: &str, as_json: bool, table: bool) -> anyhow::Result<()> {
     let mut c = connect(addr).await?;
     let mut stream = c
         .watch_job(pb::WatchJobRequest { job_id: job_id.into() })
         .await
         .map_err(|e| anyhow::anyhow!("WatchJob failed: {}", e.message()))?
         .into_inner();
+    let mut shown = 0u64;
+    let mut last_state = i32::MIN;
     while let Some(msg) = stream.message().await.map_err(|e| anyhow::anyhow!("{}", e.message()))? {
         let Some(s) = msg.status else { continue };
+        if table {
+            if shown == 0 && last_state == i32::MIN {
+                println!("{}", iteration_header());
+            }
+            let from = shown;
+            for h in s.history.iter().filter(|h| h.iteration > from) {
+                println!("{}", iteration_row(h));
+                shown = h.iteration;
+            }
+            // A rewind (a lost worker, a restart) replays iterations: show them again.
+            shown = shown.min(s.step);
+            if s.state != last_state {
+                println!("  [{}] {}", short_job_state(s.state), s.message);
+                last_state = s.state;
+            }
+            continue;
+        }
         if as_json {
             println!("{}", serde_json::to_string(&status_json(&s))?);
         } else {

@@ -23,8 +23,9 @@ use crate::iteration::{Iteration, IterationError};
 use crate::outputs::{self, Outputs, TrainerState};
 use crate::schedule::{Cursor, PromptSampler};
 
-/// How long GetAdvantages waits for the other ranks' rewards before it gives up with an error.
-const ADVANTAGES_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long one GetAdvantages call waits for the other ranks' rewards. It then answers
+/// DEADLINE_EXCEEDED and the worker asks again: shorter than any client's request timeout.
+const LONG_POLL: Duration = Duration::from_secs(20);
 
 /// What GetWork hands a worker.
 #[derive(Debug, Clone)]
@@ -644,7 +645,7 @@ impl CoordinatorState {
         iteration: u64,
         generation: u64,
     ) -> Result<pb::GetAdvantagesResponse> {
-        let deadline = Instant::now() + ADVANTAGES_TIMEOUT;
+        let deadline = Instant::now() + LONG_POLL;
         loop {
             // Subscribe before looking, so a change between the look and the wait is not lost.
             let mut changed = self.subscribe();
@@ -658,8 +659,8 @@ impl CoordinatorState {
             }
             if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
                 return Err(Error::Timeout(format!(
-                    "no advantages for iteration {iteration} after {ADVANTAGES_TIMEOUT:?}: other \
-                     ranks have not reported their rewards"
+                    "no advantages for iteration {iteration} yet: other ranks are still rolling \
+                     out (ask again)"
                 )));
             }
         }

@@ -320,6 +320,16 @@ impl JobConfig {
         );
         check(self.max_train_steps >= 1, "max_train_steps must be >= 1".into());
         check(self.train_batch_size >= 1, "train_batch_size must be >= 1".into());
+        let per_rank = self.train_batch_size * self.num_generations;
+        check(
+            self.gradient_accumulation_steps == 0
+                || per_rank % self.gradient_accumulation_steps == 0,
+            format!(
+                "gradient_accumulation_steps {} must divide the {per_rank} trajectories each \
+                 worker trains per iteration (train_batch_size x num_generations)",
+                self.gradient_accumulation_steps
+            ),
+        );
         check(!self.rewards.is_empty(), "rewards must list at least one reward".into());
         for (i, r) in self.rewards.iter().enumerate() {
             check(!r.name.trim().is_empty(), format!("rewards[{i}].name must not be empty"));
@@ -361,7 +371,13 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let c = JobConfig { num_generations: 1, eta: -1.0, h: 100, ..JobConfig::default() };
+        let c = JobConfig {
+            num_generations: 1,
+            gradient_accumulation_steps: 1,
+            eta: -1.0,
+            h: 100,
+            ..JobConfig::default()
+        };
         let e = c.validate().unwrap_err();
         assert_eq!(e.problems.len(), 3, "{e}");
         let msg = e.to_string();

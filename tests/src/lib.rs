@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dancegrpo_proto::pb;
@@ -76,9 +77,82 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
 }
 
+/// Keys every test job gets unless its config sets them: the `tiny` preset on the shared tiny
+/// dataset, small images and few steps, so an iteration takes well under a second.
+const TEST_DEFAULTS: &[(&str, &str)] = &[
+    ("pretrained_model_name_or_path", "\"tiny\""),
+    ("output_dir", "\"out\""),
+    ("num_generations", "4"),
+    ("sampling_steps", "4"),
+    ("h", "32"),
+    ("w", "32"),
+    ("gradient_accumulation_steps", "2"),
+    ("max_train_steps", "100000"),
+    ("checkpointing_steps", "0"),
+    ("sample_grid_every", "0"),
+    ("gradient_checkpointing", "false"),
+    ("reward_log", "\"reward.txt\""),
+];
+
+/// The test jobs' reward, unless a config lists its own.
+const TEST_REWARD: &str = "\n[[rewards]]\nname = \"jpeg_compressibility\"\n";
+
+/// A prompt dataset made once per test process: the demo's prompts encoded by the tiny text
+/// encoders of `tests/golden/text/model` with `dancegrpo-worker preprocess`.
+pub fn tiny_dataset() -> &'static Path {
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let root = workspace_root();
+        let out = std::env::temp_dir().join(format!("dancegrpo-e2e-data-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let st = Command::new(bin("dancegrpo-worker"))
+            .args(["preprocess", "--model-dir"])
+            .arg(root.join("tests/golden/text/model"))
+            .arg("--prompts")
+            .arg(root.join("deploy/demo/prompts.txt"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-sequence-length", "8", "--quiet"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run preprocess");
+        assert!(st.success(), "preprocessing the tiny dataset failed");
+        out
+    })
+}
+
+/// The workspace root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// `config` with the test defaults for every key it does not set.
+pub fn with_test_defaults(config: &str) -> String {
+    let sets = |k: &str| config.lines().any(|l| l.trim_start().starts_with(&format!("{k} =")));
+    let mut out = String::new();
+    if !sets("data_json_path") {
+        out += &format!("data_json_path = {:?}\n", tiny_dataset().display().to_string());
+    }
+    for (k, v) in TEST_DEFAULTS {
+        if !sets(k) {
+            out += &format!("{k} = {v}\n");
+        }
+    }
+    out += config;
+    if !config.contains("[[rewards]]") {
+        out += TEST_REWARD;
+    }
+    out
+}
+
 impl Cluster {
-    /// A scratch directory with `config` written as `job.toml`.
+    /// A scratch directory with `config` (plus [`with_test_defaults`]) written as `job.toml`.
     pub fn new(config: &str) -> Self {
+        Self::exact(&with_test_defaults(config))
+    }
+
+    /// A scratch directory with exactly `config` as `job.toml`.
+    pub fn exact(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("job.toml"), config).expect("write config");
         Self { dir }

@@ -1,5 +1,5 @@
 //! The dancegrpo worker: one process per accelerator. It registers with the coordinator,
-//! heartbeats, and (as the training loop lands) rolls out, scores and trains.
+//! heartbeats, joins the process group, and rolls out, scores and trains ([`train`]).
 //!
 //! Layout: [`session`] is the control-plane link, [`compute`] the thread that owns libtorch.
 
@@ -67,6 +67,7 @@ pub struct WorkerSettings {
 }
 
 type Joining = Pin<Box<dyn Future<Output = (RankAssignment, Result<String>)> + Send>>;
+type Training = Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send>>;
 
 /// Runs the worker until the job ends or `shutdown` is cancelled (SIGTERM / Ctrl-C), then
 /// drains and says goodbye.
@@ -86,6 +87,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     tracing::info!(job = %joined.config.job_name, job_id = %joined.job_id,
         "joined; waiting for the rest of the world");
     let backend_override = joined.config.backend.clone();
+    let job_config = joined.config.clone();
 
     let (draining_tx, draining) = watch::channel(false);
     let hb_stop = CancellationToken::new();
@@ -95,12 +97,15 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     // The generation whose process group this rank has formed (or is forming).
     let mut formed: Option<u64> = None;
     let mut joining: Option<Joining> = None;
+    let mut training: Option<Training> = None;
     let outcome = loop {
         let current = assignment.borrow_and_update().clone();
         if let Some(a) = current.filter(|a| joining.is_none() && formed != Some(a.generation)) {
             tracing::info!(rank = a.rank, world_size = a.world_size, generation = a.generation,
                 store = %format!("{}:{}", a.store.host, a.store.port), "rank assigned; forming the process group");
             formed = Some(a.generation);
+            // The old world's work is void; the new one restores from the last checkpoint.
+            training = None;
             let compute = compute.clone();
             let backend = backend_override.clone();
             joining = Some(Box::pin(async move {
@@ -130,8 +135,26 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             (a, r) = async { joining.as_mut().expect("guarded").await }, if joining.is_some() => {
                 joining = None;
                 match r {
-                    Ok(backend) => tracing::info!(rank = a.rank, world_size = a.world_size,
-                        generation = a.generation, %backend, "process group ready"),
+                    Ok(backend) => {
+                        tracing::info!(rank = a.rank, world_size = a.world_size,
+                            generation = a.generation, %backend, "process group ready");
+                        training = Some(Box::pin(train::driver::run(
+                            session.clone(),
+                            compute.clone(),
+                            a,
+                            job_config.clone(),
+                        )));
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            r = async { training.as_mut().expect("guarded").await }, if training.is_some() => {
+                training = None;
+                match r {
+                    Ok(train::driver::Ended::Done) => break Ok("job completed".to_string()),
+                    Ok(train::driver::Ended::Paused(why)) => {
+                        tracing::warn!(cause = %why, "training paused until the world re-forms");
+                    }
                     Err(e) => break Err(e),
                 }
             }

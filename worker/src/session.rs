@@ -219,6 +219,16 @@ impl Session {
         Ok(())
     }
 
+    /// The current registration's worker id (it changes when the worker re-registers).
+    pub async fn worker_id(&self) -> String {
+        self.joined.lock().await.worker_id.clone()
+    }
+
+    /// A client for the step RPCs.
+    pub fn client(&self) -> CoordinatorClient<Channel> {
+        self.client.clone()
+    }
+
     /// Tells the coordinator we are leaving cleanly. Best effort, bounded in time.
     pub async fn goodbye(&self, reason: &str) {
         let worker_id = self.joined.lock().await.worker_id.clone();
@@ -232,6 +242,7 @@ impl Session {
     }
 }
 
-fn rejected(rpc: &'static str, s: tonic::Status) -> Error {
+/// A refused call as an [`Error`].
+pub fn rejected(rpc: &'static str, s: tonic::Status) -> Error {
     Error::Rejected { rpc, message: s.message().to_string(), code: s.code() }
 }

@@ -6,12 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dancegrpo_proto::RankAssignment;
+use std::collections::BTreeMap;
+
+use dancegrpo_proto::{JobConfig, RankAssignment, WorkItem, pb};
 use tch::{Kind, Tensor};
 
 use crate::device::Device;
 use crate::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp, Store};
 use crate::error::{Error, Result};
+use crate::train::{TrainError, Trainer};
 
 /// Everything the compute thread owns.
 #[derive(Debug)]
@@ -21,12 +24,15 @@ pub struct World {
     /// port stays bound); clients reconnect each generation.
     store: Option<(Arc<Store>, bool)>,
     group: Option<ProcessGroup>,
+    /// Built on the first iteration; kept across generations (a re-formed world restores it
+    /// from a checkpoint rather than reloading the model).
+    trainer: Option<Trainer>,
 }
 
 impl World {
     /// State for `device`; nothing touches the device until [`World::init_device`].
     pub fn new(device: Device) -> Self {
-        Self { device, store: None, group: None }
+        Self { device, store: None, group: None, trainer: None }
     }
 
     /// Initialises the device on the calling (compute) thread and describes it.
@@ -36,6 +42,32 @@ impl World {
             Device::Cpu => crate::compute::describe_cpu(),
             other => other.to_string(),
         })
+    }
+
+    /// The trainer, built for `cfg` on first use.
+    pub fn trainer(&mut self, cfg: &JobConfig) -> Result<&mut Trainer, TrainError> {
+        if self.trainer.is_none() {
+            tracing::info!(model = %cfg.pretrained_model_name_or_path, "loading the policy");
+            self.trainer = Some(Trainer::new(cfg, self.device)?);
+        }
+        Ok(self.trainer.as_mut().expect("built above"))
+    }
+
+    /// The trainer built by [`World::trainer`].
+    pub fn loaded_trainer(&mut self) -> Result<&mut Trainer, TrainError> {
+        self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))
+    }
+
+    /// One update on this rank's trajectories, all-reducing over the current group.
+    pub fn train(
+        &mut self,
+        iteration: u64,
+        work: &[WorkItem],
+        advantages: &BTreeMap<(u64, u32), Vec<f64>>,
+    ) -> Result<pb::StepMetrics, TrainError> {
+        let trainer =
+            self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
+        trainer.train(iteration, work, advantages, self.group.as_mut())
     }
 
     /// The current group, if this rank has joined one.

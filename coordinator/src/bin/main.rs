@@ -26,7 +26,7 @@ enum Command {
     /// Print a job's status once.
     Status(QueryArgs),
     /// Follow a job's status as it changes.
-    Watch(QueryArgs),
+    Watch(WatchArgs),
     /// List the jobs in the coordinator's database.
     List(QueryArgs),
 }
@@ -95,6 +95,15 @@ struct QueryArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// One table row per finished iteration instead of the whole status on every change.
+    #[arg(long, conflicts_with = "json")]
+    table: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -186,7 +195,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve(a).await,
         Command::Status(q) => cli::status(&q.addr, &q.job, q.json).await,
-        Command::Watch(q) => cli::watch(&q.addr, &q.job, q.json).await,
+        Command::Watch(w) => cli::watch(&w.query.addr, &w.query.job, w.query.json, w.table).await,
         Command::List(q) => cli::list(&q.addr, q.json).await,
     };
     match result {

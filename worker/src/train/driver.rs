@@ -1,0 +1,233 @@
+//! The step protocol from the worker's side (DESIGN.md "The step protocol"): get work, roll
+//! out and score, report rewards, get advantages (rolling out refills first), train with the
+//! all-reduce, report metrics, write the checkpoint the coordinator asks for. The compute runs
+//! on the compute thread; this task only talks and waits.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dancegrpo_proto::{JobConfig, RankAssignment, WorkItem, pb};
+
+use crate::compute::ComputeThread;
+use crate::error::{Error, Result};
+use crate::session::{Session, rejected};
+use crate::world::World;
+
+/// How long a worker keeps asking for advantages while other ranks are still rolling out.
+const ADVANTAGES_PATIENCE: Duration = Duration::from_secs(3600);
+
+/// Why training stopped without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The job has no more iterations.
+    Done,
+    /// This generation's world is gone (a rank was lost, or the world re-formed): wait for
+    /// the next assignment.
+    Paused(String),
+}
+
+/// A refusal that means "this world is over", not "this worker is broken".
+fn paused(e: &Error) -> Option<String> {
+    match e {
+        Error::Rejected { code: tonic::Code::Aborted, message, .. }
+            if !message.starts_with("job failed") =>
+        {
+            Some(message.clone())
+        }
+        Error::Rejected { code: tonic::Code::Unavailable, message, .. } => Some(message.clone()),
+        _ => None,
+    }
+}
+
+/// Trains under assignment `a` until the job is done, the world is re-formed, or an error.
+pub async fn run(
+    session: Arc<Session>,
+    compute: Arc<ComputeThread<World>>,
+    a: RankAssignment,
+    cfg: JobConfig,
+) -> Result<Ended> {
+    match iterate(&session, &compute, &a, &cfg).await {
+        Ok(()) => Ok(Ended::Done),
+        Err(e) => match paused(&e) {
+            Some(why) => Ok(Ended::Paused(why)),
+            None => Err(e),
+        },
+    }
+}
+
+fn compute_err(e: super::TrainError) -> Error {
+    Error::Compute(e.to_string())
+}
+
+async fn iterate(
+    session: &Session,
+    compute: &ComputeThread<World>,
+    a: &RankAssignment,
+    cfg: &JobConfig,
+) -> Result<()> {
+    let generation = a.generation;
+    let mut client = session.client();
+    let mut checkpointed: u64 = 0;
+    {
+        let cfg = cfg.clone();
+        compute.run(move |w: &mut World| w.trainer(&cfg).map(|_| ())).await?.map_err(compute_err)?;
+    }
+    loop {
+        let ready_for = compute
+            .run(|w: &mut World| w.loaded_trainer().map(|t| t.ready_for()))
+            .await?
+            .map_err(compute_err)?;
+        let work = client
+            .get_work(pb::GetWorkRequest {
+                worker_id: session.worker_id().await,
+                iteration: ready_for,
+                generation,
+                checkpointed_step: checkpointed,
+            })
+            .await
+            .map_err(|s| rejected("GetWork", s))?
+            .into_inner();
+        if work.done {
+            tracing::info!("job done");
+            return Ok(());
+        }
+        let iteration = work.iteration;
+        if let Some(r) = work.restore {
+            let dir = (!r.checkpoint_dir.is_empty()).then(|| PathBuf::from(&r.checkpoint_dir));
+            compute
+                .run(move |w: &mut World| {
+                    w.loaded_trainer().and_then(|t| t.restore(r.step, dir.as_deref()))
+                })
+                .await?
+                .map_err(compute_err)?;
+        }
+        let items: Vec<WorkItem> = work.items.into_iter().map(WorkItem::from).collect();
+        let mut order = items.clone();
+        let started = Instant::now();
+        let mut scored = rollout(compute, items).await?;
+        let mut advantages = BTreeMap::new();
+        loop {
+            client
+                .report_rewards(pb::ReportRewardsRequest {
+                    worker_id: session.worker_id().await,
+                    iteration,
+                    generation,
+                    rewards: scored
+                        .iter()
+                        .map(|(it, r, e)| pb::TrajectoryReward {
+                            item: Some(it.into()),
+                            rewards: r.clone(),
+                            error: e.clone(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(|s| rejected("ReportRewards", s))?;
+            let resp = get_advantages(session, iteration, generation).await?;
+            if resp.refill.is_empty() {
+                for t in resp.advantages {
+                    let item = WorkItem::from(t.item.unwrap_or_default());
+                    advantages.insert((item.group_id, item.member_index), t.advantages);
+                }
+                break;
+            }
+            let refill: Vec<WorkItem> = resp.refill.into_iter().map(WorkItem::from).collect();
+            tracing::warn!(n = refill.len(), "rolling out a refilled group");
+            for r in &refill {
+                if let Some(o) = order
+                    .iter_mut()
+                    .find(|o| o.group_id == r.group_id && o.member_index == r.member_index)
+                {
+                    *o = *r;
+                }
+            }
+            scored = rollout(compute, refill).await?;
+        }
+        let mut metrics = compute
+            .run(move |w: &mut World| w.train(iteration, &order, &advantages))
+            .await?
+            .map_err(compute_err)?;
+        metrics.rank = a.rank;
+        if work.sample_grid && a.rank == 0 {
+            match compute.run(move |w: &mut World| w.loaded_trainer()?.write_samples(iteration)).await? {
+                Ok(p) => tracing::info!(path = %p.display(), "sample grid written"),
+                Err(e) => tracing::warn!("sample grid not written: {e}"),
+            }
+        } else {
+            compute
+                .run(|w: &mut World| w.loaded_trainer().map(|t| t.drop_samples()))
+                .await?
+                .map_err(compute_err)?;
+        }
+        let t = metrics.timings.clone().unwrap_or_default();
+        tracing::info!(
+            iteration = iteration + 1,
+            loss = metrics.loss,
+            grad_norm = metrics.grad_norm,
+            ratio_dev_max = metrics.ratio_dev_max,
+            rollout_s = t.rollout_s,
+            decode_s = t.decode_s,
+            reward_s = t.reward_s,
+            train_s = t.train_s,
+            comm_s = t.communication_s,
+            total_s = started.elapsed().as_secs_f64(),
+            "iteration done"
+        );
+        let done = client
+            .report_step_metrics(pb::ReportStepMetricsRequest {
+                worker_id: session.worker_id().await,
+                metrics: Some(metrics),
+                generation,
+            })
+            .await
+            .map_err(|s| rejected("ReportStepMetrics", s))?
+            .into_inner();
+        if done.checkpoint {
+            let step = iteration + 1;
+            let state = done.trainer_state_json;
+            compute
+                .run(move |w: &mut World| w.loaded_trainer()?.save_checkpoint(step, &state))
+                .await?
+                .map_err(compute_err)?;
+            checkpointed = step;
+        }
+    }
+}
+
+async fn rollout(
+    compute: &ComputeThread<World>,
+    items: Vec<WorkItem>,
+) -> Result<super::trainer::Scored> {
+    compute
+        .run(move |w: &mut World| w.loaded_trainer()?.rollout(&items))
+        .await?
+        .map_err(compute_err)
+}
+
+/// GetAdvantages, asked again while the coordinator's long poll runs out (other ranks are
+/// still rolling out), up to [`ADVANTAGES_PATIENCE`].
+async fn get_advantages(
+    session: &Session,
+    iteration: u64,
+    generation: u64,
+) -> Result<pb::GetAdvantagesResponse> {
+    let start = Instant::now();
+    loop {
+        let r = session
+            .client()
+            .get_advantages(pb::GetAdvantagesRequest {
+                worker_id: session.worker_id().await,
+                iteration,
+                generation,
+            })
+            .await;
+        match r {
+            Ok(resp) => return Ok(resp.into_inner()),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded
+                && start.elapsed() < ADVANTAGES_PATIENCE => {}
+            Err(s) => return Err(rejected("GetAdvantages", s)),
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! What a checkpoint holds of the policy and how it comes back:
+//!
+//! ```text
+//! checkpoint-N/
+//!   transformer/diffusion_pytorch_model.safetensors + config.json   (full fine-tune; diffusers)
+//!   adapter_model.safetensors + adapter_config.json                  (LoRA; PEFT)
+//!   optimizer.safetensors                                            (AdamW moments + step)
+//!   trainer_state.json                                               (coordinator: cursor, step,
+//!                                                                     reward history)
+//!   rng_state.json                                                   (how the noise is keyed)
+//! ```
+//!
+//! There is no RNG state to save beyond the seeds: every random draw (rollout noise, the
+//! transitions trained) is keyed by (seed, prompt, member, step), so an iteration redone after
+//! a resume draws exactly what it drew the first time.
+
+use std::path::Path;
+
+use dancegrpo_proto::JobConfig;
+use tch::Tensor;
+
+use super::TrainError;
+use super::checkpoint;
+use super::policy::Policy;
+use crate::flux::Layout;
+use crate::flux::load::load_weights;
+
+/// The optimizer state's file name.
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// Writes the policy's trained weights into `dir` (the temporary checkpoint directory).
+pub fn save_policy(dir: &Path, policy: &Policy, cfg: &JobConfig) -> Result<(), TrainError> {
+    match &cfg.lora {
+        Some(l) => checkpoint::save_lora_adapter(
+            dir,
+            &policy.lora,
+            l.rank,
+            l.alpha,
+            &l.target_modules,
+            &cfg.pretrained_model_name_or_path,
+        )?,
+        None => {
+            let named: Vec<(String, Tensor)> = policy.trainable();
+            checkpoint::save_transformer(dir, &named, policy.model.config())?;
+        }
+    }
+    let rng = serde_json::json!({
+        "seed": cfg.seed,
+        "sampler_seed": cfg.sampler_seed,
+        "scheme": "ChaCha8 streams keyed by (seed, prompt, member, step); nothing else to restore",
+    });
+    std::fs::write(dir.join("rng_state.json"), rng.to_string())
+        .map_err(|e| TrainError::Io(format!("rng_state.json: {e}")))
+}
+
+/// Loads a checkpoint's weights (or adapters) into a freshly built `policy`.
+pub fn load_into(dir: &Path, policy: &mut Policy) -> Result<(), TrainError> {
+    if policy.lora.is_empty() {
+        let file = dir.join("transformer").join("diffusion_pytorch_model.safetensors");
+        if !file.is_file() {
+            return Err(TrainError::Io(format!(
+                "{}: no transformer weights in this checkpoint",
+                file.display()
+            )));
+        }
+        let cfg = policy.model.config().clone();
+        load_weights(&policy.vs, &Layout::Diffusers(vec![file]), &cfg)?;
+    } else {
+        let (tensors, _) = checkpoint::load_lora_adapter(dir)?;
+        let _guard = tch::no_grad_guard();
+        for (name, t) in policy.lora.iter_mut() {
+            let src = tensors.iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or_else(|| {
+                TrainError::Io(format!("{}: adapter key {name} is missing", dir.display()))
+            })?;
+            if src.size() != t.size() {
+                return Err(TrainError::Io(format!(
+                    "{}: adapter key {name} has shape {:?}, the model expects {:?}",
+                    dir.display(),
+                    src.size(),
+                    t.size()
+                )));
+            }
+            t.f_copy_(src)?;
+        }
+    }
+    Ok(())
+}

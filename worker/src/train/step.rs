@@ -1,0 +1,165 @@
+//! The update of DanceGRPO (ALGORITHM.md §5 step 6-7, §12): per trajectory, a random subset of
+//! its transitions is re-evaluated under the current weights, the PPO-clip loss of each is
+//! back-propagated at once (one graph alive at a time), and every `gradient_accumulation_steps`
+//! trajectories the gradients are averaged over the ranks, clipped by their global norm and
+//! applied by AdamW.
+
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+
+use super::TrainError;
+use super::optim::AdamW;
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::flux::FluxTransformer;
+use crate::reward::loss::MultiRewardClipLoss;
+use crate::sampler::{Conditioning, Schedule, recompute_log_prob};
+use crate::sampler::rollout::backward_log_prob_checkpointed;
+
+/// What the loss of one transition needs besides the model.
+#[derive(Clone, Debug)]
+pub struct LossSettings {
+    /// SDE noise level η.
+    pub eta: f64,
+    /// The clipped loss (ε, advantage clamp, per-reward weights).
+    pub clip: MultiRewardClipLoss,
+    /// `gradient_accumulation_steps · train_timesteps`: the reference divides every
+    /// transition's loss by it, so one optimizer step sees the mean.
+    pub divisor: f64,
+    /// Recompute blocks in backward instead of keeping their activations.
+    pub checkpointing: bool,
+}
+
+/// Running statistics of an iteration's update.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UpdateStats {
+    /// Σ of the (divided) transition losses.
+    pub loss: f64,
+    /// Σ |ratio − 1| over transitions.
+    pub ratio_dev_sum: f64,
+    /// max |ratio − 1|.
+    pub ratio_dev_max: f64,
+    /// Transitions whose ratio left [1 − ε, 1 + ε].
+    pub clipped: u64,
+    /// Transitions trained.
+    pub transitions: u64,
+    /// Σ of the pre-clip global gradient norms.
+    pub grad_norm_sum: f64,
+    /// Optimizer steps taken.
+    pub optimizer_steps: u32,
+    /// Seconds in the gradient all-reduce.
+    pub communication_s: f64,
+}
+
+/// The transitions one trajectory trains on: the first `count` entries of a permutation of
+/// `0..transitions` (the reference's per-sample `randperm(S − 1)`; the last transition is never
+/// among them). Keyed by the trajectory, so a redone iteration picks the same ones.
+pub fn train_steps(seed: u64, group: u64, member: u32, transitions: usize, count: usize) -> Vec<usize> {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&group.to_le_bytes());
+    key[16..20].copy_from_slice(&member.to_le_bytes());
+    key[24..].copy_from_slice(b"timestep");
+    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut perm: Vec<usize> = (0..transitions).collect();
+    perm.shuffle(&mut rng);
+    perm.truncate(count);
+    perm
+}
+
+/// Back-propagates the loss of each transition `k ∈ steps` of one trajectory:
+/// `latents` `[1, S+1, N, C]` and `log_probs` `[1, S]` from its rollout, `advantages` `[1, K]`.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    latents: &Tensor,
+    log_probs: &Tensor,
+    advantages: &Tensor,
+    steps: &[usize],
+    sched: &Schedule,
+    s: &LossSettings,
+    stats: &mut UpdateStats,
+) -> Result<(), TrainError> {
+    for &k in steps {
+        let z = latents.f_select(1, k as i64)?;
+        let z_next = latents.f_select(1, k as i64 + 1)?;
+        let old = log_probs.f_narrow(1, k as i64, 1)?.f_reshape([-1])?;
+        let mut ratio_dev = Vec::new();
+        let mut loss_of = |new: &Tensor| -> Result<Tensor, TrainError> {
+            let out = s.clip.compute(new, &old, advantages)?;
+            let r = new.f_sub(&old)?.f_exp()?.f_to_kind(Kind::Double)?;
+            ratio_dev = Vec::<f64>::try_from((r - 1.0).f_abs()?.f_reshape([-1])?)?;
+            Ok(out.total.f_div_scalar(s.divisor)?)
+        };
+        let loss = if s.checkpointing {
+            let mut err = None;
+            let l = backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, |lp| {
+                loss_of(lp).map_err(|e| {
+                    let m = e.to_string();
+                    err = Some(e);
+                    crate::flux::ModelError::Input(m)
+                })
+            });
+            match (l, err) {
+                (_, Some(e)) => return Err(e),
+                (l, None) => l?,
+            }
+        } else {
+            let lp = recompute_log_prob(model, cond, &z, &z_next, sched, k, s.eta)?;
+            let l = loss_of(&lp)?;
+            l.f_backward()?;
+            l.f_detach()?
+        };
+        stats.loss += loss.f_double_value(&[])?;
+        for d in ratio_dev {
+            stats.ratio_dev_sum += d;
+            stats.ratio_dev_max = stats.ratio_dev_max.max(d);
+            stats.clipped += u64::from(d > s.clip.clip_range);
+            stats.transitions += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Averages the accumulated gradients over the ranks, clips their global norm and steps the
+/// optimizer; the gradients are zeroed after.
+pub fn apply_update(
+    opt: &mut AdamW,
+    group: Option<&mut ProcessGroup>,
+    max_grad_norm: f64,
+    stats: &mut UpdateStats,
+) -> Result<(), TrainError> {
+    if let Some(g) = group.filter(|g| g.world_size() > 1) {
+        let start = Instant::now();
+        let mut grads = opt.grads();
+        g.all_reduce_many(&mut grads, ReduceOp::Average)?;
+        stats.communication_s += start.elapsed().as_secs_f64();
+    }
+    stats.grad_norm_sum += opt.clip_grad_norm(max_grad_norm)?;
+    opt.step()?;
+    opt.zero_grad();
+    stats.optimizer_steps += 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_steps_are_a_keyed_subset_without_the_last_transition() {
+        let a = train_steps(42, 3, 1, 15, 9);
+        assert_eq!(a.len(), 9);
+        assert!(a.iter().all(|&k| k < 15));
+        let mut u = a.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), 9, "no repeats");
+        assert_eq!(a, train_steps(42, 3, 1, 15, 9), "reproducible");
+        assert_ne!(a, train_steps(42, 3, 2, 15, 9), "per trajectory");
+    }
+}

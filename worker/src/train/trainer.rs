@@ -1,0 +1,334 @@
+//! The worker's half of an iteration, on the compute thread: roll out the assigned
+//! trajectories, decode and score them, then train on them with the advantages the
+//! coordinator sends back. Also restores and writes checkpoints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dancegrpo_proto::{JobConfig, WorkItem, pb};
+use tch::{Kind, Tensor};
+
+use super::TrainError;
+use super::{checkpoint, persist};
+use super::optim::{AdamW, AdamWConfig};
+use super::policy::Policy;
+use super::step::{LossSettings, UpdateStats, accumulate, apply_update, train_steps};
+use crate::data::PromptDataset;
+use crate::device::Device;
+use crate::dist::ProcessGroup;
+use crate::latents;
+use crate::reward::RewardSet;
+use crate::reward::loss::MultiRewardClipLoss;
+use crate::sampler::{Conditioning, NoiseKey, Schedule, rollout};
+use crate::vae::to_uint8;
+
+/// A rolled-out trajectory, kept until the update.
+#[derive(Debug)]
+struct Rollout {
+    item: WorkItem,
+    prompt_embeds: Tensor,
+    pooled: Tensor,
+    txt_ids: Tensor,
+    latents: Tensor,
+    log_probs: Tensor,
+}
+
+/// Rewards of a batch of trajectories, as reported: `(item, one value per reward, error)`.
+pub type Scored = Vec<(WorkItem, Vec<f64>, String)>;
+
+/// The trainer of one rank.
+#[derive(Debug)]
+pub struct Trainer {
+    cfg: JobConfig,
+    device: Device,
+    policy: Policy,
+    opt: AdamW,
+    rewards: RewardSet,
+    data: Box<dyn PromptDataset>,
+    data_path: PathBuf,
+    sched: Schedule,
+    img_ids: Tensor,
+    /// Completed iterations the weights correspond to; `None` after an interrupted update.
+    step: Option<u64>,
+    rollouts: BTreeMap<(u64, u32), Rollout>,
+    /// This iteration's images (uint8 `[H, W, 3]`) and first reward, for the sample grid.
+    images: Vec<(Tensor, f64)>,
+    timings: pb::PhaseTimings,
+}
+
+/// The dataset directory of `data_json_path` (a manifest, an index or their folder).
+pub fn data_dir(path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_file() { p.parent().map(Path::to_path_buf).unwrap_or_default() } else { p.into() }
+}
+
+fn adamw(cfg: &JobConfig) -> AdamWConfig {
+    AdamWConfig {
+        lr: cfg.learning_rate,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    }
+}
+
+impl Trainer {
+    /// Loads the policy, the rewards and the prompts of `cfg` on `device`: the state of step 0.
+    pub fn new(cfg: &JobConfig, device: Device) -> Result<Self, TrainError> {
+        let policy = Policy::load(cfg, device)?;
+        let opt = AdamW::new(policy.trainable(), adamw(cfg))?;
+        let rewards = RewardSet::from_config(&cfg.rewards, device.tch().unwrap_or(tch::Device::Cpu))?;
+        let data_path = data_dir(&cfg.data_json_path);
+        let data = crate::data::open(&data_path)?;
+        let sched = Schedule::new(cfg.sampling_steps as usize, cfg.shift)?;
+        let img_ids = device.to(&latents::img_ids(i64::from(cfg.h), i64::from(cfg.w))?)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device,
+            policy,
+            opt,
+            rewards,
+            data,
+            data_path,
+            sched,
+            img_ids,
+            step: Some(0),
+            rollouts: BTreeMap::new(),
+            images: Vec::new(),
+            timings: pb::PhaseTimings::default(),
+        })
+    }
+
+    /// The step the weights are at, as GetWork wants it (`u64::MAX`: none).
+    pub fn ready_for(&self) -> u64 {
+        self.step.unwrap_or(u64::MAX)
+    }
+
+    /// Goes back to the state after `step` iterations: the pretrained weights for 0, else the
+    /// checkpoint in `dir` (weights or adapters, and the optimizer state).
+    pub fn restore(&mut self, step: u64, dir: Option<&Path>) -> Result<(), TrainError> {
+        tracing::info!(step, dir = ?dir, "restoring the training state");
+        self.policy = Policy::load(&self.cfg, self.device)?;
+        self.opt = AdamW::new(self.policy.trainable(), adamw(&self.cfg))?;
+        if let Some(dir) = dir {
+            persist::load_into(dir, &mut self.policy)?;
+            self.opt.load(&dir.join(persist::OPTIMIZER))?;
+        } else if step != 0 {
+            return Err(TrainError::Invalid(format!("no checkpoint to restore step {step} from")));
+        }
+        self.rollouts.clear();
+        self.step = Some(step);
+        Ok(())
+    }
+
+    fn prompt(&self, index: u64) -> Result<crate::data::PromptItem, TrainError> {
+        let len = self.data.len();
+        if index as usize >= len {
+            return Err(TrainError::Invalid(format!(
+                "prompt index {index} is outside the dataset of {len} prompts at {}: the \
+                 coordinator and this worker see different datasets",
+                self.data_path.display()
+            )));
+        }
+        Ok(self.data.get(index as usize)?)
+    }
+
+    /// Rolls out, decodes and scores `items` one at a time (rollout batch 1, which keeps the
+    /// rollout's and the update's log-probs identical). A reward model error is reported per
+    /// trajectory, for the coordinator's `non_finite_policy`; anything else is an error.
+    pub fn rollout(&mut self, items: &[WorkItem]) -> Result<Scored, TrainError> {
+        let (h, w) = (i64::from(self.cfg.h), i64::from(self.cfg.w));
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let t0 = Instant::now();
+            let p = self.prompt(item.prompt_index)?;
+            let prompt_embeds = self.device.to(&p.prompt_embeds.f_unsqueeze(0)?)?;
+            let pooled = self.device.to(&p.pooled_prompt_embeds.f_unsqueeze(0)?)?;
+            let txt_ids = self.device.to(&p.text_ids)?;
+            let cond = Conditioning {
+                encoder_hidden_states: &prompt_embeds,
+                pooled_projections: &pooled,
+                guidance: self.cfg.guidance,
+                img_ids: &self.img_ids,
+                txt_ids: &txt_ids,
+            };
+            let key = NoiseKey {
+                seed: item.seed,
+                prompt: item.prompt_index,
+                member: u64::from(item.member_index),
+            };
+            let traj = rollout(
+                &self.policy.model,
+                &cond,
+                &[key],
+                &self.sched,
+                self.cfg.eta,
+                self.cfg.init_same_noise,
+            )?;
+            self.device.synchronize()?;
+            let t1 = Instant::now();
+            let image = {
+                let _g = tch::no_grad_guard();
+                to_uint8(&self.policy.vae.decode_packed(&traj.x0, h, w)?)?
+            };
+            self.device.synchronize()?;
+            let t2 = Instant::now();
+            let scored = self.rewards.score(&image, std::slice::from_ref(&p.caption));
+            let t3 = Instant::now();
+            self.timings.rollout_s += (t1 - t0).as_secs_f64();
+            self.timings.decode_s += (t2 - t1).as_secs_f64();
+            self.timings.reward_s += (t3 - t2).as_secs_f64();
+            let (values, error) = match scored {
+                Ok(mut v) => (v.pop().unwrap_or_default(), String::new()),
+                Err(e) => (Vec::new(), e.to_string()),
+            };
+            let first = values.first().copied().unwrap_or(f64::NAN);
+            self.images.push((image.f_squeeze_dim(0)?.f_to_device(tch::Device::Cpu)?, first));
+            self.rollouts.insert(
+                (item.group_id, item.member_index),
+                Rollout {
+                    item: *item,
+                    prompt_embeds,
+                    pooled,
+                    txt_ids,
+                    latents: traj.latents,
+                    log_probs: traj.log_probs,
+                },
+            );
+            out.push((*item, values, error));
+        }
+        Ok(out)
+    }
+
+    /// Trains on this rank's trajectories in work order with their advantages `[K]` each,
+    /// stepping the optimizer every `gradient_accumulation_steps` trajectories.
+    pub fn train(
+        &mut self,
+        iteration: u64,
+        work: &[WorkItem],
+        advantages: &BTreeMap<(u64, u32), Vec<f64>>,
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<pb::StepMetrics, TrainError> {
+        let start = Instant::now();
+        let transitions = self.sched.steps() - 1;
+        let count = self.cfg.train_timesteps();
+        let ga = self.cfg.gradient_accumulation_steps as usize;
+        let settings = LossSettings {
+            eta: self.cfg.eta,
+            clip: MultiRewardClipLoss {
+                clip_range: self.cfg.clip_range,
+                adv_clip_max: self.cfg.adv_clip_max,
+                weights: self.rewards.weights().to_vec(),
+            },
+            divisor: (ga * count) as f64,
+            checkpointing: self.cfg.gradient_checkpointing,
+        };
+        // From here until the last step, the weights match no recorded step.
+        self.step = None;
+        self.opt.zero_grad();
+        let mut stats = UpdateStats::default();
+        for (i, item) in work.iter().enumerate() {
+            let key = (item.group_id, item.member_index);
+            let r = self.rollouts.get(&key).filter(|r| r.item == *item).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "no rollout of group {} member {} to train on",
+                    item.group_id, item.member_index
+                ))
+            })?;
+            let adv = advantages.get(&key).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "no advantages for group {} member {}",
+                    item.group_id, item.member_index
+                ))
+            })?;
+            let adv = self.device.to(&Tensor::from_slice(adv).f_to_kind(Kind::Float)?.f_unsqueeze(0)?)?;
+            let cond = Conditioning {
+                encoder_hidden_states: &r.prompt_embeds,
+                pooled_projections: &r.pooled,
+                guidance: self.cfg.guidance,
+                img_ids: &self.img_ids,
+                txt_ids: &r.txt_ids,
+            };
+            let steps = train_steps(item.seed, item.group_id, item.member_index, transitions, count);
+            accumulate(
+                &self.policy.model,
+                &cond,
+                &r.latents,
+                &r.log_probs,
+                &adv,
+                &steps,
+                &self.sched,
+                &settings,
+                &mut stats,
+            )?;
+            if (i + 1) % ga == 0 {
+                apply_update(&mut self.opt, group.as_deref_mut(), self.cfg.max_grad_norm, &mut stats)?;
+            }
+        }
+        // Trajectories beyond the last whole accumulation window are dropped, as in the
+        // reference (config validation makes the window divide the work).
+        self.opt.zero_grad();
+        self.rollouts.clear();
+        self.step = Some(iteration + 1);
+        self.timings.train_s = start.elapsed().as_secs_f64() - stats.communication_s;
+        self.timings.communication_s = stats.communication_s;
+        let n = stats.transitions.max(1) as f64;
+        let metrics = pb::StepMetrics {
+            iteration,
+            loss: stats.loss,
+            grad_norm: stats.grad_norm_sum / f64::from(stats.optimizer_steps.max(1)),
+            ratio_dev_mean: stats.ratio_dev_sum / n,
+            ratio_dev_max: stats.ratio_dev_max,
+            clip_fraction: stats.clipped as f64 / n,
+            timings: Some(std::mem::take(&mut self.timings)),
+            rank: 0,
+            weights_fingerprint: self.fingerprint()?,
+            optimizer_steps: stats.optimizer_steps,
+        };
+        Ok(metrics)
+    }
+
+    /// Σ of every trainable weight in f64: equal across ranks iff (in practice) the replicas are.
+    pub fn fingerprint(&self) -> Result<f64, TrainError> {
+        let mut s = 0.0;
+        for (_, t) in self.opt.params() {
+            s += t.f_sum(Kind::Double)?.f_double_value(&[])?;
+        }
+        Ok(s)
+    }
+
+    /// Writes `checkpoint-<step>` under `output_dir` (atomically) with the trainer state the
+    /// coordinator sent.
+    pub fn save_checkpoint(&self, step: u64, trainer_state_json: &str) -> Result<PathBuf, TrainError> {
+        let dir = checkpoint::write_checkpoint(Path::new(&self.cfg.output_dir), step, |tmp| {
+            persist::save_policy(tmp, &self.policy, &self.cfg)?;
+            self.opt.save(&tmp.join(persist::OPTIMIZER))?;
+            std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
+                .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))?;
+            Ok(())
+        })?;
+        tracing::info!(dir = %dir.display(), "checkpoint written");
+        Ok(dir)
+    }
+
+    /// Writes this iteration's samples as a PNG grid and forgets them.
+    pub fn write_samples(&mut self, iteration: u64) -> Result<PathBuf, TrainError> {
+        let path = Path::new(&self.cfg.output_dir)
+            .join("samples")
+            .join(format!("iteration-{:06}.png", iteration + 1));
+        let images: Vec<Tensor> = self.images.iter().map(|(t, _)| t.shallow_clone()).collect();
+        let labels: Vec<String> = self.images.iter().map(|(_, r)| format!("{r:.4}")).collect();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        super::grid::write_grid(&path, &Tensor::f_stack(&images, 0)?, &labels)?;
+        self.images.clear();
+        Ok(path)
+    }
+
+    /// Forgets this iteration's images without writing them.
+    pub fn drop_samples(&mut self) {
+        self.images.clear();
+    }
+}
