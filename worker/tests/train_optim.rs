@@ -60,7 +60,11 @@ fn max_ulp(a: &Tensor, b: &Tensor) -> i64 {
 }
 
 /// Runs golden steps `range` on `opt`, checking the norm and the parameters after each.
-fn run_steps(opt: &mut AdamW, g: &BTreeMap<String, Tensor>, range: std::ops::RangeInclusive<usize>) {
+fn run_steps(
+    opt: &mut AdamW,
+    g: &BTreeMap<String, Tensor>,
+    range: std::ops::RangeInclusive<usize>,
+) {
     let max_norm = config(g).1;
     for s in range {
         opt.zero_grad();
@@ -138,13 +142,14 @@ fn load_rejects_mismatched_state() {
     optimizer(&g).save(&path).unwrap();
 
     let p = |n: &str, shape: &[i64]| {
-        (n.to_string(), Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))
+        (
+            n.to_string(),
+            Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+        )
     };
-    let mut other = AdamW::new(
-        vec![p("a", &[4, 3]), p("b", &[6]), p("c", &[2, 3, 2])],
-        AdamWConfig::default(),
-    )
-    .unwrap();
+    let mut other =
+        AdamW::new(vec![p("a", &[4, 3]), p("b", &[6]), p("c", &[2, 3, 2])], AdamWConfig::default())
+            .unwrap();
     let err = other.load(&path).unwrap_err();
     assert!(matches!(err, ModelError::Shape { .. }), "{err}");
     let msg = err.to_string();

@@ -63,9 +63,7 @@ impl LoraSpec {
 
 /// PEFT's rule for a list of target names: the whole path, or its last dotted components.
 fn target_matches(module: &str, target: &str) -> bool {
-    module
-        .strip_suffix(target)
-        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+    module.strip_suffix(target).is_some_and(|head| head.is_empty() || head.ends_with('.'))
 }
 
 /// The PEFT state-dict key of `module`'s `lora_A` (`which = "lora_A"`) or `lora_B` weight.

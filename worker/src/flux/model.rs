@@ -456,7 +456,12 @@ impl FluxTransformer {
             layers.extend([&mut b.img.q, &mut b.img.k, &mut b.img.v]);
             layers.extend([&mut b.txt.q, &mut b.txt.k, &mut b.txt.v]);
             layers.extend([&mut b.to_out, &mut b.to_add_out]);
-            layers.extend([&mut b.ff.proj, &mut b.ff.out, &mut b.ff_context.proj, &mut b.ff_context.out]);
+            layers.extend([
+                &mut b.ff.proj,
+                &mut b.ff.out,
+                &mut b.ff_context.proj,
+                &mut b.ff_context.out,
+            ]);
         }
         for b in &mut self.single_blocks {
             layers.extend([&mut b.norm, &mut b.qkv.q, &mut b.qkv.k, &mut b.qkv.v]);

@@ -302,7 +302,9 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
-            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| ModelError::io(&path, e))?;
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ModelError::io(&path, e))?;
         }
     }
     sync_dir(dir)

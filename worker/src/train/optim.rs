@@ -81,8 +81,11 @@ impl ParamState {
         let bias_correction2 = 1.0 - cfg.beta2.powf(step);
         let step_size = cfg.lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.powf(0.5);
-        let denom =
-            self.exp_avg_sq.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?.f_add_scalar_(cfg.eps)?;
+        let denom = self
+            .exp_avg_sq
+            .f_sqrt()?
+            .f_div_scalar(bias_correction2_sqrt)?
+            .f_add_scalar_(cfg.eps)?;
         let _ = param.f_addcdiv_(&self.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
         Ok(())
     }
