@@ -13,6 +13,8 @@ pub mod config;
 pub mod error;
 /// Checkpoint layouts (diffusers folder, BFL file) and loading.
 pub mod load;
+/// LoRA adapters with PEFT semantics and keys.
+pub mod lora;
 /// The network.
 pub mod model;
 /// Memory-mapped safetensors reading.

@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::config::FluxConfig;
 use super::error::{ModelError, Result};
+use super::lora::{self, LoraAdapter, LoraSpec};
 
 /// Norm epsilon of every LayerNorm and QK-RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -24,27 +25,38 @@ fn cast(w: &Tensor, kind: Kind) -> Result<Tensor> {
     Ok(if w.kind() == kind { w.shallow_clone() } else { w.f_to_kind(kind)? })
 }
 
-/// A `Linear` whose weight is `[out, in]`, as PyTorch stores it.
+/// A `Linear` whose weight is `[out, in]`, as PyTorch stores it, with an optional LoRA adapter.
 #[derive(Debug)]
 pub struct Linear {
     /// `[out, in]`.
     pub weight: Tensor,
     /// `[out]`.
     pub bias: Tensor,
+    /// The module path (`transformer_blocks.0.attn.to_q`): the name PEFT targets and keys by.
+    pub name: String,
+    /// Added to the output when attached ([`FluxTransformer::attach_lora`]).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    fn new(p: nn::Path<'_>, i: i64, o: i64) -> Self {
+    /// Zero-initialised `in → out` variables under `p` (load weights afterwards).
+    pub(crate) fn new(p: nn::Path<'_>, i: i64, o: i64) -> Self {
         Self {
             weight: p.var("weight", &[o, i], Init::Const(0.)),
             bias: p.var("bias", &[o], Init::Const(0.)),
+            name: p.components().collect::<Vec<_>>().join("."),
+            lora: None,
         }
     }
 
-    /// `x·Wᵀ + b` in `x`'s dtype.
+    /// `x·Wᵀ + b` (+ the LoRA update) in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
-        Ok(x.f_linear(&cast(&self.weight, k)?, Some(&cast(&self.bias, k)?))?)
+        let y = x.f_linear(&cast(&self.weight, k)?, Some(&cast(&self.bias, k)?))?;
+        match &self.lora {
+            Some(lora) => Ok(y.f_add(&lora.forward(x)?)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -423,6 +435,40 @@ impl FluxTransformer {
     /// Changes the activation dtype (weights are cast at use when they differ).
     pub fn set_compute_kind(&mut self, kind: Kind) {
         self.kind = kind;
+    }
+
+    /// Attaches LoRA adapters (PEFT semantics, see [`lora`]) to every `Linear` whose module
+    /// path `spec` targets, with `lora_A` drawn from `seed` and `lora_B` zero, on the device of
+    /// the base weights. Returns the trainable f32 tensors under their PEFT state-dict keys
+    /// (`base_model.model.<module>.lora_A.weight`, `….lora_B.weight`); errors if a target
+    /// matches no layer.
+    ///
+    /// The base weights keep their `requires_grad`: freeze them (`VarStore::freeze`, or load
+    /// with a frozen [`WeightPolicy`](super::WeightPolicy)) so only the adapters train.
+    pub fn attach_lora(&mut self, spec: &LoraSpec, seed: u64) -> Result<Vec<(String, Tensor)>> {
+        let mut layers = vec![&mut self.x_embedder, &mut self.context_embedder];
+        let embedders = [&mut self.timestep_embedder, &mut self.text_embedder];
+        for m in embedders.into_iter().chain(self.guidance_embedder.as_mut()) {
+            layers.extend([&mut m.linear_1, &mut m.linear_2]);
+        }
+        for b in &mut self.double_blocks {
+            layers.extend([&mut b.norm1, &mut b.norm1_context]);
+            layers.extend([&mut b.img.q, &mut b.img.k, &mut b.img.v]);
+            layers.extend([&mut b.txt.q, &mut b.txt.k, &mut b.txt.v]);
+            layers.extend([&mut b.to_out, &mut b.to_add_out]);
+            layers.extend([
+                &mut b.ff.proj,
+                &mut b.ff.out,
+                &mut b.ff_context.proj,
+                &mut b.ff_context.out,
+            ]);
+        }
+        for b in &mut self.single_blocks {
+            layers.extend([&mut b.norm, &mut b.qkv.q, &mut b.qkv.k, &mut b.qkv.v]);
+            layers.extend([&mut b.proj_mlp, &mut b.proj_out]);
+        }
+        layers.extend([&mut self.norm_out, &mut self.proj_out]);
+        lora::attach(layers, spec, seed)
     }
 
     fn check_inputs(&self, i: &FluxInputs<'_>) -> Result<(i64, i64, i64)> {

@@ -1,1 +1,290 @@
-//! (being written)
+//! AdamW over f32 master weights and the global gradient-norm clip, matching
+//! `torch.optim.AdamW` (single-tensor path: `foreach=False`, `amsgrad=False`,
+//! `maximize=False`) and `torch.nn.utils.clip_grad_norm_` (norm type 2) bit for bit on CPU.
+//!
+//! The state is kept per named parameter ([`ParamState`]) and the update touches one
+//! (parameter, gradient, state) at a time, so a sharded optimizer in which each rank owns a
+//! subset of the parameters can reuse [`ParamState::update`] unchanged.
+//!
+//! Bit-exactness comes from running torch's ops in torch's order with the same scalars: the
+//! host arithmetic on the hyperparameters is f64, like Python floats, and the tensor ops are
+//! the same ATen kernels. tch exposes `addcmul_`/`addcdiv_` only with `value = 1`; ATen
+//! evaluates `self + value·t1·t2` (and `… / t2`) left to right, so scaling `t1` first gives the
+//! identical result.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use super::checkpoint::write_safetensors;
+use crate::flux::error::{ModelError, Result};
+use crate::flux::weights::SafetensorsFile;
+
+/// AdamW's hyperparameters (torch's names; `betas = (beta1, beta2)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay (multiplies the weight by `1 − lr·weight_decay`).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// DanceGRPO's settings (ALGORITHM.md §5): lr 1e-5, betas (0.9, 0.999), eps 1e-8,
+    /// weight decay 1e-4.
+    fn default() -> Self {
+        Self { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 }
+    }
+}
+
+/// The AdamW state of one parameter (torch's `exp_avg`, `exp_avg_sq` and `step`).
+#[derive(Debug)]
+pub struct ParamState {
+    /// First moment, like the parameter.
+    pub exp_avg: Tensor,
+    /// Second moment, like the parameter.
+    pub exp_avg_sq: Tensor,
+    /// Updates applied to this parameter. Per parameter, as in torch: a parameter without a
+    /// gradient at some step is skipped, and its bias correction lags behind.
+    pub step: u64,
+}
+
+impl ParamState {
+    /// Fresh state for `param` (zero moments on its device).
+    pub fn new(param: &Tensor) -> Result<Self> {
+        Ok(Self { exp_avg: param.f_zeros_like()?, exp_avg_sq: param.f_zeros_like()?, step: 0 })
+    }
+
+    /// One step of torch's `_single_tensor_adamw` on `param`, in place. Call under `no_grad`.
+    pub fn update(&mut self, param: &Tensor, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
+        // The in-place ops return aliases of their receiver, which are dropped.
+        let mut param = param.shallow_clone();
+        self.step += 1;
+        if cfg.weight_decay != 0.0 {
+            let _ = param.f_mul_scalar_(1.0 - cfg.lr * cfg.weight_decay)?;
+        }
+        let _ = self.exp_avg.f_lerp_(grad, 1.0 - cfg.beta1)?;
+        let _ = self
+            .exp_avg_sq
+            .f_mul_scalar_(cfg.beta2)?
+            .f_addcmul_(&grad.f_mul_scalar(1.0 - cfg.beta2)?, grad)?;
+        // Python's `**` is C `pow`, which `powf` also calls; `step` is an exact float in torch.
+        let step = self.step as f64;
+        let bias_correction1 = 1.0 - cfg.beta1.powf(step);
+        let bias_correction2 = 1.0 - cfg.beta2.powf(step);
+        let step_size = cfg.lr / bias_correction1;
+        let bias_correction2_sqrt = bias_correction2.powf(0.5);
+        let denom = self
+            .exp_avg_sq
+            .f_sqrt()?
+            .f_div_scalar(bias_correction2_sqrt)?
+            .f_add_scalar_(cfg.eps)?;
+        let _ = param.f_addcdiv_(&self.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+        Ok(())
+    }
+}
+
+/// AdamW over named trainable f32 tensors.
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<(String, Tensor)>,
+    state: Vec<ParamState>,
+    cfg: AdamWConfig,
+    steps_taken: u64,
+}
+
+/// Key of the optimizer's own step count in a saved state file.
+const STEPS_KEY: &str = "steps_taken";
+
+impl AdamW {
+    /// An optimizer over `params` (f32 tensors that require grad, unique names).
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        for (name, p) in &params {
+            if p.kind() != Kind::Float {
+                return Err(ModelError::Input(format!(
+                    "parameter {name} is {:?}; AdamW keeps f32 master weights",
+                    p.kind()
+                )));
+            }
+            if !p.requires_grad() {
+                return Err(ModelError::Input(format!("parameter {name} does not require grad")));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(ModelError::Input(format!("parameter {name} is listed twice")));
+            }
+        }
+        let state = params.iter().map(|(_, p)| ParamState::new(p)).collect::<Result<_>>()?;
+        Ok(Self { params, state, cfg, steps_taken: 0 })
+    }
+
+    /// The parameters, in the order given.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Changes the learning rate (for a schedule).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// The per-parameter states, in parameter order.
+    pub fn state(&self) -> &[ParamState] {
+        &self.state
+    }
+
+    /// Every parameter's gradient, for the all-reduce: the tensors share storage with the
+    /// gradients, so an in-place reduction is what [`Self::clip_grad_norm`] and [`Self::step`]
+    /// see. A parameter without a gradient gets a zero one first (which then takes part in
+    /// the update, as it would in DDP, where every rank has a gradient for every parameter).
+    pub fn grads(&self) -> Result<Vec<Tensor>> {
+        self.params
+            .iter()
+            .map(|(_, p)| {
+                if !p.grad().defined() {
+                    // tch cannot assign `.grad`; a backward of 0·p accumulates a zero one.
+                    tch::with_grad(|| p.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward())?;
+                }
+                Ok(p.grad())
+            })
+            .collect()
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient in place by
+    /// `min(max_norm / (‖g‖₂ + 1e-6), 1)` and returns the total norm before clipping.
+    /// Parameters without a gradient are ignored.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let mut grads: Vec<Tensor> =
+            self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+        let Some(first) = grads.first() else { return Ok(0.0) };
+        let device = first.device();
+        // A 1-D input with a scalar `ord` and no `dim` makes linalg_norm call
+        // linalg_vector_norm, which is what `_foreach_norm` runs per tensor on CPU.
+        let norm = |t: &Tensor| t.f_flatten(0, -1)?.f_linalg_norm(2.0, None::<i64>, false, None);
+        let norms = grads
+            .iter()
+            .map(|g| norm(g)?.f_to_device(device))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let total = norm(&Tensor::f_stack(&norms, 0)?)?;
+        // `max_norm / (total + 1e-6)` on a tensor is `reciprocal(total + 1e-6) * max_norm`
+        // (`Tensor.__rtruediv__`); torch multiplies even when the clamped coefficient is 1.
+        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?;
+        let coef = coef.f_clamp_max(1.0)?;
+        for g in &mut grads {
+            let _ = g.f_mul_(&coef.f_to_device(g.device())?)?;
+        }
+        Ok(total.f_double_value(&[])?)
+    }
+
+    /// One AdamW update of every parameter that has a gradient (torch skips the others).
+    pub fn step(&mut self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for ((_, p), s) in self.params.iter().zip(&mut self.state) {
+            let g = p.grad();
+            if g.defined() {
+                s.update(p, &g, &self.cfg)?;
+            }
+        }
+        self.steps_taken += 1;
+        Ok(())
+    }
+
+    /// Zeroes the gradients in place (torch's `zero_grad(set_to_none=False)`): the gradient
+    /// tensors, and so the handles from [`Self::grads`], stay valid.
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// How many times [`Self::step`] ran (including before a [`Self::load`]).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps_taken
+    }
+
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(3 * self.params.len() + 1);
+        for ((name, _), s) in self.params.iter().zip(&self.state) {
+            out.push((format!("exp_avg.{name}"), s.exp_avg.shallow_clone()));
+            out.push((format!("exp_avg_sq.{name}"), s.exp_avg_sq.shallow_clone()));
+            out.push((format!("step.{name}"), step_tensor(s.step)?));
+        }
+        out.push((STEPS_KEY.to_string(), step_tensor(self.steps_taken)?));
+        Ok(out)
+    }
+
+    /// Writes the state as safetensors: `exp_avg.<name>`, `exp_avg_sq.<name>` (f32, the
+    /// parameter's shape), `step.<name>` and `steps_taken` (i64 scalars).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_safetensors(path, &self.state_tensors()?)
+    }
+
+    /// Restores a state written by [`Self::save`] for the same parameters. Every key must be
+    /// present with the same shape, and the file must hold nothing else.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let file = SafetensorsFile::open(path)?;
+        let expected: BTreeMap<String, Vec<i64>> =
+            self.state_tensors()?.into_iter().map(|(k, t)| (k, t.size())).collect();
+        check_keys(&file, &expected)?;
+        let _guard = tch::no_grad_guard();
+        for ((name, _), s) in self.params.iter().zip(&mut self.state) {
+            s.exp_avg.f_copy_(&file.tensor(&format!("exp_avg.{name}"))?)?;
+            s.exp_avg_sq.f_copy_(&file.tensor(&format!("exp_avg_sq.{name}"))?)?;
+            s.step = read_step(&file, &format!("step.{name}"))?;
+        }
+        self.steps_taken = read_step(&file, STEPS_KEY)?;
+        Ok(())
+    }
+}
+
+fn step_tensor(step: u64) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(&[step as i64])?.f_reshape([] as [i64; 0])?)
+}
+
+fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64> {
+    let v = file.tensor(key)?.f_int64_value(&[])?;
+    u64::try_from(v).map_err(|_| ModelError::format(file.path(), format!("{key} is {v}")))
+}
+
+/// The file holds exactly `expected`'s keys with those shapes.
+pub(crate) fn check_keys(
+    file: &SafetensorsFile,
+    expected: &BTreeMap<String, Vec<i64>>,
+) -> Result<()> {
+    let missing: Vec<String> =
+        expected.keys().filter(|k| file.shape(k).is_none()).cloned().collect();
+    if !missing.is_empty() {
+        return Err(ModelError::Missing {
+            keys: missing,
+            source_desc: file.path().display().to_string(),
+        });
+    }
+    for (key, want) in expected {
+        let found = file.shape(key).unwrap_or_default();
+        if &found != want {
+            return Err(ModelError::Shape {
+                key: key.clone(),
+                expected: want.clone(),
+                found,
+                file: file.path().to_path_buf(),
+            });
+        }
+    }
+    if let Some(key) = file.keys().into_iter().find(|k| !expected.contains_key(k)) {
+        return Err(ModelError::Unexpected { key, file: file.path().to_path_buf() });
+    }
+    Ok(())
+}

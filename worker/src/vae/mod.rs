@@ -161,10 +161,7 @@ struct Attention {
 }
 
 fn linear(p: nn::Path<'_>, c: i64) -> crate::flux::model::Linear {
-    crate::flux::model::Linear {
-        weight: p.var("weight", &[c, c], Init::Const(0.)),
-        bias: p.var("bias", &[c], Init::Const(0.)),
-    }
+    crate::flux::model::Linear::new(p, c, c)
 }
 
 impl Attention {
