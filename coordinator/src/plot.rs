@@ -84,9 +84,9 @@ fn draw_err(e: impl std::error::Error) -> PlotError {
 /// Draws the reward curves and writes them to `path` as a [`WIDTH`]×[`HEIGHT`] RGB PNG.
 ///
 /// `series` holds one `(reward name, mean per iteration)` per reward; index `i` of the values is
-/// iteration `i`. Non-finite values are left out (the line breaks there). Long series get a
-/// moving average drawn over the faded raw line. The file is replaced atomically, so a viewer
-/// polling it never sees a partial image.
+/// iteration `i`. Non-finite values (and absurd ones beyond ±1e12) are left out; the line
+/// breaks there. Long series get a moving average drawn over the faded raw line. The file is
+/// replaced atomically, so a viewer polling it never sees a partial image.
 pub fn write_reward_curve(
     path: &Path,
     title: &str,
@@ -128,7 +128,7 @@ fn draw(rgb: &mut [u8], title: &str, series: &[(String, Vec<f64>)]) -> Result<()
 
     for (i, (name, values)) in series.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
-        let raw: Vec<Option<f64>> = values.iter().map(|v| v.is_finite().then_some(*v)).collect();
+        let raw: Vec<Option<f64>> = values.iter().map(|&v| plottable(v).then_some(v)).collect();
         let window = smoothing_window(values.len());
         let (main, label) = if window > 1 {
             draw_line(&mut chart, &raw, colour.mix(0.3).stroke_width(1))?;
@@ -310,10 +310,16 @@ fn text_width(font: &PxScaleFont<&FontRef<'static>>, text: &str) -> f32 {
     width
 }
 
+/// Whether a value goes on the plot. NaN and infinities are left out, and so are magnitudes
+/// no mean reward reaches: plotters 0.3.7 overflows or loops computing ticks for such ranges.
+fn plottable(v: f64) -> bool {
+    v.abs() <= 1e12
+}
+
 /// The y axis spans all finite values with a little headroom; a flat or empty plot still gets
 /// a non-empty range.
 fn y_range(series: &[(String, Vec<f64>)]) -> (f64, f64) {
-    let finite = series.iter().flat_map(|(_, v)| v).copied().filter(|v| v.is_finite());
+    let finite = series.iter().flat_map(|(_, v)| v).copied().filter(|&v| plottable(v));
     let (lo, hi) =
         finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if lo > hi {
@@ -450,6 +456,9 @@ mod tests {
             vec![("hps".into(), vec![1.0, f64::NAN, 2.0, f64::INFINITY, 3.0, 4.0])],
             vec![("a".into(), vec![1e-9, 2e-9]), ("b".into(), vec![f64::NEG_INFINITY])],
             vec![("big".into(), (0..5000).map(|i| i as f64 * 1e6).collect())],
+            vec![("huge".into(), vec![-1e308, 1e308])],
+            vec![("large".into(), vec![-1e12, 1e12, 0.0])],
+            vec![("flat-ish".into(), vec![1.0, 1.0 + 1e-15, 1.0 - 1e-15])],
         ];
         for (i, series) in cases.iter().enumerate() {
             write_reward_curve(&path, "", series).unwrap_or_else(|e| panic!("case {i}: {e}"));
