@@ -163,7 +163,15 @@ pub fn status_text(s: &pb::JobStatus) -> String {
 pub fn iteration_header() -> String {
     format!(
         "  {:>6}  {:>10}  {:>10}  {:>9}  {:>9}  {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "ITER", "REWARD", "LOSS", "GRADNORM", "|R-1|MAX", "ROLLOUT", "DECODE", "REWARD", "TRAIN",
+        "ITER",
+        "REWARD",
+        "LOSS",
+        "GRADNORM",
+        "|R-1|MAX",
+        "ROLLOUT",
+        "DECODE",
+        "REWARD",
+        "TRAIN",
         "COMM"
     )
 }

@@ -177,11 +177,17 @@ impl Iteration {
         None
     }
 
-    fn settle(&mut self, cfg: &JobConfig, sampler: &mut PromptSampler) -> Result<(), IterationError> {
+    fn settle(
+        &mut self,
+        cfg: &JobConfig,
+        sampler: &mut PromptSampler,
+    ) -> Result<(), IterationError> {
         let complete: Vec<u64> = self
             .groups
             .iter()
-            .filter(|(g, st)| st.advantages.is_none() && self.members(**g).all(|s| s.rewards.is_some()))
+            .filter(|(g, st)| {
+                st.advantages.is_none() && self.members(**g).all(|s| s.rewards.is_some())
+            })
             .map(|(g, _)| *g)
             .collect();
         for g in complete {
@@ -238,8 +244,9 @@ impl Iteration {
                 .map(|(g, _)| *g)
                 .collect();
             for g in ready {
-                let adv = group_advantages(&rewards_of(self.members(g).collect()), cfg.adv_clip_max)
-                    .map_err(fatal)?;
+                let adv =
+                    group_advantages(&rewards_of(self.members(g).collect()), cfg.adv_clip_max)
+                        .map_err(fatal)?;
                 self.groups.get_mut(&g).expect("listed").advantages = Some(adv);
             }
         } else if self.slots.values().all(|s| s.rewards.is_some())
@@ -370,7 +377,11 @@ mod tests {
         }
     }
 
-    fn rewards_for(it: &Iteration, rank: u32, f: impl Fn(&WorkItem) -> f64) -> Vec<(WorkItem, Vec<f64>, String)> {
+    fn rewards_for(
+        it: &Iteration,
+        rank: u32,
+        f: impl Fn(&WorkItem) -> f64,
+    ) -> Vec<(WorkItem, Vec<f64>, String)> {
         it.work(rank).iter().map(|w| (*w, vec![f(w)], String::new())).collect()
     }
 
@@ -413,7 +424,12 @@ mod tests {
         let mut s = PromptSampler::new(1, 10, Cursor::default());
         let mut it = Iteration::plan(0, 1, &c, 2, &mut s).unwrap();
         let e = it
-            .report(0, rewards_for(&it, 0, |w| if w.member_index == 2 { f64::NAN } else { 1.0 }), &c, &mut s)
+            .report(
+                0,
+                rewards_for(&it, 0, |w| if w.member_index == 2 { f64::NAN } else { 1.0 }),
+                &c,
+                &mut s,
+            )
             .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, IterationError::Fatal(_)));

@@ -15,10 +15,10 @@ pub mod db;
 pub mod error;
 /// One iteration's bookkeeping: work, rewards, advantages, refills, metrics.
 pub mod iteration;
-/// Reward-curve PNG.
-pub mod plot;
 /// Reward log, metrics log, reward curve, trainer state, prompt count.
 pub mod outputs;
+/// Reward-curve PNG.
+pub mod plot;
 /// The reward log (one float per line, as the reference writes it).
 pub mod reward_log;
 /// Prompt shuffle and per-worker work items of an iteration.

@@ -224,7 +224,10 @@ impl Outputs {
             .iter()
             .enumerate()
             .map(|(k, name)| {
-                (name.clone(), history.iter().map(|h| h.get(k).copied().unwrap_or(f64::NAN)).collect())
+                (
+                    name.clone(),
+                    history.iter().map(|h| h.get(k).copied().unwrap_or(f64::NAN)).collect(),
+                )
             })
             .collect();
         // A plot that fails to draw must not stop training; say so and go on.
@@ -264,7 +267,8 @@ mod tests {
     #[test]
     fn dataset_length_from_either_layout_and_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = |p: &Path| JobConfig { data_json_path: p.display().to_string(), ..Default::default() };
+        let cfg =
+            |p: &Path| JobConfig { data_json_path: p.display().to_string(), ..Default::default() };
         std::fs::write(dir.path().join("videos2caption.json"), r#"[{"a":1},{"a":2},{"a":3}]"#)
             .unwrap();
         assert_eq!(dataset_len(&cfg(dir.path())).unwrap(), 3);

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkItem,
-    WorkerId, WorkerInfo, WorkerState, pb,
+    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkItem, WorkerId,
+    WorkerInfo, WorkerState, pb,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -218,12 +218,15 @@ impl CoordinatorState {
                 let cursor = serde_json::to_string(&ts.cursor).expect("cursor serializes");
                 for (i, r) in ts.reward_history.iter().enumerate() {
                     let last = i as u64 + 1 == ts.step;
-                    db.put_iteration(&job.id, &IterationRecord {
-                        iteration: i as u64 + 1,
-                        mean_rewards: r.clone(),
-                        metrics_json: "{}".into(),
-                        cursor_json: if last { cursor.clone() } else { String::new() },
-                    })?;
+                    db.put_iteration(
+                        &job.id,
+                        &IterationRecord {
+                            iteration: i as u64 + 1,
+                            mean_rewards: r.clone(),
+                            metrics_json: "{}".into(),
+                            cursor_json: if last { cursor.clone() } else { String::new() },
+                        },
+                    )?;
                 }
                 history = ts.reward_history.clone();
                 job.step = ts.step;
@@ -513,9 +516,10 @@ impl CoordinatorState {
             return Err(Error::JobFailed(job.message.clone()));
         }
         let w = Self::find(workers, id)?;
-        let rank = w.rec.rank.ok_or_else(|| {
-            Error::NotReady("no rank yet: the world is not complete".to_string())
-        })?;
+        let rank = w
+            .rec
+            .rank
+            .ok_or_else(|| Error::NotReady("no rank yet: the world is not complete".to_string()))?;
         if generation != job.generation {
             return Err(Error::Superseded { requested: generation, current: job.generation });
         }
@@ -580,8 +584,8 @@ impl CoordinatorState {
                 sample_grid: false,
             });
         }
-        let restore = (ready_for != job.step)
-            .then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
+        let restore =
+            (ready_for != job.step).then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
         if training.iteration.is_none() {
             let it = Iteration::plan(job.step, job.generation, &cfg, world, &mut training.sampler)
                 .map_err(|e| Error::InvalidRequest(e.to_string()))?;
@@ -684,8 +688,7 @@ impl CoordinatorState {
         let means = it.mean_rewards();
         let step = index + 1;
         let every = u64::from(cfg.checkpointing_steps);
-        let checkpoint =
-            every > 0 && (step % every == 0 || step == u64::from(cfg.max_train_steps));
+        let checkpoint = every > 0 && (step % every == 0 || step == u64::from(cfg.max_train_steps));
         let mut reward_history = training.history.clone();
         reward_history.push(means.clone());
         let state = TrainerState {
@@ -703,12 +706,15 @@ impl CoordinatorState {
             let summary = it.summary();
             let metrics_json = outputs::metrics_json(step, &means, &summary);
             training.history.push(means.clone());
-            db.put_iteration(&job.id, &IterationRecord {
-                iteration: step,
-                mean_rewards: means.clone(),
-                metrics_json: metrics_json.to_string(),
-                cursor_json: serde_json::to_string(&state.cursor).expect("cursor serializes"),
-            })?;
+            db.put_iteration(
+                &job.id,
+                &IterationRecord {
+                    iteration: step,
+                    mean_rewards: means.clone(),
+                    metrics_json: metrics_json.to_string(),
+                    cursor_json: serde_json::to_string(&state.cursor).expect("cursor serializes"),
+                },
+            )?;
             training.outputs.record(&metrics_json, &training.history)?;
             training.iteration = None;
             job.step = step;

@@ -72,7 +72,10 @@ async fn iterate(
     let mut checkpointed: u64 = 0;
     {
         let cfg = cfg.clone();
-        compute.run(move |w: &mut World| w.trainer(&cfg).map(|_| ())).await?.map_err(compute_err)?;
+        compute
+            .run(move |w: &mut World| w.trainer(&cfg).map(|_| ()))
+            .await?
+            .map_err(compute_err)?;
     }
     loop {
         let ready_for = compute
@@ -151,7 +154,10 @@ async fn iterate(
             .map_err(compute_err)?;
         metrics.rank = a.rank;
         if work.sample_grid && a.rank == 0 {
-            match compute.run(move |w: &mut World| w.loaded_trainer()?.write_samples(iteration)).await? {
+            match compute
+                .run(move |w: &mut World| w.loaded_trainer()?.write_samples(iteration))
+                .await?
+            {
                 Ok(p) => tracing::info!(path = %p.display(), "sample grid written"),
                 Err(e) => tracing::warn!("sample grid not written: {e}"),
             }
@@ -225,8 +231,9 @@ async fn get_advantages(
             .await;
         match r {
             Ok(resp) => return Ok(resp.into_inner()),
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded
-                && start.elapsed() < ADVANTAGES_PATIENCE => {}
+            Err(s)
+                if s.code() == tonic::Code::DeadlineExceeded
+                    && start.elapsed() < ADVANTAGES_PATIENCE => {}
             Err(s) => return Err(rejected("GetAdvantages", s)),
         }
     }

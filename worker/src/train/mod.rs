@@ -49,6 +49,9 @@ pub enum TrainError {
     /// Inconsistent state or input.
     #[error("{0}")]
     Invalid(String),
+    /// The sample grid.
+    #[error(transparent)]
+    Grid(#[from] grid::GridError),
     /// libtorch failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

@@ -24,6 +24,7 @@ use super::checkpoint;
 use super::policy::Policy;
 use crate::flux::Layout;
 use crate::flux::load::load_weights;
+use crate::flux::lora::LoraSpec;
 
 /// The optimizer state's file name.
 pub const OPTIMIZER: &str = "optimizer.safetensors";
@@ -31,14 +32,14 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 /// Writes the policy's trained weights into `dir` (the temporary checkpoint directory).
 pub fn save_policy(dir: &Path, policy: &Policy, cfg: &JobConfig) -> Result<(), TrainError> {
     match &cfg.lora {
-        Some(l) => checkpoint::save_lora_adapter(
-            dir,
-            &policy.lora,
-            l.rank,
-            l.alpha,
-            &l.target_modules,
-            &cfg.pretrained_model_name_or_path,
-        )?,
+        Some(l) => {
+            let spec = LoraSpec {
+                rank: i64::from(l.rank),
+                alpha: l.alpha,
+                target_modules: l.target_modules.clone(),
+            };
+            checkpoint::save_lora_adapter(dir, &policy.lora, &spec)?
+        }
         None => {
             let named: Vec<(String, Tensor)> = policy.trainable();
             checkpoint::save_transformer(dir, &named, policy.model.config())?;
@@ -66,22 +67,12 @@ pub fn load_into(dir: &Path, policy: &mut Policy) -> Result<(), TrainError> {
         let cfg = policy.model.config().clone();
         load_weights(&policy.vs, &Layout::Diffusers(vec![file]), &cfg)?;
     } else {
-        let (tensors, _) = checkpoint::load_lora_adapter(dir)?;
-        let _guard = tch::no_grad_guard();
-        for (name, t) in policy.lora.iter_mut() {
-            let src = tensors.iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or_else(|| {
-                TrainError::Io(format!("{}: adapter key {name} is missing", dir.display()))
-            })?;
-            if src.size() != t.size() {
-                return Err(TrainError::Io(format!(
-                    "{}: adapter key {name} has shape {:?}, the model expects {:?}",
-                    dir.display(),
-                    src.size(),
-                    t.size()
-                )));
-            }
-            t.f_copy_(src)?;
-        }
+        let file = checkpoint::load_lora_adapter(dir)?;
+        checkpoint::restore_named(
+            &policy.lora,
+            &file.tensors,
+            &dir.join(checkpoint::ADAPTER_WEIGHTS),
+        )?;
     }
     Ok(())
 }

@@ -97,11 +97,11 @@ impl Policy {
                 // Only the adapters train: the base is frozen before they are added.
                 vs.freeze();
                 let spec = LoraSpec {
-                    rank: l.rank as i64,
+                    rank: i64::from(l.rank),
                     alpha: l.alpha,
                     target_modules: l.target_modules.clone(),
                 };
-                model.attach_lora(&spec, cfg.seed, tch::Device::Cpu)?
+                model.attach_lora(&spec, cfg.seed)?
             }
         };
         // The decoder computes in its weights' dtype.
@@ -131,7 +131,8 @@ impl Policy {
 
 /// FNV-1a of a variable name: a stable per-variable stream id.
 fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    name.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// PyTorch's default `Linear`/`Conv` init bound, U(±1/√fan_in), from a host stream per

@@ -16,8 +16,8 @@ use super::optim::AdamW;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::flux::FluxTransformer;
 use crate::reward::loss::MultiRewardClipLoss;
-use crate::sampler::{Conditioning, Schedule, recompute_log_prob};
 use crate::sampler::rollout::backward_log_prob_checkpointed;
+use crate::sampler::{Conditioning, Schedule, recompute_log_prob};
 
 /// What the loss of one transition needs besides the model.
 #[derive(Clone, Debug)]
@@ -57,7 +57,13 @@ pub struct UpdateStats {
 /// The transitions one trajectory trains on: the first `count` entries of a permutation of
 /// `0..transitions` (the reference's per-sample `randperm(S − 1)`; the last transition is never
 /// among them). Keyed by the trajectory, so a redone iteration picks the same ones.
-pub fn train_steps(seed: u64, group: u64, member: u32, transitions: usize, count: usize) -> Vec<usize> {
+pub fn train_steps(
+    seed: u64,
+    group: u64,
+    member: u32,
+    transitions: usize,
+    count: usize,
+) -> Vec<usize> {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     key[8..16].copy_from_slice(&group.to_le_bytes());
@@ -97,13 +103,14 @@ pub fn accumulate(
         };
         let loss = if s.checkpointing {
             let mut err = None;
-            let l = backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, |lp| {
-                loss_of(lp).map_err(|e| {
-                    let m = e.to_string();
-                    err = Some(e);
-                    crate::flux::ModelError::Input(m)
-                })
-            });
+            let l =
+                backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, |lp| {
+                    loss_of(lp).map_err(|e| {
+                        let m = e.to_string();
+                        err = Some(e);
+                        crate::flux::ModelError::Input(m)
+                    })
+                });
             match (l, err) {
                 (_, Some(e)) => return Err(e),
                 (l, None) => l?,
@@ -135,7 +142,7 @@ pub fn apply_update(
 ) -> Result<(), TrainError> {
     if let Some(g) = group.filter(|g| g.world_size() > 1) {
         let start = Instant::now();
-        let mut grads = opt.grads();
+        let mut grads = opt.grads()?;
         g.all_reduce_many(&mut grads, ReduceOp::Average)?;
         stats.communication_s += start.elapsed().as_secs_f64();
     }

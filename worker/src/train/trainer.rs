@@ -10,10 +10,10 @@ use dancegrpo_proto::{JobConfig, WorkItem, pb};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
-use super::{checkpoint, persist};
 use super::optim::{AdamW, AdamWConfig};
 use super::policy::Policy;
 use super::step::{LossSettings, UpdateStats, accumulate, apply_update, train_steps};
+use super::{checkpoint, persist};
 use crate::data::PromptDataset;
 use crate::device::Device;
 use crate::dist::ProcessGroup;
@@ -78,7 +78,8 @@ impl Trainer {
     pub fn new(cfg: &JobConfig, device: Device) -> Result<Self, TrainError> {
         let policy = Policy::load(cfg, device)?;
         let opt = AdamW::new(policy.trainable(), adamw(cfg))?;
-        let rewards = RewardSet::from_config(&cfg.rewards, device.tch().unwrap_or(tch::Device::Cpu))?;
+        let rewards =
+            RewardSet::from_config(&cfg.rewards, device.tch().unwrap_or(tch::Device::Cpu))?;
         let data_path = data_dir(&cfg.data_json_path);
         let data = crate::data::open(&data_path)?;
         let sched = Schedule::new(cfg.sampling_steps as usize, cfg.shift)?;
@@ -242,7 +243,9 @@ impl Trainer {
                     item.group_id, item.member_index
                 ))
             })?;
-            let adv = self.device.to(&Tensor::from_slice(adv).f_to_kind(Kind::Float)?.f_unsqueeze(0)?)?;
+            let adv = self
+                .device
+                .to(&Tensor::from_slice(adv).f_to_kind(Kind::Float)?.f_unsqueeze(0)?)?;
             let cond = Conditioning {
                 encoder_hidden_states: &r.prompt_embeds,
                 pooled_projections: &r.pooled,
@@ -250,7 +253,8 @@ impl Trainer {
                 img_ids: &self.img_ids,
                 txt_ids: &r.txt_ids,
             };
-            let steps = train_steps(item.seed, item.group_id, item.member_index, transitions, count);
+            let steps =
+                train_steps(item.seed, item.group_id, item.member_index, transitions, count);
             accumulate(
                 &self.policy.model,
                 &cond,
@@ -263,7 +267,12 @@ impl Trainer {
                 &mut stats,
             )?;
             if (i + 1) % ga == 0 {
-                apply_update(&mut self.opt, group.as_deref_mut(), self.cfg.max_grad_norm, &mut stats)?;
+                apply_update(
+                    &mut self.opt,
+                    group.as_deref_mut(),
+                    self.cfg.max_grad_norm,
+                    &mut stats,
+                )?;
             }
         }
         // Trajectories beyond the last whole accumulation window are dropped, as in the
@@ -300,14 +309,29 @@ impl Trainer {
 
     /// Writes `checkpoint-<step>` under `output_dir` (atomically) with the trainer state the
     /// coordinator sent.
-    pub fn save_checkpoint(&self, step: u64, trainer_state_json: &str) -> Result<PathBuf, TrainError> {
-        let dir = checkpoint::write_checkpoint(Path::new(&self.cfg.output_dir), step, |tmp| {
-            persist::save_policy(tmp, &self.policy, &self.cfg)?;
-            self.opt.save(&tmp.join(persist::OPTIMIZER))?;
-            std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
-                .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))?;
-            Ok(())
-        })?;
+    pub fn save_checkpoint(
+        &self,
+        step: u64,
+        trainer_state_json: &str,
+    ) -> Result<PathBuf, TrainError> {
+        let mut failure = None;
+        let written = checkpoint::write_checkpoint(Path::new(&self.cfg.output_dir), step, |tmp| {
+            let r = persist::save_policy(tmp, &self.policy, &self.cfg)
+                .and_then(|()| Ok(self.opt.save(&tmp.join(persist::OPTIMIZER))?))
+                .and_then(|()| {
+                    std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
+                        .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
+                });
+            r.map_err(|e| {
+                let m = crate::flux::ModelError::Input(e.to_string());
+                failure = Some(e);
+                m
+            })
+        });
+        let dir = match (written, failure) {
+            (_, Some(e)) => return Err(e),
+            (r, None) => r?,
+        };
         tracing::info!(dir = %dir.display(), "checkpoint written");
         Ok(dir)
     }
@@ -320,7 +344,8 @@ impl Trainer {
         let images: Vec<Tensor> = self.images.iter().map(|(t, _)| t.shallow_clone()).collect();
         let labels: Vec<String> = self.images.iter().map(|(_, r)| format!("{r:.4}")).collect();
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
         }
         super::grid::write_grid(&path, &Tensor::f_stack(&images, 0)?, &labels)?;
         self.images.clear();
