@@ -291,6 +291,11 @@ impl Iteration {
         Some(pb::GetAdvantagesResponse { iteration: self.index, advantages: out, refill: vec![] })
     }
 
+    /// Whether `rank` has finished this iteration (reported its metrics).
+    pub fn finished_by(&self, rank: u32) -> bool {
+        self.metrics.contains_key(&rank)
+    }
+
     /// Records `rank`'s step metrics; true once every rank has reported.
     pub fn record_metrics(&mut self, rank: u32, m: pb::StepMetrics) -> bool {
         self.metrics.insert(rank, m);

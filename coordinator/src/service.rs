@@ -84,7 +84,8 @@ impl Coordinator for CoordinatorService {
             r.iteration,
             r.generation,
             r.checkpointed_step,
-        )?;
+        )
+        .await?;
         Ok(Response::new(pb::GetWorkResponse {
             iteration: a.iteration,
             items: a.items.iter().map(Into::into).collect(),

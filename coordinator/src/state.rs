@@ -547,15 +547,37 @@ impl CoordinatorState {
         Error::JobFailed(message)
     }
 
-    /// Step 1: `rank`'s work for the current iteration, planning it if it is the first ask.
-    /// `ready_for` is the step the worker's weights are at (`u64::MAX`: none).
-    pub fn get_work(
+    /// Step 1: `rank`'s work for the next iteration, planning it if it is the first ask.
+    /// `ready_for` is the step the worker's weights are at (`u64::MAX`: none). A rank that
+    /// finished the iteration in flight waits (long poll) until the others have too.
+    pub async fn get_work(
         &self,
         id: &WorkerId,
         ready_for: u64,
         generation: u64,
         checkpointed_step: u64,
     ) -> Result<Assignment> {
+        let deadline = Instant::now() + LONG_POLL;
+        loop {
+            let mut changed = self.subscribe();
+            if let Some(a) = self.try_get_work(id, ready_for, generation, checkpointed_step)? {
+                return Ok(a);
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return Err(Error::Timeout(
+                    "the other ranks have not finished the iteration yet (ask again)".into(),
+                ));
+            }
+        }
+    }
+
+    fn try_get_work(
+        &self,
+        id: &WorkerId,
+        ready_for: u64,
+        generation: u64,
+        checkpointed_step: u64,
+    ) -> Result<Option<Assignment>> {
         let mut g = self.lock();
         let rank = Self::working_rank(&mut g, id, generation)?;
         let world = g.job.world_size;
@@ -576,13 +598,16 @@ impl CoordinatorState {
                 drop(g);
                 self.notify();
             }
-            return Ok(Assignment {
+            return Ok(Some(Assignment {
                 iteration: u64::from(cfg.max_train_steps),
                 items: vec![],
                 done: true,
                 restore: None,
                 sample_grid: false,
-            });
+            }));
+        }
+        if training.iteration.as_ref().is_some_and(|it| it.finished_by(rank)) {
+            return Ok(None);
         }
         let restore =
             (ready_for != job.step).then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
@@ -595,13 +620,13 @@ impl CoordinatorState {
         let it = training.iteration.as_ref().expect("planned above");
         let every = u64::from(cfg.sample_grid_every);
         let last = it.index + 1 == u64::from(cfg.max_train_steps);
-        Ok(Assignment {
+        Ok(Some(Assignment {
             iteration: it.index,
             items: it.work(rank).to_vec(),
             done: false,
             restore,
             sample_grid: every > 0 && (it.index % every == 0 || last),
-        })
+        }))
     }
 
     fn current(slot: &mut Option<Iteration>, iteration: u64) -> Result<&mut Iteration> {

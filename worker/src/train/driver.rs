@@ -82,16 +82,22 @@ async fn iterate(
             .run(|w: &mut World| w.loaded_trainer().map(|t| t.ready_for()))
             .await?
             .map_err(compute_err)?;
-        let work = client
-            .get_work(pb::GetWorkRequest {
-                worker_id: session.worker_id().await,
-                iteration: ready_for,
-                generation,
-                checkpointed_step: checkpointed,
-            })
-            .await
-            .map_err(|s| rejected("GetWork", s))?
-            .into_inner();
+        let work = loop {
+            let r = client
+                .get_work(pb::GetWorkRequest {
+                    worker_id: session.worker_id().await,
+                    iteration: ready_for,
+                    generation,
+                    checkpointed_step: checkpointed,
+                })
+                .await;
+            match r {
+                Ok(w) => break w.into_inner(),
+                // The coordinator's long poll ran out while other ranks finish: ask again.
+                Err(s) if s.code() == tonic::Code::DeadlineExceeded => {}
+                Err(s) => return Err(rejected("GetWork", s)),
+            }
+        };
         if work.done {
             tracing::info!("job done");
             return Ok(());
