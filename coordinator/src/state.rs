@@ -509,8 +509,25 @@ impl CoordinatorState {
         Ok(lost)
     }
 
-    /// The rank of a live worker in the current generation, or why it cannot work now.
+    /// The rank of a live worker in the current generation of a complete world, or why it
+    /// cannot work now.
     fn working_rank(inner: &mut Inner, id: &WorkerId, generation: u64) -> Result<u32> {
+        let rank = Self::rank_of(inner, id, generation)?;
+        let Inner { job, workers, .. } = inner;
+        // A lost rank stalls every collective: say so instead of letting callers wait.
+        for r in 0..job.world_size {
+            if !workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live()) {
+                return Err(Error::NotReady(format!(
+                    "rank {r} is gone; the job continues from step {} when it rejoins",
+                    job.checkpoint_step
+                )));
+            }
+        }
+        Ok(rank)
+    }
+
+    /// The rank of a live worker in the current generation.
+    fn rank_of(inner: &mut Inner, id: &WorkerId, generation: u64) -> Result<u32> {
         let Inner { job, workers, .. } = inner;
         if job.state == JobState::Failed {
             return Err(Error::JobFailed(job.message.clone()));
@@ -522,15 +539,6 @@ impl CoordinatorState {
             .ok_or_else(|| Error::NotReady("no rank yet: the world is not complete".to_string()))?;
         if generation != job.generation {
             return Err(Error::Superseded { requested: generation, current: job.generation });
-        }
-        // A lost rank stalls every collective: say so instead of letting callers wait.
-        for r in 0..job.world_size {
-            if !workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live()) {
-                return Err(Error::NotReady(format!(
-                    "rank {r} is gone; the job continues from step {} when it rejoins",
-                    job.checkpoint_step
-                )));
-            }
         }
         Ok(rank)
     }
@@ -579,7 +587,11 @@ impl CoordinatorState {
         checkpointed_step: u64,
     ) -> Result<Option<Assignment>> {
         let mut g = self.lock();
-        let rank = Self::working_rank(&mut g, id, generation)?;
+        // Ranks that are done may already have left: the end needs no complete world.
+        let rank = Self::rank_of(&mut g, id, generation)?;
+        if g.job.step < u64::from(g.job.config.max_train_steps) {
+            Self::working_rank(&mut g, id, generation)?;
+        }
         let world = g.job.world_size;
         let Inner { db, job, training, .. } = &mut *g;
         if rank == 0 && checkpointed_step > job.checkpoint_step {
