@@ -142,6 +142,16 @@ impl Coordinator for CoordinatorService {
             self.state.report_step_metrics(&WorkerId::from(r.worker_id), r.generation, m)?;
         Ok(Response::new(pb::ReportStepMetricsResponse { checkpoint, trainer_state_json }))
     }
+
+    async fn reform_world(
+        &self,
+        req: Request<pb::ReformWorldRequest>,
+    ) -> Result<Response<pb::ReformWorldResponse>, Status> {
+        let r = req.into_inner();
+        let generation =
+            self.state.reform(&WorkerId::from(r.worker_id), r.generation, &r.reason)?;
+        Ok(Response::new(pb::ReformWorldResponse { generation }))
+    }
 }
 
 fn worker_to_pb(w: &WorkerRecord) -> pb::WorkerStatus {

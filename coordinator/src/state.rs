@@ -769,6 +769,39 @@ impl CoordinatorState {
         Ok((checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() }))
     }
 
+    /// Re-forms the world under a new generation after a failed collective of `generation`
+    /// (once: later reports of the same failure find the generation already bumped).
+    pub fn reform(&self, id: &WorkerId, generation: u64, reason: &str) -> Result<u64> {
+        let mut g = self.lock();
+        let rank = Self::rank_of(&mut g, id, generation)
+            .or_else(|e| match e {
+                Error::Superseded { .. } => Ok(u32::MAX),
+                e => Err(e),
+            })?;
+        let Inner { db, job, training, dataset_len, workers } = &mut *g;
+        // With a rank gone, its return re-forms the world; re-forming before that would only
+        // fail the rendezvous again.
+        let intact = (0..job.world_size)
+            .all(|r| workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live()));
+        if rank == u32::MAX || job.state != JobState::Running || !intact {
+            return Ok(job.generation);
+        }
+        job.generation += 1;
+        training.rewind(db, job, *dataset_len)?;
+        job.message = format!(
+            "rank {rank} reported a failed collective ({reason}); world re-formed (generation {}), \
+             continuing from step {}",
+            job.generation, job.step
+        );
+        tracing::warn!("{}", job.message);
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        let current = job.generation;
+        drop(g);
+        self.notify();
+        Ok(current)
+    }
+
     /// The job this coordinator runs.
     pub fn job_id(&self) -> JobId {
         self.lock().job.id.clone()

@@ -179,7 +179,9 @@ impl Cluster {
             .env_remove("WORLD_SIZE")
             .env_remove("NODE_RANK")
             .env_remove("LOCAL_RANK")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // One libtorch thread per process: tests run several workers at once on few cores.
+            .env("OMP_NUM_THREADS", "1");
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -145,6 +145,13 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                             job_config.clone(),
                         )));
                     }
+                    // A peer that is slow, gone or not yet back: this generation cannot
+                    // form. Wait for the next one instead of exiting.
+                    Err(Error::Dist(e)) => {
+                        tracing::warn!(generation = a.generation, cause = %e,
+                            "process group not formed; waiting for a new world");
+                        session.reform(a.generation, &e.to_string()).await;
+                    }
                     Err(e) => break Err(e),
                 }
             }

@@ -229,6 +229,20 @@ impl Session {
         self.client.clone()
     }
 
+    /// Asks the coordinator to re-form the world after a failed collective or rendezvous of
+    /// `generation`. Best effort: a lost peer re-forms it anyway when it comes back.
+    pub async fn reform(&self, generation: u64, reason: &str) {
+        let req = pb::ReformWorldRequest {
+            worker_id: self.worker_id().await,
+            generation,
+            reason: reason.into(),
+        };
+        match self.client.clone().reform_world(req).await {
+            Ok(r) => tracing::info!(generation = r.into_inner().generation, "asked for a new world"),
+            Err(s) => tracing::warn!(cause = %s.message(), "could not ask for a new world"),
+        }
+    }
+
     /// Tells the coordinator we are leaving cleanly. Best effort, bounded in time.
     pub async fn goodbye(&self, reason: &str) {
         let worker_id = self.joined.lock().await.worker_id.clone();

@@ -37,6 +37,7 @@ fn paused(e: &Error) -> Option<String> {
             Some(message.clone())
         }
         Error::Rejected { code: tonic::Code::Unavailable, message, .. } => Some(message.clone()),
+        Error::Dist(d) => Some(format!("a collective failed: {d}")),
         _ => None,
     }
 }
@@ -51,14 +52,25 @@ pub async fn run(
     match iterate(&session, &compute, &a, &cfg).await {
         Ok(()) => Ok(Ended::Done),
         Err(e) => match paused(&e) {
-            Some(why) => Ok(Ended::Paused(why)),
+            Some(why) => {
+                if matches!(e, Error::Dist(_)) {
+                    // Every worker may still be alive (a slow peer, a dropped connection):
+                    // nobody would re-form the world, so ask for it.
+                    session.reform(a.generation, &why).await;
+                }
+                Ok(Ended::Paused(why))
+            }
             None => Err(e),
         },
     }
 }
 
 fn compute_err(e: super::TrainError) -> Error {
-    Error::Compute(e.to_string())
+    match e {
+        // Kept apart: a peer that died mid-collective pauses this rank, it does not end it.
+        super::TrainError::Dist(d) => Error::Dist(d),
+        other => Error::Compute(other.to_string()),
+    }
 }
 
 async fn iterate(
