@@ -79,13 +79,10 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::GetWorkRequest>,
     ) -> Result<Response<pb::GetWorkResponse>, Status> {
         let r = req.into_inner();
-        let a = self.state.get_work(
-            &WorkerId::from(r.worker_id),
-            r.iteration,
-            r.generation,
-            r.checkpointed_step,
-        )
-        .await?;
+        let a = self
+            .state
+            .get_work(&WorkerId::from(r.worker_id), r.iteration, r.generation, r.checkpointed_step)
+            .await?;
         Ok(Response::new(pb::GetWorkResponse {
             iteration: a.iteration,
             items: a.items.iter().map(Into::into).collect(),

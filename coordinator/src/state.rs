@@ -773,11 +773,10 @@ impl CoordinatorState {
     /// (once: later reports of the same failure find the generation already bumped).
     pub fn reform(&self, id: &WorkerId, generation: u64, reason: &str) -> Result<u64> {
         let mut g = self.lock();
-        let rank = Self::rank_of(&mut g, id, generation)
-            .or_else(|e| match e {
-                Error::Superseded { .. } => Ok(u32::MAX),
-                e => Err(e),
-            })?;
+        let rank = Self::rank_of(&mut g, id, generation).or_else(|e| match e {
+            Error::Superseded { .. } => Ok(u32::MAX),
+            e => Err(e),
+        })?;
         let Inner { db, job, training, dataset_len, workers } = &mut *g;
         // With a rank gone, its return re-forms the world; re-forming before that would only
         // fail the rendezvous again.

@@ -14,11 +14,7 @@ const COORD: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "200"];
 
 fn wait_ok(p: &mut Proc, what: &str) {
     let s = p.wait_timeout(Duration::from_secs(300));
-    assert!(
-        s.is_some_and(|s| s.success()),
-        "{what} did not finish cleanly ({s:?}):\n{}",
-        p.log()
-    );
+    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", p.log());
 }
 
 /// Runs `config` with 2 workers to completion; returns the cluster (its `out/` holds the job's
@@ -68,7 +64,8 @@ async fn two_workers_train_log_checkpoint_and_finish() {
     }
     let metrics = String::from_utf8(read(&out.join("metrics.jsonl"))).unwrap();
     assert_eq!(metrics.lines().count(), 4, "{metrics}");
-    for png in ["reward_curve.png", "samples/iteration-000001.png", "samples/iteration-000004.png"] {
+    for png in ["reward_curve.png", "samples/iteration-000001.png", "samples/iteration-000004.png"]
+    {
         assert!(read(&out.join(png)).starts_with(b"\x89PNG"), "{png} is not a PNG");
     }
     for step in [2, 4] {
@@ -133,7 +130,13 @@ async fn a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(reached, "step 3 not reached in 120 s:\n{}\n{}\n{}", std::fs::read_to_string(c.path("coordinator.log")).unwrap_or_default(), w0.log(), w1.log());
+    assert!(
+        reached,
+        "step 3 not reached in 120 s:\n{}\n{}\n{}",
+        std::fs::read_to_string(c.path("coordinator.log")).unwrap_or_default(),
+        w0.log(),
+        w1.log()
+    );
     w1.child.kill().unwrap();
     let _ = w1.child.wait();
     dancegrpo_e2e::await_condition(Duration::from_secs(30), "rank 1 lost", || async {

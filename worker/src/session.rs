@@ -238,7 +238,9 @@ impl Session {
             reason: reason.into(),
         };
         match self.client.clone().reform_world(req).await {
-            Ok(r) => tracing::info!(generation = r.into_inner().generation, "asked for a new world"),
+            Ok(r) => {
+                tracing::info!(generation = r.into_inner().generation, "asked for a new world")
+            }
             Err(s) => tracing::warn!(cause = %s.message(), "could not ask for a new world"),
         }
     }

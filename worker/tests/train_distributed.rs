@@ -18,7 +18,9 @@ use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
 use dancegrpo_worker::sampler::{Conditioning, NoiseKey, Schedule, rollout};
 use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
 use dancegrpo_worker::train::policy::Policy;
-use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update, train_steps};
+use dancegrpo_worker::train::step::{
+    LossSettings, UpdateStats, accumulate, apply_update, train_steps,
+};
 use tch::{Kind, Tensor};
 
 const STEPS: usize = 4;
@@ -103,7 +105,8 @@ fn accumulate_all(s: &Setup, ids: &[usize], divisor: f64, stats: &mut UpdateStat
         let (lat, lp) = &s.rollouts[i];
         let adv = Tensor::from_slice(&[s.advantages[i]]).unsqueeze(0);
         let steps = train_steps(11, 0, i as u32, STEPS - 1, count);
-        accumulate(&s.policy.model, &cond, lat, lp, &adv, &steps, &s.sched, &settings, stats).unwrap();
+        accumulate(&s.policy.model, &cond, lat, lp, &adv, &steps, &s.sched, &settings, stats)
+            .unwrap();
     }
 }
 
@@ -123,7 +126,8 @@ fn optimizer(s: &Setup) -> AdamW {
 }
 
 fn flat(s: &Setup) -> Tensor {
-    let ts: Vec<Tensor> = s.policy.trainable().iter().map(|(_, t)| t.detach().flatten(0, -1)).collect();
+    let ts: Vec<Tensor> =
+        s.policy.trainable().iter().map(|(_, t)| t.detach().flatten(0, -1)).collect();
     Tensor::cat(&ts, 0)
 }
 
@@ -187,7 +191,8 @@ fn two_ranks_match_one_process_and_stay_identical() {
     let ours = flat(&s);
     let initial = {
         let fresh = Policy::load(&cfg(), Device::Cpu).unwrap();
-        let ts: Vec<Tensor> = fresh.trainable().iter().map(|(_, t)| t.detach().flatten(0, -1)).collect();
+        let ts: Vec<Tensor> =
+            fresh.trainable().iter().map(|(_, t)| t.detach().flatten(0, -1)).collect();
         Tensor::cat(&ts, 0)
     };
     let moved = (&reference - &initial).abs().max().double_value(&[]);
