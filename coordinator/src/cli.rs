@@ -77,7 +77,7 @@ pub fn status_json(s: &pb::JobStatus) -> Value {
             })
         }).collect::<Vec<_>>(),
         "history": s.history.iter().map(|h| {
-            let m = h.metrics.clone().unwrap_or_default();
+            let m = h.metrics.unwrap_or_default();
             let t = m.timings.unwrap_or_default();
             json!({
                 "iteration": h.iteration,
@@ -181,7 +181,7 @@ pub fn iteration_row(h: &pb::IterationRecord) -> String {
     let r: Vec<String> = h.mean_rewards.iter().map(|r| format!("{r:.5}")).collect();
     match &h.metrics {
         Some(m) => {
-            let t = m.timings.clone().unwrap_or_default();
+            let t = m.timings.unwrap_or_default();
             format!(
                 "  {:>6}  {:>10}  {:>10.3e}  {:>9.3e}  {:>9.2e}  {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
                 h.iteration,

@@ -127,7 +127,7 @@ pub fn dataset_len(cfg: &JobConfig) -> Result<u64> {
 
 /// One iteration's line of `metrics.jsonl` (and the record the status API shows).
 pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &pb::StepMetrics) -> serde_json::Value {
-    let t = m.timings.clone().unwrap_or_default();
+    let t = m.timings.unwrap_or_default();
     serde_json::json!({
         "iteration": step,
         "mean_rewards": mean_rewards,

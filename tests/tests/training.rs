@@ -47,7 +47,7 @@ async fn two_workers_train_log_checkpoint_and_finish() {
     assert_eq!(s.step, 4);
     assert_eq!(s.history.len(), 4);
     for h in &s.history {
-        let m = h.metrics.clone().expect("metrics recorded");
+        let m = h.metrics.expect("metrics recorded");
         let t = m.timings.expect("timings");
         assert!(t.rollout_s > 0.0 && t.train_s > 0.0 && t.decode_s > 0.0, "{t:?}");
         assert!(m.grad_norm > 0.0 && m.grad_norm.is_finite(), "{m:?}");

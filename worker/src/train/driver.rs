@@ -185,7 +185,7 @@ async fn iterate(
                 .await?
                 .map_err(compute_err)?;
         }
-        let t = metrics.timings.clone().unwrap_or_default();
+        let t = metrics.timings.unwrap_or_default();
         tracing::info!(
             iteration = iteration + 1,
             loss = metrics.loss,
