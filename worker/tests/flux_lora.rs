@@ -46,7 +46,7 @@ fn randomize(lora: &[(String, Tensor)]) {
     tch::manual_seed(11);
     tch::no_grad(|| {
         for (_, t) in lora {
-            let _ = t.shallow_clone().copy_(&(Tensor::randn_like(t) * 0.3));
+            t.shallow_clone().copy_(&(Tensor::randn_like(t) * 0.3));
         }
     });
 }
@@ -80,7 +80,7 @@ fn lora_forward_equals_merged_weights() {
             }
             let b = &lora[&key.replace("lora_A", "lora_B")];
             let w = &vars[&format!("{module}.weight")];
-            let _ = w.shallow_clone().copy_(&(w + b.matmul(a) * s.scale()));
+            w.shallow_clone().copy_(&(w + b.matmul(a) * s.scale()));
         }
     });
 

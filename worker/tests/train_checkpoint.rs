@@ -99,7 +99,7 @@ fn transformer_loads_in_diffusers() {
     tch::manual_seed(5);
     tch::no_grad(|| {
         for (_, v) in m.vs.variables() {
-            let _ = v.shallow_clone().copy_(&(&v + Tensor::randn_like(&v) * 0.01));
+            v.shallow_clone().copy_(&(&v + Tensor::randn_like(&v) * 0.01));
         }
     });
     let want = forward(&m);
@@ -135,7 +135,7 @@ fn lora_adapter_loads_in_peft() {
     tch::manual_seed(2);
     tch::no_grad(|| {
         for (_, t) in &lora {
-            let _ = t.shallow_clone().copy_(&(Tensor::randn_like(t) * 0.2));
+            t.shallow_clone().copy_(&(Tensor::randn_like(t) * 0.2));
         }
     });
     let want = forward(&m);
