@@ -241,10 +241,12 @@ pub fn load_lora_adapter(dir: &Path) -> Result<LoraAdapterFile> {
             .and_then(|k| k.strip_suffix(".weight"))
             .ok_or_else(|| ModelError::Unexpected { key: key.clone(), file: file.path().into() })?;
         let size = t.size();
-        let rank_ok = match () {
-            _ if module.ends_with(".lora_A") => size.len() == 2 && size[0] == rank,
-            _ if module.ends_with(".lora_B") => size.len() == 2 && size[1] == rank,
-            _ => return Err(ModelError::Unexpected { key: key.clone(), file: file.path().into() }),
+        let rank_ok = if module.ends_with(".lora_A") {
+            size.len() == 2 && size[0] == rank
+        } else if module.ends_with(".lora_B") {
+            size.len() == 2 && size[1] == rank
+        } else {
+            return Err(ModelError::Unexpected { key: key.clone(), file: file.path().into() });
         };
         if !rank_ok {
             return Err(ModelError::format(
