@@ -1,0 +1,266 @@
+//! One GRPO iteration, ours vs a Python re-implementation on diffusers, side by side in one run
+//! (CPU, f32, same config, weights, inputs and thread count).
+//!
+//! ```text
+//! BENCH_THREADS=2 cargo bench -p dancegrpo-worker --bench train_iteration --profile dev
+//! BENCH_THREADS=2 BENCH_ITERS=3 cargo bench -p dancegrpo-worker --bench train_iteration
+//! ```
+//! Runs `train_iteration_peer.py` (diffusers 0.42.1, the venv's python) first: for a `tiny`
+//! config (2 + 2 blocks, hidden 32, 64×64 px → 16 image tokens, 8 text tokens of width 32) and a
+//! `small` one (hidden 256 = 4 heads × 64, 2 + 4 blocks, 256×256 px → 256 image tokens, 64 text
+//! tokens of width 4096) it saves the weights and inputs and times ALGORITHM.md §12's iteration:
+//! G = 4 trajectories of S = 8 steps rolled out one at a time (no grad), then the update (4 of
+//! the 7 usable transitions per trajectory with grad, backward per transition, clip_grad_norm_ +
+//! AdamW every GA = 2 trajectories). The VAE decode and the reward are left out on both sides.
+//! This bench loads the same files and times the same iteration with the worker's code
+//! (`rollout_with_noise`, `accumulate`, `apply_update`), as `Trainer` assembles it, checks that
+//! its first iteration gives the peer's grad norms and loss, and prints ours/python.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use dancegrpo_proto::advantage::group_advantages;
+use dancegrpo_worker::flux::weights::SafetensorsFile;
+use dancegrpo_worker::flux::{LoadedFlux, WeightPolicy, load_flux};
+use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
+use dancegrpo_worker::sampler::rollout::rollout_with_noise;
+use dancegrpo_worker::sampler::{Conditioning, Schedule, Trajectory, recompute_log_prob};
+use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
+use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+type Tensors = BTreeMap<String, Tensor>;
+
+/// The iteration's settings, as the peer reports them.
+struct Params {
+    steps: usize,
+    shift: f64,
+    eta: f64,
+    ga: usize,
+    lr: f64,
+    clip_range: f64,
+    adv_clip_max: f64,
+    max_grad_norm: f64,
+    guidance: f64,
+}
+
+impl Params {
+    fn from_json(p: &Value) -> Self {
+        let f = |k: &str| p[k].as_f64().unwrap();
+        Self {
+            steps: f("S") as usize,
+            shift: f("shift"),
+            eta: f("eta"),
+            ga: f("GA") as usize,
+            lr: f("lr"),
+            clip_range: f("clip_range"),
+            adv_clip_max: f("adv_clip_max"),
+            max_grad_norm: f("max_grad_norm"),
+            guidance: f("guidance"),
+        }
+    }
+}
+
+struct Case {
+    m: LoadedFlux,
+    t: Tensors,
+    sched: Schedule,
+    opt: AdamW,
+    advantages: Vec<f64>,
+    settings: LossSettings,
+    ga: usize,
+    max_grad_norm: f64,
+    guidance: f64,
+}
+
+impl Case {
+    fn load(dir: &Path, p: &Params) -> Self {
+        let m = load_flux(dir, Device::Cpu, WeightPolicy::TrainableF32).unwrap();
+        let t = SafetensorsFile::open(dir.join("inputs.safetensors")).unwrap().read_all().unwrap();
+        let mut params: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(params, AdamWConfig { lr: p.lr, ..AdamWConfig::default() }).unwrap();
+        let rewards: Vec<Vec<f64>> =
+            Vec::<f64>::try_from(&t["rewards"]).unwrap().into_iter().map(|r| vec![r]).collect();
+        let advantages =
+            group_advantages(&rewards, p.adv_clip_max).unwrap().into_iter().map(|a| a[0]).collect();
+        let count = t["steps"].size()[1] as usize;
+        let settings = LossSettings {
+            eta: p.eta,
+            clip: MultiRewardClipLoss {
+                clip_range: p.clip_range,
+                adv_clip_max: p.adv_clip_max,
+                weights: vec![1.0],
+            },
+            divisor: (p.ga * count) as f64,
+            checkpointing: false,
+        };
+        let sched = Schedule::new(p.steps, p.shift).unwrap();
+        Self {
+            m,
+            t,
+            sched,
+            opt,
+            advantages,
+            settings,
+            ga: p.ga,
+            max_grad_norm: p.max_grad_norm,
+            guidance: p.guidance,
+        }
+    }
+
+    fn cond(&self) -> Conditioning<'_> {
+        Conditioning {
+            encoder_hidden_states: &self.t["encoder_hidden_states"],
+            pooled_projections: &self.t["pooled_projections"],
+            guidance: self.guidance,
+            img_ids: &self.t["img_ids"],
+            txt_ids: &self.t["txt_ids"],
+        }
+    }
+
+    /// One forward and backward, leaving the weights and gradients as they were.
+    fn warm_up(&mut self) {
+        let z = &self.t["init_noise"];
+        let lp = recompute_log_prob(
+            &self.m.model,
+            &self.cond(),
+            z,
+            z,
+            &self.sched,
+            0,
+            self.settings.eta,
+        );
+        lp.unwrap().sum(Kind::Float).backward();
+        self.opt.zero_grad();
+    }
+
+    fn rollout(&self) -> Vec<Trajectory> {
+        let members = self.t["step_noise"].size()[0];
+        (0..members)
+            .map(|g| {
+                let noise = self.t["step_noise"].get(g);
+                let eta = self.settings.eta;
+                rollout_with_noise(
+                    &self.m.model,
+                    &self.cond(),
+                    &self.t["init_noise"],
+                    &self.sched,
+                    eta,
+                    |i| Ok(noise.get(i as i64)),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// The update; returns each optimizer step's pre-clip norm and the summed loss.
+    fn update(&mut self, trajectories: &[Trajectory]) -> (Vec<f64>, f64) {
+        let mut stats = UpdateStats::default();
+        let mut norms = vec![];
+        self.opt.zero_grad();
+        for (g, tr) in trajectories.iter().enumerate() {
+            let steps: Vec<usize> = Vec::<i64>::try_from(&self.t["steps"].get(g as i64))
+                .unwrap()
+                .into_iter()
+                .map(|k| k as usize)
+                .collect();
+            let adv = Tensor::from_slice(&[self.advantages[g] as f32]).reshape([1, 1]);
+            accumulate(
+                &self.m.model,
+                &self.cond(),
+                &tr.latents,
+                &tr.log_probs,
+                &adv,
+                &steps,
+                &self.sched,
+                &self.settings,
+                &mut stats,
+            )
+            .unwrap();
+            if (g + 1) % self.ga == 0 {
+                let before = stats.grad_norm_sum;
+                apply_update(&mut self.opt, None, self.max_grad_norm, &mut stats).unwrap();
+                norms.push(stats.grad_norm_sum - before);
+            }
+        }
+        (norms, stats.loss)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let threads: i32 =
+        std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1)
+        });
+    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    tch::set_num_threads(threads);
+    let dir = tempfile::tempdir().unwrap();
+    let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
+        format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_iteration_peer.py");
+    let out = Command::new(format!("{venv}/bin/python"))
+        .arg(&script)
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()])
+        .output()
+        .expect("run the python peer");
+    assert!(out.status.success(), "python peer failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let py: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let params = Params::from_json(&py["params"]);
+
+    println!(
+        "One GRPO iteration (G 4, S {}, GA {}, no decode/reward), CPU f32, {threads} threads, \
+         median of {iters} (torch {})",
+        params.steps, params.ga, py["torch"]
+    );
+    println!("{:<8} {:<10} {:>10} {:>10} {:>8}", "config", "phase", "ours [s]", "python", "ratio");
+    for name in ["tiny", "small"] {
+        let mut c = Case::load(&dir.path().join(name), &params);
+        c.warm_up();
+        let (mut it_s, mut ro_s, mut up_s) = (vec![], vec![], vec![]);
+        for i in 0..iters {
+            let t0 = Instant::now();
+            let traj = c.rollout();
+            let t1 = Instant::now();
+            let (norms, loss) = c.update(&traj);
+            let t2 = Instant::now();
+            it_s.push((t2 - t0).as_secs_f64());
+            ro_s.push((t1 - t0).as_secs_f64());
+            up_s.push((t2 - t1).as_secs_f64());
+            if i == 0 {
+                // The same computation on both sides: same norms and loss from the same start.
+                let p = &py[name];
+                let want: Vec<f64> = p["grad_norms"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                for (a, b) in norms.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-3 * b, "{name}: grad norm {a} vs python {b}");
+                }
+                let pl = p["loss"].as_f64().unwrap();
+                assert!((loss - pl).abs() <= 1e-5, "{name}: loss {loss} vs python {pl}");
+            }
+        }
+        let p = |k: &str| py[name][k].as_f64().unwrap();
+        for (phase, ours, theirs) in [
+            ("iteration", median(it_s), p("iteration_s")),
+            ("rollout", median(ro_s), p("rollout_s")),
+            ("update", median(up_s), p("update_s")),
+        ] {
+            println!("{name:<8} {phase:<10} {ours:>10.3} {theirs:>10.3} {:>8.3}", ours / theirs);
+        }
+    }
+}

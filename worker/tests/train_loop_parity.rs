@@ -1,0 +1,345 @@
+//! One whole GRPO iteration (rollout → advantages → PPO-clip update with gradient accumulation,
+//! grad-norm clip and AdamW) against a Python re-implementation of ALGORITHM.md §12 on diffusers'
+//! `FluxTransformer2DModel` (golden from `tests/golden/train_loop/make_golden.py`; tiny config,
+//! f32 on the CPU, G = 4 trajectories of S = 6 steps, GA = 2, so two optimizer steps).
+//!
+//! The rollout is replayed with the stored noise; the update trains on our own rollout, as the
+//! trainer does, with the golden's advantages and timestep subsets. Two cases: the launch clip
+//! range 1e-4 (the PPO clip shapes the second window; its second step clips the norm), and a clip
+//! range of 10 with a max grad norm that clips both steps.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use dancegrpo_proto::advantage::group_advantages;
+use dancegrpo_worker::flux::weights::SafetensorsFile;
+use dancegrpo_worker::flux::{FluxTransformer, LoadedFlux, WeightPolicy, load_flux};
+use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
+use dancegrpo_worker::sampler::rollout::rollout_with_noise;
+use dancegrpo_worker::sampler::{Conditioning, Schedule, Trajectory};
+use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
+use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update};
+use tch::{Device, Kind, Tensor};
+
+// Tolerances. Both sides run f32 on the CPU with the same libtorch, and on this tiny config
+// our transformer's forward reproduces diffusers' bit for bit (the replayed rollout shows zero
+// error), so what remains is the backward and the optimizer: autograd through different but
+// equivalent op sequences, gradient sums in another order (our parameters are sorted by name,
+// torch's are in module order, which also reorders the global norm's sum). Observed on the
+// 2-core development machine (2026-11-28): losses 1.5e-8, Σ|r − 1| 1.8e-7, grad norms 1e-7
+// relative, weights 1.2e-7 (one f32 ulp at |w| ≈ 1). Each bound below is ~10× that, except
+// where noted, so a change of kernels or thread count does not trip them, while anything
+// algorithmic (see `other_settings_give_other_weights`: ≥ 0.8·lr) is far outside.
+/// Rollout latents, `max |Δ| / max |z|` (observed 0).
+const LATENT_REL: f64 = 1e-6;
+/// Rollout log-probs (≈ −0.5 each), absolute (observed 0).
+const LOGP_ABS: f64 = 1e-6;
+/// Σ of a trajectory's transition losses (|·| ≤ 0.6), absolute.
+const LOSS_ABS: f64 = 1e-6;
+/// Σ |r − 1| of a trajectory's 3 transitions, absolute; the second window's ratios are
+/// 0.56–1.44, where an f32 ulp is 1.2e-7.
+const RATIO_ABS: f64 = 2e-6;
+/// Pre-clip global gradient norm, relative.
+const NORM_REL: f64 = 1e-5;
+/// Weights after the iteration, `max |Δ|` over every element, as a fraction of the learning rate
+/// (1e-6 absolute: ~8 ulps at |w| ≈ 1, i.e. the "1e-5 relative or better" of f32 arithmetic).
+/// Each AdamW step moves an element by ≈ lr·m̂/√v̂ (≈ lr·sign(g) at the first step), so an
+/// element whose tiny gradient had a different sign on the two sides would be off by up to
+/// 2·lr; this bound would flag even one of them.
+const WEIGHT_ABS_OVER_LR: f64 = 1e-3;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/train_loop")
+}
+
+struct Golden {
+    t: BTreeMap<String, Tensor>,
+    sched: Schedule,
+    eta: f64,
+    members: usize,
+    ga: usize,
+    adam: AdamWConfig,
+    adv_clip_max: f64,
+    guidance: f64,
+}
+
+fn golden() -> Golden {
+    let t = SafetensorsFile::open(golden_dir().join("train_loop.safetensors"))
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let p = Vec::<f64>::try_from(&t["params"]).unwrap();
+    let sched = Schedule::new(p[0] as usize, p[1]).unwrap();
+    assert_eq!(sched.sigmas, Vec::<f32>::try_from(&t["sigmas"]).unwrap());
+    assert_eq!(sched.timesteps, Vec::<i64>::try_from(&t["timesteps"]).unwrap());
+    let adam = AdamWConfig { lr: p[6], beta1: p[7], beta2: p[8], eps: p[9], weight_decay: p[10] };
+    Golden {
+        sched,
+        eta: p[2],
+        members: p[3] as usize,
+        ga: p[4] as usize,
+        adam,
+        adv_clip_max: p[11],
+        guidance: p[12],
+        t,
+    }
+}
+
+impl Golden {
+    fn cond(&self) -> Conditioning<'_> {
+        Conditioning {
+            encoder_hidden_states: &self.t["encoder_hidden_states"],
+            pooled_projections: &self.t["pooled_projections"],
+            guidance: self.guidance,
+            img_ids: &self.t["img_ids"],
+            txt_ids: &self.t["txt_ids"],
+        }
+    }
+
+    /// The trained transitions of trajectory `m`, in training order.
+    fn steps(&self, m: usize) -> Vec<usize> {
+        Vec::<i64>::try_from(&self.t["steps"].get(m as i64))
+            .unwrap()
+            .into_iter()
+            .map(|k| k as usize)
+            .collect()
+    }
+
+    fn f64s(&self, key: &str) -> Vec<f64> {
+        Vec::<f64>::try_from(&self.t[key].to_kind(Kind::Double).reshape([-1])).unwrap()
+    }
+}
+
+/// The f32 master weights of the golden's bf16 checkpoint.
+fn load() -> LoadedFlux {
+    load_flux(&golden_dir().join("transformer"), Device::Cpu, WeightPolicy::TrainableF32).unwrap()
+}
+
+/// The trainable weights by name, sorted (as `Policy::trainable`).
+fn trainable(m: &LoadedFlux) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Rolls out every member, one at a time, from the shared initial noise with its stored noise.
+fn rollouts(g: &Golden, model: &FluxTransformer) -> Vec<Trajectory> {
+    (0..g.members)
+        .map(|m| {
+            let noise = g.t["step_noise"].get(m as i64);
+            rollout_with_noise(model, &g.cond(), &g.t["init_noise"], &g.sched, g.eta, |i| {
+                Ok(noise.get(i as i64))
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+/// What one iteration's update gives.
+struct Update {
+    /// Per trajectory: Σ of its transition losses, Σ |r − 1|.
+    loss: Vec<f64>,
+    ratio_dev: Vec<f64>,
+    /// `max |r − 1|` over the first accumulation window (before any optimizer step).
+    first_window_ratio_dev_max: f64,
+    /// Pre-clip global norm of each optimizer step.
+    grad_norms: Vec<f64>,
+    weights: Vec<(String, Tensor)>,
+}
+
+/// The update of one iteration as `Trainer::train` assembles it: `accumulate` per trajectory,
+/// `apply_update` every GA trajectories.
+fn update(
+    g: &Golden,
+    trajectories: &[Trajectory],
+    clip_range: f64,
+    max_grad_norm: f64,
+    checkpointing: bool,
+) -> Update {
+    let loaded = load();
+    let mut opt = AdamW::new(trainable(&loaded), g.adam).unwrap();
+    let advantages = g.f64s("advantages");
+    let settings = LossSettings {
+        eta: g.eta,
+        clip: MultiRewardClipLoss { clip_range, adv_clip_max: g.adv_clip_max, weights: vec![1.0] },
+        divisor: (g.ga * g.steps(0).len()) as f64,
+        checkpointing,
+    };
+    let mut stats = UpdateStats::default();
+    let mut out = Update {
+        loss: vec![],
+        ratio_dev: vec![],
+        first_window_ratio_dev_max: f64::NAN,
+        grad_norms: vec![],
+        weights: vec![],
+    };
+    opt.zero_grad();
+    for (m, tr) in trajectories.iter().enumerate() {
+        let before = stats.clone();
+        let adv = Tensor::from_slice(&[advantages[m] as f32]).reshape([1, 1]);
+        accumulate(
+            &loaded.model,
+            &g.cond(),
+            &tr.latents,
+            &tr.log_probs,
+            &adv,
+            &g.steps(m),
+            &g.sched,
+            &settings,
+            &mut stats,
+        )
+        .unwrap();
+        out.loss.push(stats.loss - before.loss);
+        out.ratio_dev.push(stats.ratio_dev_sum - before.ratio_dev_sum);
+        if (m + 1) % g.ga == 0 {
+            if m + 1 == g.ga {
+                out.first_window_ratio_dev_max = stats.ratio_dev_max;
+            }
+            let sum = stats.grad_norm_sum;
+            apply_update(&mut opt, None, max_grad_norm, &mut stats).unwrap();
+            out.grad_norms.push(stats.grad_norm_sum - sum);
+        }
+    }
+    assert_eq!(stats.optimizer_steps as usize, g.members / g.ga);
+    out.weights = opt.params().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
+    out
+}
+
+/// `max |ours − golden|` over every weight element, and the largest weight change of the
+/// golden (to show the update is not vanishingly small).
+fn weight_errors(g: &Golden, case: &str, weights: &[(String, Tensor)]) -> (f64, f64) {
+    let init = load();
+    let init: BTreeMap<String, Tensor> = trainable(&init).into_iter().collect();
+    let mut n = 0;
+    let (mut err, mut change) = (0f64, 0f64);
+    for (name, w) in weights {
+        let want = &g.t[&format!("{case}.weight.{name}")];
+        assert_eq!(w.size(), want.size(), "{name}");
+        let e = (w - want).abs().max().double_value(&[]);
+        err = err.max(e);
+        change = change.max((want - &init[name]).abs().max().double_value(&[]));
+        n += 1;
+    }
+    let golden_count = g.t.keys().filter(|k| k.starts_with(&format!("{case}.weight."))).count();
+    assert_eq!(n, golden_count, "every golden weight is trained, and only those");
+    (err, change)
+}
+
+/// Checks one case of the update against the golden.
+fn check_case(g: &Golden, trajectories: &[Trajectory], case: &str, checkpointing: bool) {
+    let hyper = g.f64s(&format!("{case}.hyper"));
+    let u = update(g, trajectories, hyper[0], hyper[1], checkpointing);
+    let t = g.steps(0).len();
+
+    // On-policy before the first optimizer step: the recomputed log-prob equals the rollout's.
+    assert_eq!(u.first_window_ratio_dev_max, 0.0, "{case}: ratio ≠ 1 before the first update");
+
+    let losses = g.f64s(&format!("{case}.losses"));
+    let ratios = g.f64s(&format!("{case}.ratios"));
+    let (mut loss_err, mut ratio_err, mut norm_err) = (0f64, 0f64, 0f64);
+    for m in 0..g.members {
+        let want: f64 = losses[m * t..(m + 1) * t].iter().sum();
+        let e = (u.loss[m] - want).abs();
+        assert!(e <= LOSS_ABS, "{case}: trajectory {m} loss {} vs {want}: {e}", u.loss[m]);
+        loss_err = loss_err.max(e);
+        let want: f64 = ratios[m * t..(m + 1) * t].iter().map(|r| (r - 1.0).abs()).sum();
+        let e = (u.ratio_dev[m] - want).abs();
+        assert!(e <= RATIO_ABS, "{case}: trajectory {m} Σ|r−1| {} vs {want}: {e}", u.ratio_dev[m]);
+        ratio_err = ratio_err.max(e);
+    }
+
+    let norms = g.f64s(&format!("{case}.grad_norms"));
+    assert_eq!(u.grad_norms.len(), norms.len());
+    for (s, (ours, want)) in u.grad_norms.iter().zip(&norms).enumerate() {
+        let e = (ours - want).abs() / want;
+        assert!(e <= NORM_REL, "{case}: step {s} grad norm {ours} vs {want}: relative {e}");
+        norm_err = norm_err.max(e);
+    }
+
+    let (err, change) = weight_errors(g, case, &u.weights);
+    eprintln!(
+        "{case} (checkpointing {checkpointing}): max errors: loss {loss_err:.1e}, Σ|r−1| \
+         {ratio_err:.1e}, grad norm {norm_err:.1e} (relative), weights {err:.1e} = {:.1e}·lr \
+         (golden change up to {change:.1e})",
+        err / g.adam.lr,
+    );
+    assert!(change > g.adam.lr, "{case}: the golden update should be visible");
+    assert!(err <= WEIGHT_ABS_OVER_LR * g.adam.lr, "{case}: weights differ by {err}");
+}
+
+/// The replayed rollout against the golden trajectories, and the advantages of the golden
+/// rewards.
+#[test]
+fn rollout_and_advantages_match_reference() {
+    let g = golden();
+    let model = load();
+    for (m, tr) in rollouts(&g, &model.model).iter().enumerate() {
+        let want = g.t["latents"].get(m as i64);
+        let got = tr.latents.squeeze_dim(0);
+        let scale = want.abs().max().double_value(&[]);
+        let e = (&got - &want).abs().max().double_value(&[]) / scale;
+        assert!(e <= LATENT_REL, "member {m} latents: relative error {e}");
+        let e2 = (tr.log_probs.squeeze_dim(0) - g.t["log_probs"].get(m as i64))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(e2 <= LOGP_ABS, "member {m} log-probs: max abs error {e2}");
+        eprintln!("member {m}: latents relative error {e:.1e}, log-probs {e2:.1e}");
+    }
+    // init_same_noise: every member starts from the same latent, and they part after a step.
+    let lat = &g.t["latents"];
+    assert!(lat.get(0).get(0).equal(&lat.get(3).get(0)));
+    assert!(!lat.get(0).get(1).equal(&lat.get(3).get(1)));
+
+    let rewards: Vec<Vec<f64>> = g.f64s("rewards").into_iter().map(|r| vec![r]).collect();
+    let ours = group_advantages(&rewards, g.adv_clip_max).unwrap();
+    for (m, want) in g.f64s("advantages").iter().enumerate() {
+        let e = (ours[m][0] - want).abs();
+        assert!(e <= 1e-6, "member {m} advantage {} vs {want}", ours[m][0]);
+    }
+}
+
+/// The launch settings: clip range 1e-4, max grad norm 1.
+#[test]
+fn iteration_matches_reference_with_ppo_clip() {
+    let g = golden();
+    let trajectories = rollouts(&g, &load().model);
+    check_case(&g, &trajectories, "clip", false);
+}
+
+/// Clip range 10 (the PPO clip never engages) and a max grad norm below both steps' norms.
+#[test]
+fn iteration_matches_reference_with_grad_norm_clip() {
+    let g = golden();
+    let trajectories = rollouts(&g, &load().model);
+    check_case(&g, &trajectories, "gradclip", false);
+}
+
+/// Activation checkpointing changes nothing in the result.
+#[test]
+fn iteration_matches_reference_with_checkpointing() {
+    let g = golden();
+    let trajectories = rollouts(&g, &load().model);
+    check_case(&g, &trajectories, "clip", true);
+}
+
+/// The comparison can fail: swapping the two cases' settings (PPO clip on/off, norm clip
+/// factors), or dropping the norm clip, moves the weights > 100× beyond the tolerance.
+#[test]
+fn other_settings_give_other_weights() {
+    let g = golden();
+    let trajectories = rollouts(&g, &load().model);
+    for (case, other) in [("clip", "gradclip"), ("gradclip", "clip")] {
+        let hyper = g.f64s(&format!("{other}.hyper"));
+        let u = update(&g, &trajectories, hyper[0], hyper[1], false);
+        let (err, _) = weight_errors(&g, case, &u.weights);
+        eprintln!("{case} weights under {other}'s settings: max |Δ| {:.2e}·lr", err / g.adam.lr);
+        assert!(err > 100.0 * WEIGHT_ABS_OVER_LR * g.adam.lr, "{case} vs {other}: {err}");
+    }
+    // Without the norm clip the second case's steps are scaled differently as well.
+    let hyper = g.f64s("gradclip.hyper");
+    let u = update(&g, &trajectories, hyper[0], f64::INFINITY, false);
+    let (err, _) = weight_errors(&g, "gradclip", &u.weights);
+    eprintln!("gradclip weights without the norm clip: max |Δ| {:.2e}·lr", err / g.adam.lr);
+    assert!(err > 100.0 * WEIGHT_ABS_OVER_LR * g.adam.lr, "no norm clip: {err}");
+}
