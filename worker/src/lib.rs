@@ -31,10 +31,10 @@ pub mod reward;
 pub mod sampler;
 /// The control-plane session with the coordinator.
 pub mod session;
-/// The GRPO training loop on one worker.
-pub mod train;
 /// T5 and CLIP text encoders.
 pub mod text;
+/// The GRPO training loop on one worker.
+pub mod train;
 /// The FLUX VAE decoder and image post-processing.
 pub mod vae;
 /// The compute thread's state: device, store and process group of the current generation.
