@@ -10,10 +10,15 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: bootstrap build demo test lint unit-tests npu-check cuda-check
+.PHONY: bootstrap reference build demo test lint unit-tests npu-check cuda-check
 
 bootstrap:
 	@./deploy/bootstrap.sh
+
+# The pinned Python reference packages (diffusers, open_clip, peft) that the parity tests
+# load saved checkpoints into; idempotent.
+reference: bootstrap
+	@./deploy/reference-venv.sh > /dev/null
 
 build: bootstrap
 	cargo build --workspace --bins
@@ -25,7 +30,7 @@ lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-unit-tests: build
+unit-tests: build reference
 	cargo test --workspace --no-fail-fast
 
 test: lint unit-tests npu-check cuda-check
