@@ -156,3 +156,19 @@ async fn a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
     let f = "checkpoint-6/transformer/diffusion_pytorch_model.safetensors";
     assert!(read(&a.join(f)) == read(&b.join(f)), "final weights differ");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lora_trains_only_the_adapters_and_saves_them_as_peft() {
+    let c = train(
+        "job_name = \"lora\"\nmax_train_steps = 2\ncheckpointing_steps = 2\n\
+         [lora]\nrank = 4\nalpha = 8.0\n",
+    );
+    let ck = c.path("out/checkpoint-2");
+    assert!(ck.join("adapter_model.safetensors").is_file());
+    assert!(!ck.join("transformer").exists(), "LoRA checkpoints hold the adapters only");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(&ck.join("adapter_config.json"))).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["to_q", "to_k", "to_v", "to_out.0"]));
+}
