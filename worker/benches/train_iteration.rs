@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! BENCH_THREADS=2 cargo bench -p dancegrpo-worker --bench train_iteration --profile dev
-//! BENCH_THREADS=2 BENCH_ITERS=3 cargo bench -p dancegrpo-worker --bench train_iteration
+//! BENCH_THREADS=1 BENCH_ITERS=5 cargo bench -p dancegrpo-worker --bench train_iteration
 //! ```
-//! Runs `train_iteration_peer.py` (diffusers 0.42.1, the venv's python) first: for a `tiny`
+//! Starts `train_iteration_peer.py` (diffusers 0.42.1, the venv's python) first: for a `tiny`
 //! config (2 + 2 blocks, hidden 32, 64×64 px → 16 image tokens, 8 text tokens of width 32) and a
 //! `small` one (hidden 256 = 4 heads × 64, 2 + 4 blocks, 256×256 px → 256 image tokens, 64 text
 //! tokens of width 4096) it saves the weights and inputs and times ALGORITHM.md §12's iteration:
@@ -15,10 +15,15 @@
 //! This bench loads the same files and times the same iteration with the worker's code
 //! (`rollout_with_noise`, `accumulate`, `apply_update`), as `Trainer` assembles it, checks that
 //! its first iteration gives the peer's grad norms and loss, and prints ours/python.
+//!
+//! The peer stays running and does one iteration per request, so the two sides alternate
+//! (`BENCH_ITERS` rounds, default 3, who goes first swapping every round): on a shared machine
+//! the load changes within seconds, and running one side after the other measured the load.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::group_advantages;
@@ -196,71 +201,133 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The Python peer, kept running so that its iterations can alternate with ours.
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    fn start(dir: &Path, threads: i32) -> (Self, Value) {
+        let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
+            format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
+        });
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_iteration_peer.py");
+        let mut child = Command::new(format!("{venv}/bin/python"))
+            .arg(&script)
+            .args(["--dir", dir.to_str().unwrap()])
+            .args(["--threads", &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the python peer");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut peer = Self { child, stdin, stdout };
+        let hello = peer.read();
+        (peer, hello)
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the python peer exited (its stderr is above)");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// One iteration of config `name` on the Python side.
+    fn iteration(&mut self, name: &str) -> Value {
+        writeln!(self.stdin, "{name}").unwrap();
+        self.stdin.flush().unwrap();
+        self.read()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn main() {
     let threads: i32 =
         std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1)
         });
-    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     tch::set_num_threads(threads);
     let dir = tempfile::tempdir().unwrap();
-    let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
-        format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
-    });
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_iteration_peer.py");
-    let out = Command::new(format!("{venv}/bin/python"))
-        .arg(&script)
-        .args(["--dir", dir.path().to_str().unwrap()])
-        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()])
-        .output()
-        .expect("run the python peer");
-    assert!(out.status.success(), "python peer failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let py: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let params = Params::from_json(&py["params"]);
+    let (mut peer, hello) = Peer::start(dir.path(), threads);
+    let params = Params::from_json(&hello["params"]);
 
     println!(
         "One GRPO iteration (G 4, S {}, GA {}, no decode/reward), CPU f32, {threads} threads, \
-         median of {iters} (torch {})",
-        params.steps, params.ga, py["torch"]
+         median of {iters} alternating rounds (torch {})",
+        params.steps, params.ga, hello["torch"]
     );
-    println!("{:<8} {:<10} {:>10} {:>10} {:>8}", "config", "phase", "ours [s]", "python", "ratio");
+    println!(
+        "{:<8} {:<10} {:>10} {:>10} {:>8}   per-round ratios",
+        "config", "phase", "ours [s]", "python", "ratio"
+    );
     for name in ["tiny", "small"] {
         let mut c = Case::load(&dir.path().join(name), &params);
         c.warm_up();
-        let (mut it_s, mut ro_s, mut up_s) = (vec![], vec![], vec![]);
-        for i in 0..iters {
-            let t0 = Instant::now();
-            let traj = c.rollout();
-            let t1 = Instant::now();
-            let (norms, loss) = c.update(&traj);
-            let t2 = Instant::now();
-            it_s.push((t2 - t0).as_secs_f64());
-            ro_s.push((t1 - t0).as_secs_f64());
-            up_s.push((t2 - t1).as_secs_f64());
-            if i == 0 {
+        // [phase][round] for ours and python.
+        let mut ours = [vec![], vec![], vec![]];
+        let mut theirs = [vec![], vec![], vec![]];
+        for round in 0..iters {
+            let mut run_ours = || {
+                let t0 = Instant::now();
+                let traj = c.rollout();
+                let t1 = Instant::now();
+                let (norms, loss) = c.update(&traj);
+                let t2 = Instant::now();
+                (
+                    [(t2 - t0).as_secs_f64(), (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()],
+                    norms,
+                    loss,
+                )
+            };
+            // Alternate who goes first, so a change of machine load hits both alike.
+            let (mine, py) = if round % 2 == 0 {
+                let py = peer.iteration(name);
+                (run_ours(), py)
+            } else {
+                let mine = run_ours();
+                (mine, peer.iteration(name))
+            };
+            let (times, norms, loss) = mine;
+            if round == 0 {
                 // The same computation on both sides: same norms and loss from the same start.
-                let p = &py[name];
-                let want: Vec<f64> = p["grad_norms"]
+                let want: Vec<f64> = py["grad_norms"]
                     .as_array()
                     .unwrap()
                     .iter()
                     .map(|v| v.as_f64().unwrap())
                     .collect();
+                assert_eq!(norms.len(), want.len());
                 for (a, b) in norms.iter().zip(&want) {
                     assert!((a - b).abs() <= 1e-3 * b, "{name}: grad norm {a} vs python {b}");
                 }
-                let pl = p["loss"].as_f64().unwrap();
+                let pl = py["loss"].as_f64().unwrap();
                 assert!((loss - pl).abs() <= 1e-5, "{name}: loss {loss} vs python {pl}");
             }
+            for (k, key) in ["iteration_s", "rollout_s", "update_s"].iter().enumerate() {
+                ours[k].push(times[k]);
+                theirs[k].push(py[key].as_f64().unwrap());
+            }
         }
-        let p = |k: &str| py[name][k].as_f64().unwrap();
-        for (phase, ours, theirs) in [
-            ("iteration", median(it_s), p("iteration_s")),
-            ("rollout", median(ro_s), p("rollout_s")),
-            ("update", median(up_s), p("update_s")),
-        ] {
-            println!("{name:<8} {phase:<10} {ours:>10.3} {theirs:>10.3} {:>8.3}", ours / theirs);
+        for (k, phase) in ["iteration", "rollout", "update"].iter().enumerate() {
+            let (a, b) = (median(ours[k].clone()), median(theirs[k].clone()));
+            let rounds: Vec<String> =
+                ours[k].iter().zip(&theirs[k]).map(|(a, b)| format!("{:.2}", a / b)).collect();
+            println!(
+                "{name:<8} {phase:<10} {a:>10.3} {b:>10.3} {:>8.3}   {}",
+                a / b,
+                rounds.join(" ")
+            );
         }
     }
 }

@@ -9,17 +9,19 @@ the VAE decode and the reward are left out on both sides) + the update: per traj
 transitions re-evaluated with grad, PPO-clip loss, backward per transition, and every GA
 trajectories clip_grad_norm_ + AdamW.step + zero_grad.
 
-Standalone use: python train_iteration_peer.py --dir DIR --threads N --iters K
-Prints one JSON line: per config the median seconds of the iteration, its rollout and its
-update, and the first timed iteration's grad norms and loss (which the Rust side compares, to
-show both sides time the same computation).
+Protocol (standalone: `printf 'tiny\nsmall\n' | python train_iteration_peer.py --dir D --threads N`):
+after writing both configs under DIR/<name>/ it prints one JSON line with the settings, then
+for every config name read from stdin it runs one iteration of that config (the weights keep
+training from one to the next) and prints one JSON line with its seconds (iteration, rollout,
+update) and its grad norms and loss (the Rust side compares the first, to show that both sides
+time the same computation).
 """
 
 import argparse
 import json
 import math
 import os
-import statistics
+import sys
 import time
 
 import safetensors.torch as st
@@ -135,38 +137,40 @@ class Case:
         return norms, total
 
 
+def iteration(c):
+    t0 = time.perf_counter()
+    traj = c.rollout()
+    t1 = time.perf_counter()
+    norms, loss = c.update(traj)
+    t2 = time.perf_counter()
+    return {"iteration_s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "grad_norms": norms, "loss": loss}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--iters", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
-    out = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-           "params": dict(S=S, shift=SHIFT, eta=ETA, G=G, GA=GA, lr=LR, clip_range=CLIP_RANGE,
-                          adv_clip_max=ADV_CLIP_MAX, max_grad_norm=MAX_GRAD_NORM, guidance=GUIDANCE)}
+    cases = {}
     for name, (cfg, px, txt) in CONFIGS.items():
         c = Case(cfg, px, txt, gen)
         c.save(os.path.join(a.dir, name))
         # Warm-up without touching the weights: one forward and backward.
         c.velocity(c.inputs["init_noise"], 0).sum().backward()
         c.model.zero_grad(set_to_none=True)
-        rec = {"iteration_s": [], "rollout_s": [], "update_s": []}
-        for it in range(a.iters):
-            t0 = time.perf_counter()
-            traj = c.rollout()
-            t1 = time.perf_counter()
-            norms, loss = c.update(traj)
-            t2 = time.perf_counter()
-            rec["iteration_s"].append(t2 - t0)
-            rec["rollout_s"].append(t1 - t0)
-            rec["update_s"].append(t2 - t1)
-            if it == 0:
-                out[name] = {"grad_norms": norms, "loss": loss}
-        out[name].update({k: statistics.median(v) for k, v in rec.items()})
-        del c
-    print(json.dumps(out))
+        cases[name] = c
+    print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "params": dict(S=S, shift=SHIFT, eta=ETA, G=G, GA=GA, lr=LR, clip_range=CLIP_RANGE,
+                                     adv_clip_max=ADV_CLIP_MAX, max_grad_norm=MAX_GRAD_NORM,
+                                     guidance=GUIDANCE)}), flush=True)
+    # One iteration per request, so that the Rust side can interleave its own with ours and
+    # both see the same machine load.
+    for line in sys.stdin:
+        name = line.strip()
+        if name:
+            print(json.dumps(iteration(cases[name])), flush=True)
 
 
 if __name__ == "__main__":
