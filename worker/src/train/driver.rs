@@ -37,6 +37,13 @@ fn paused(e: &Error) -> Option<String> {
             Some(message.clone())
         }
         Error::Rejected { code: tonic::Code::Unavailable, message, .. } => Some(message.clone()),
+        // The coordinator restarted or forgot this worker: the heartbeat loop registers again
+        // and a new world forms.
+        Error::Rejected {
+            code: tonic::Code::NotFound | tonic::Code::FailedPrecondition,
+            message,
+            ..
+        } if !message.contains("protocol version") => Some(message.clone()),
         Error::Dist(d) => Some(format!("a collective failed: {d}")),
         _ => None,
     }
