@@ -339,4 +339,16 @@ mod tests {
         assert_eq!(Topology::new(2, 8, Some(3)).unwrap().world_size, 3);
         assert!(Topology::new(1, 0, None).is_err());
     }
+
+    #[test]
+    fn shipped_configs_load_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs");
+        let recipe = load_job_config(Some(&dir.join("dancegrpo_flux.toml")), [], &[]).unwrap();
+        recipe.validate().unwrap();
+        assert_eq!((recipe.num_generations, recipe.sampling_steps), (12, 16));
+        let demo = load_job_config(Some(&dir.join("demo.toml")), [], &[]).unwrap();
+        demo.validate().unwrap();
+        assert_eq!(demo.pretrained_model_name_or_path, "tiny");
+    }
+
 }
