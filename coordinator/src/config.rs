@@ -350,5 +350,4 @@ mod tests {
         demo.validate().unwrap();
         assert_eq!(demo.pretrained_model_name_or_path, "tiny");
     }
-
 }
