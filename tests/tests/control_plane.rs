@@ -114,12 +114,25 @@ async fn job_record_survives_a_coordinator_restart() {
     assert_eq!(jobs[0].job_id, before.job_id);
     // The workers were never restarted: they find themselves forgotten, register again, and
     // the world re-forms under the next generation.
-    await_condition(Duration::from_secs(30), "workers back after the restart", || async {
-        let s = job_status(&addr2).await.ok()?;
-        (s.generation >= 2).then_some(())?;
-        running_ranks(&addr2).await
-    })
-    .await;
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let back = match job_status(&addr2).await {
+            Ok(s) if s.generation >= 2 => running_ranks(&addr2).await.is_some(),
+            _ => false,
+        };
+        if back {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "workers not back after the restart:\n{:?}\n{}\n-----\n{}\n-----\n{}",
+            job_status(&addr2).await.map(|s| (s.generation, s.message, s.workers.len())),
+            std::fs::read_to_string(c.path("coordinator.log")).unwrap_or_default(),
+            _w0.log(),
+            _w1.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait_for_logs(&[&_w0, &_w1], "generation=2 backend=gloo", Duration::from_secs(60));
 }
 

@@ -69,6 +69,9 @@ pub struct WorkerSettings {
 type Joining = Pin<Box<dyn Future<Output = (RankAssignment, Result<String>)> + Send>>;
 type Training = Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send>>;
 
+/// How long a paused rank waits for a new world before it asks for work again.
+const RETRY_PAUSED: Duration = Duration::from_secs(2);
+
 /// Runs the worker until the job ends or `shutdown` is cancelled (SIGTERM / Ctrl-C), then
 /// drains and says goodbye.
 pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Result<()> {
@@ -98,6 +101,9 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let mut formed: Option<u64> = None;
     let mut joining: Option<Joining> = None;
     let mut training: Option<Training> = None;
+    // The assignment whose group is formed, and when to try training on it again after a pause.
+    let mut ready: Option<RankAssignment> = None;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let outcome = loop {
         let current = assignment.borrow_and_update().clone();
         if let Some(a) = current.filter(|a| joining.is_none() && formed != Some(a.generation)) {
@@ -106,6 +112,8 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             formed = Some(a.generation);
             // The old world's work is void; the new one restores from the last checkpoint.
             training = None;
+            ready = None;
+            retry_at = None;
             let compute = compute.clone();
             let backend = backend_override.clone();
             joining = Some(Box::pin(async move {
@@ -138,6 +146,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                     Ok(backend) => {
                         tracing::info!(rank = a.rank, world_size = a.world_size,
                             generation = a.generation, %backend, "process group ready");
+                        ready = Some(a.clone());
                         training = Some(Box::pin(train::driver::run(
                             session.clone(),
                             compute.clone(),
@@ -161,8 +170,24 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                     Ok(train::driver::Ended::Done) => break Ok("job completed".to_string()),
                     Ok(train::driver::Ended::Paused(why)) => {
                         tracing::warn!(cause = %why, "training paused until the world re-forms");
+                        retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);
                     }
                     Err(e) => break Err(e),
+                }
+            }
+            // Nothing re-formed the world (a transient error, a coordinator that came back
+            // with the same world): ask for work again; a stale world is told so and waits.
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() && training.is_none() && joining.is_none() =>
+            {
+                retry_at = None;
+                if let Some(a) = ready.clone() {
+                    training = Some(Box::pin(train::driver::run(
+                        session.clone(),
+                        compute.clone(),
+                        a,
+                        job_config.clone(),
+                    )));
                 }
             }
             _ = assignment.changed() => {}

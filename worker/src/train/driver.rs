@@ -36,7 +36,10 @@ fn paused(e: &Error) -> Option<String> {
         {
             Some(message.clone())
         }
-        Error::Rejected { code: tonic::Code::Unavailable, message, .. } => Some(message.clone()),
+        // Unavailable: a rank is gone; Unknown: the coordinator is unreachable (restarting).
+        Error::Rejected {
+            code: tonic::Code::Unavailable | tonic::Code::Unknown, message, ..
+        } => Some(message.clone()),
         // The coordinator restarted or forgot this worker: the heartbeat loop registers again
         // and a new world forms.
         Error::Rejected {
