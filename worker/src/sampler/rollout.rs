@@ -36,20 +36,21 @@ pub struct Trajectory {
     pub x0: Tensor,
 }
 
-/// The velocity at `z` for step `i`; the model sees the quantised σ.
-fn velocity(
+/// Calls `f` with the transformer inputs at `z` for step `i`; the model sees the quantised σ.
+fn with_inputs<T>(
     model: &FluxTransformer,
     cond: &Conditioning<'_>,
     z: &Tensor,
     sched: &Schedule,
     i: usize,
-) -> Result<Tensor> {
+    f: impl FnOnce(&FluxInputs<'_>) -> Result<T>,
+) -> Result<T> {
     let b = z.size()[0];
     // New tensors come from `z` (its device and f32), never from a tch::Device (NPU note).
     let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
     let t = row.f_full_like(sched.model_sigma(i) as f64)?;
     let g = row.f_full_like(cond.guidance)?;
-    let inputs = FluxInputs {
+    f(&FluxInputs {
         hidden_states: z,
         encoder_hidden_states: cond.encoder_hidden_states,
         pooled_projections: cond.pooled_projections,
@@ -57,8 +58,18 @@ fn velocity(
         guidance: model.config().guidance_embeds.then_some(&g),
         img_ids: cond.img_ids,
         txt_ids: cond.txt_ids,
-    };
-    model.forward(&inputs)
+    })
+}
+
+/// The velocity at `z` for step `i`.
+fn velocity(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    z: &Tensor,
+    sched: &Schedule,
+    i: usize,
+) -> Result<Tensor> {
+    with_inputs(model, cond, z, sched, i, |inputs| model.forward(inputs))
 }
 
 /// Samples `B` trajectories from the initial latents `init` `[B, N, C]` with the SDE. `noise(i)`
@@ -152,20 +163,9 @@ pub fn backward_log_prob_checkpointed(
     eta: f64,
     loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let b = z.size()[0];
-    let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
-    let t = row.f_full_like(sched.model_sigma(i) as f64)?;
-    let g = row.f_full_like(cond.guidance)?;
-    let inputs = FluxInputs {
-        hidden_states: z,
-        encoder_hidden_states: cond.encoder_hidden_states,
-        pooled_projections: cond.pooled_projections,
-        timestep: &t,
-        guidance: model.config().guidance_embeds.then_some(&g),
-        img_ids: cond.img_ids,
-        txt_ids: cond.txt_ids,
-    };
-    forward_backward_checkpointed(model, &inputs, |v| {
-        loss_fn(&sde_step(v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
+    with_inputs(model, cond, z, sched, i, |inputs| {
+        forward_backward_checkpointed(model, inputs, |v| {
+            loss_fn(&sde_step(v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
+        })
     })
 }
