@@ -76,7 +76,7 @@ async fn sigterm_drains_says_goodbye_and_exits_zero() {
     assert!(status.success(), "exit {status}:\n{}", w0.log());
     let s = job_status(&addr).await.unwrap();
     let stopped = workers_in(&s, pb::WorkerState::Stopped);
-    assert_eq!(stopped.len(), 1, "{s:?}");
+    assert_eq!(stopped.len(), 1, "{s:?}\n{}", w0.log());
     assert_eq!(stopped[0].rank, Some(0));
     assert!(workers_in(&s, pb::WorkerState::Lost).is_empty(), "stopped is not lost");
 }

@@ -71,6 +71,8 @@ type Training = Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send
 
 /// How long a paused rank waits for a new world before it asks for work again.
 const RETRY_PAUSED: Duration = Duration::from_secs(2);
+/// How long a signal during registration waits for an answer already on its way.
+const REGISTER_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the worker until the job ends or `shutdown` is cancelled (SIGTERM / Ctrl-C), then
 /// drains and says goodbye.
@@ -79,10 +81,17 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let compute =
         std::sync::Arc::new(ComputeThread::spawn("dancegrpo-compute", move || World::new(device))?);
     session_settings.info.device_description = compute.run(World::init_device).await??;
+    let connect = Session::connect(session_settings);
+    tokio::pin!(connect);
     let session = tokio::select! {
-        s = Session::connect(session_settings) => s?,
+        s = &mut connect => s?,
         _ = shutdown.cancelled() => {
-            tracing::info!("stopped before registering");
+            // The coordinator may already have registered us with its answer in flight: let
+            // that finish briefly and say goodbye, or it counts a running rank that is gone.
+            match tokio::time::timeout(REGISTER_GRACE, &mut connect).await {
+                Ok(Ok(session)) => session.goodbye("signal while joining").await,
+                _ => tracing::info!("stopped before registering"),
+            }
             return Ok(());
         }
     };
