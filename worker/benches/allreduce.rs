@@ -3,39 +3,34 @@
 //!
 //! Run: `cargo bench -p dancegrpo-worker --bench allreduce` with the project venv's python on
 //! PATH (the Makefile's environment). Both sides use one intra-op thread, Gloo's default two
-//! threads, loopback, and time one all-reduce between barriers; the figure is the median, best
-//! of `DG_BENCH_ROUNDS` (default 2) alternating rounds, which damps noise from a shared machine.
-//! Bandwidth is algorithm bandwidth: bytes of the tensor per second.
+//! threads and loopback.
+//!
+//! The sides' process groups are all up at once and take turns: the driver asks one side for
+//! one all-reduce (timed by its rank 0 between barriers), then the next side, rotating who
+//! goes first. A side that is not asked sleeps on its stdin, so the turns do not disturb each
+//! other, and every sample of ours has a sample of torch's taken a moment apart. On a shared
+//! machine that pairs away the drift in load that timing one side after the other measures
+//! instead. The figure per side is the median over `DG_BENCH_ITERS` turns (default 30).
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dancegrpo_proto::{RankAssignment, StoreAddress};
 use dancegrpo_worker::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp};
-use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
 const WORLDS: [u32; 2] = [2, 4];
-const DTYPES: [&str; 2] = ["f32", "bf16"];
-
-/// (MiB, warmup, timed iterations).
-const SIZES: [(u64, u32, u32); 3] = [(1, 3, 15), (16, 2, 7), (64, 1, 5)];
-
-fn spec() -> Value {
-    let mut cases = Vec::new();
-    for dtype in DTYPES {
-        for (mib, warmup, iters) in SIZES {
-            cases.push(json!({"dtype": dtype, "mib": mib, "warmup": warmup, "iters": iters}));
-        }
-    }
-    Value::Array(cases)
-}
+/// (dtype, MiB): the cases, numbered in this order on both sides.
+const CASES: [(&str, i64); 6] =
+    [("f32", 1), ("f32", 16), ("f32", 64), ("bf16", 1), ("bf16", 16), ("bf16", 64)];
+const WARMUP: usize = 2;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Which implementation a run measures.
+/// Which implementation a side runs.
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
     /// Our shim, with or without the per-op fingerprint check (`GroupOptions::verify`).
@@ -44,7 +39,8 @@ enum Side {
     Torch,
 }
 
-/// One rank of our side: the same loop as allreduce_peer.py.
+/// One rank of our side: the same protocol as allreduce_peer.py. Each stdin line is a case
+/// number; rank 0 answers with the seconds one all-reduce of it took.
 fn rank_main(rank: u32, world: u32, port: u16, verify: bool) {
     tch::set_num_threads(1);
     let a = RankAssignment {
@@ -55,121 +51,136 @@ fn rank_main(rank: u32, world: u32, port: u16, verify: bool) {
     };
     let opts = GroupOptions::default().with_timeout(Duration::from_secs(120)).with_verify(verify);
     let mut pg = ProcessGroup::from_assignment(&a, Backend::Gloo, &opts).unwrap();
-    for case in spec().as_array().unwrap() {
-        let kind = if case["dtype"] == "f32" { Kind::Float } else { Kind::BFloat16 };
-        let bytes = case["mib"].as_i64().unwrap() * 1024 * 1024;
-        let n = bytes / kind.elt_size_in_bytes() as i64;
-        let mut t = Tensor::zeros([n], (kind, tch::Device::Cpu));
-        for _ in 0..case["warmup"].as_u64().unwrap() {
-            pg.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-        }
-        let mut times = Vec::new();
-        for _ in 0..case["iters"].as_u64().unwrap() {
-            pg.barrier().unwrap();
-            let t0 = Instant::now();
-            pg.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
+    let mut tensors: Vec<Tensor> = CASES
+        .iter()
+        .map(|&(dtype, mib)| {
+            let kind = if dtype == "f32" { Kind::Float } else { Kind::BFloat16 };
+            let n = mib * 1024 * 1024 / kind.elt_size_in_bytes() as i64;
+            Tensor::zeros([n], (kind, tch::Device::Cpu))
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let case: usize = line.unwrap().trim().parse().unwrap();
+        pg.barrier().unwrap();
+        let t0 = Instant::now();
+        pg.all_reduce(&mut tensors[case], ReduceOp::Sum).unwrap();
+        let s = t0.elapsed().as_secs_f64();
         if rank == 0 {
-            let mut out = case.clone();
-            out["median_s"] = json!(times[times.len() / 2]);
-            println!("{out}");
+            writeln!(out, "{s}").unwrap();
+            out.flush().unwrap();
         }
     }
 }
 
-/// Runs `world` processes of one side and returns rank 0's JSON lines.
-fn run_side(side: Side, world: u32) -> Vec<Value> {
-    let port = free_port();
-    let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/allreduce_peer.py");
-    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
-    let children: Vec<_> = (0..world)
-        .map(|r| {
-            let mut c = if let Side::Ours { verify } = side {
-                let mut c = Command::new(std::env::current_exe().unwrap());
-                c.env("DG_BENCH_RANK", r.to_string()).env("DG_BENCH_VERIFY", verify.to_string());
-                c
-            } else {
-                let mut c = Command::new(&python);
-                c.arg(peer).arg(spec().to_string()).env("RANK", r.to_string());
-                c
-            };
-            c.env("WORLD_SIZE", world.to_string())
-                .env("MASTER_PORT", port.to_string())
-                // torch's Gloo would otherwise bind to the hostname's address; ours binds
-                // 127.0.0.1 for a loopback store. Same interface on both sides.
-                .env("GLOO_SOCKET_IFNAME", "lo")
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(if r == 0 { Stdio::piped() } else { Stdio::null() })
-                .spawn()
-                .expect("spawn a rank (is the venv's python on PATH?)")
-        })
-        .collect();
-    let mut lines = Vec::new();
-    for (r, c) in children.into_iter().enumerate() {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "rank {r} of a side failed");
-        if r == 0 {
-            lines = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+/// The running processes of one side.
+struct Group {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    rank0: BufReader<ChildStdout>,
+}
+
+impl Group {
+    fn start(side: Side, world: u32) -> Group {
+        let port = free_port();
+        let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/allreduce_peer.py");
+        let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
+        let cases = CASES.map(|(d, m)| format!("{d}:{m}")).join(",");
+        let mut children: Vec<Child> = (0..world)
+            .map(|r| {
+                let mut c = if let Side::Ours { verify } = side {
+                    let mut c = Command::new(std::env::current_exe().unwrap());
+                    c.env("DG_BENCH_RANK", r.to_string())
+                        .env("DG_BENCH_VERIFY", verify.to_string());
+                    c
+                } else {
+                    let mut c = Command::new(&python);
+                    c.arg(peer).arg(&cases).env("RANK", r.to_string());
+                    c
+                };
+                c.env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_PORT", port.to_string())
+                    // torch's Gloo would otherwise bind to the hostname's address; ours binds
+                    // 127.0.0.1 for a loopback store. Same interface on both sides.
+                    .env("GLOO_SOCKET_IFNAME", "lo")
+                    .env("OMP_NUM_THREADS", "1")
+                    .stdin(Stdio::piped())
+                    .stdout(if r == 0 { Stdio::piped() } else { Stdio::null() })
+                    .spawn()
+                    .expect("spawn a rank (is the venv's python on PATH?)")
+            })
+            .collect();
+        let stdins = children.iter_mut().map(|c| c.stdin.take().unwrap()).collect();
+        let rank0 = BufReader::new(children[0].stdout.take().unwrap());
+        Group { children, stdins, rank0 }
+    }
+
+    /// Seconds of one all-reduce of `case`, as rank 0 timed it.
+    fn time(&mut self, case: usize) -> f64 {
+        for s in &mut self.stdins {
+            writeln!(s, "{case}").unwrap();
+            s.flush().unwrap();
+        }
+        let mut line = String::new();
+        self.rank0.read_line(&mut line).unwrap();
+        line.trim().parse().unwrap_or_else(|_| panic!("a rank failed (it printed {line:?})"))
+    }
+
+    fn finish(self) {
+        drop(self.stdins);
+        for (r, mut c) in self.children.into_iter().enumerate() {
+            assert!(c.wait().unwrap().success(), "rank {r} of a side failed");
         }
     }
-    lines
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() {
     if let Ok(rank) = std::env::var("DG_BENCH_RANK") {
         let world = std::env::var("WORLD_SIZE").unwrap().parse().unwrap();
         let port = std::env::var("MASTER_PORT").unwrap().parse().unwrap();
-        let verify = std::env::var("DG_BENCH_VERIFY").map(|v| v == "true").unwrap_or(true);
+        let verify = std::env::var("DG_BENCH_VERIFY").is_ok_and(|v| v == "true");
         rank_main(rank.parse().unwrap(), world, port, verify);
         return;
     }
-    let rounds: usize =
-        std::env::var("DG_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
+    let iters: usize =
+        std::env::var("DG_BENCH_ITERS").ok().and_then(|r| r.parse().ok()).unwrap_or(30);
     println!(
-        "all-reduce (Gloo, CPU, loopback), algbw = tensor bytes / median time, best of {rounds} rounds"
+        "all-reduce (Gloo, CPU, loopback), algbw = tensor bytes / median of {iters} interleaved turns"
     );
     println!(
-        "ours = default GroupOptions (verify on); raw = verify off (no fingerprint all-gather)"
+        "ours = default GroupOptions; checked = verify on (TORCH_DISTRIBUTED_DEBUG=DETAIL: a fingerprint all-gather first)"
     );
     println!(
         "{:>5} {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "world", "dtype", "MiB", "ours GB/s", "raw GB/s", "torch GB/s", "ours/torch", "raw/torch"
+        "world", "dtype", "MiB", "ours GB/s", "torch GB/s", "ours/torch", "checked", "chk/torch"
     );
     for world in WORLDS {
-        let n = spec().as_array().unwrap().len();
-        let mut ours = vec![f64::INFINITY; n];
-        let mut raw = vec![f64::INFINITY; n];
-        let mut theirs = vec![f64::INFINITY; n];
-        for _ in 0..rounds {
-            let sides = [
-                (Side::Ours { verify: true }, &mut ours),
-                (Side::Ours { verify: false }, &mut raw),
-                (Side::Torch, &mut theirs),
-            ];
-            for (side, best) in sides {
-                let lines = run_side(side, world);
-                assert_eq!(lines.len(), n, "a side printed {} of {n} results", lines.len());
-                for (b, l) in best.iter_mut().zip(&lines) {
-                    *b = b.min(l["median_s"].as_f64().unwrap());
+        let sides = [Side::Ours { verify: false }, Side::Ours { verify: true }, Side::Torch];
+        let mut groups: Vec<Group> = sides.iter().map(|&s| Group::start(s, world)).collect();
+        for (case, (dtype, mib)) in CASES.iter().enumerate() {
+            let mut samples = vec![Vec::new(); sides.len()];
+            for turn in 0..WARMUP + iters {
+                for k in 0..sides.len() {
+                    let i = (turn + k) % sides.len();
+                    let s = groups[i].time(case);
+                    if turn >= WARMUP {
+                        samples[i].push(s);
+                    }
                 }
             }
-        }
-        for (i, case) in spec().as_array().unwrap().iter().enumerate() {
-            let bytes = (case["mib"].as_u64().unwrap() * 1024 * 1024) as f64;
-            let gbs = |s: f64| bytes / s / 1e9;
-            let (o, w, t) = (gbs(ours[i]), gbs(raw[i]), gbs(theirs[i]));
+            let bytes = (mib * 1024 * 1024) as f64;
+            let [o, c, t] = [0, 1, 2].map(|i| bytes / median(samples[i].clone()) / 1e9);
             println!(
-                "{world:>5} {:>5} {:>4} {o:>10.3} {w:>10.3} {t:>10.3} {:>10.3} {:>9.3}",
-                case["dtype"].as_str().unwrap(),
-                case["mib"].as_u64().unwrap(),
+                "{world:>5} {dtype:>5} {mib:>4} {o:>10.3} {t:>10.3} {:>10.3} {c:>10.3} {:>9.3}",
                 o / t,
-                w / t
+                c / t
             );
         }
+        groups.into_iter().for_each(Group::finish);
     }
 }

@@ -1,11 +1,11 @@
-"""The Python peer of benches/allreduce.rs: torch.distributed Gloo all-reduce on the same sizes.
+"""The Python peer of benches/allreduce.rs: torch.distributed Gloo all-reduce on the same cases.
 
 Run by the Rust bench (one process per rank, env RANK / WORLD_SIZE / MASTER_PORT), with the
-project venv's torch (2.11.0). Rank 0 prints one JSON line per (dtype, MiB): the median seconds
-of one all-reduce, each timed between barriers, exactly as the Rust side does.
+project venv's torch (2.11.0). argv[1] lists the cases ("f32:1,f32:16,..."); each stdin line is
+a case number, and rank 0 answers with the seconds of one all-reduce of it, timed between
+barriers exactly as the Rust side does.
 """
 
-import json
 import os
 import sys
 import time
@@ -18,27 +18,24 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     port = int(os.environ["MASTER_PORT"])
-    spec = json.loads(sys.argv[1])  # [{"dtype": "f32", "mib": 1, "warmup": 2, "iters": 10}, ...]
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
-    for case in spec:
-        dtype = dtypes[case["dtype"]]
-        n = case["mib"] * 1024 * 1024 // dtype.itemsize
-        t = torch.zeros(n, dtype=dtype)
-        for _ in range(case["warmup"]):
-            dist.all_reduce(t)
-        times = []
-        for _ in range(case["iters"]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(t)
-            times.append(time.perf_counter() - t0)
-        times.sort()
+    tensors = []
+    for case in sys.argv[1].split(","):
+        name, mib = case.split(":")
+        dtype = dtypes[name]
+        tensors.append(torch.zeros(int(mib) * 1024 * 1024 // dtype.itemsize, dtype=dtype))
+    for line in sys.stdin:
+        t = tensors[int(line)]
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        seconds = time.perf_counter() - t0
         if rank == 0:
-            print(json.dumps({**case, "median_s": times[len(times) // 2]}), flush=True)
+            print(seconds, flush=True)
     dist.destroy_process_group()
 
 
