@@ -4,10 +4,13 @@ config, inputs and thread count. The Rust bench runs this script first (same run
 weights and inputs it saves, times its own code and prints the ratios.
 
 Standalone use: python flux_bench.py --dir DIR --threads N --iters K
-Prints one JSON line with the timings (seconds, median) and peak-memory deltas (MiB).
+Prints one JSON line with the timings (seconds, median). It also saves the configs that the
+memory measurement uses; `--mem DIR/NAME --mode plain|ckpt` then measures, in a process of its
+own, the peak memory of one training micro-step on one of them (see `rss_peak_delta`).
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -22,6 +25,8 @@ SMALL = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_atten
              joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
              axes_dims_rope=(8, 28, 28), in_channels=64)
 MID = dict(SMALL, num_attention_heads=8)
+# Deeper: what activation checkpointing changes grows with depth (FLUX-dev has 19 + 38 blocks).
+DEEP = dict(MID, num_single_layers=12)
 TXT = 512
 
 
@@ -78,7 +83,7 @@ def rollout_step(m, inp):
 
 def train_step(m, inp, nxt, keep_grads=False):
     # Timing: gradients set to None, as DanceGRPO's optimizer.zero_grad() does. Memory: zeroed
-    # in place, like the Rust side, so neither measurement counts allocating the gradients.
+    # in place, like the Rust side, so the figure is what the step needs beyond them.
     m.zero_grad(set_to_none=not keep_grads)
     v = m(**inp, return_dict=False)[0]
     lp = log_prob(v, inp["hidden_states"], nxt)
@@ -98,12 +103,15 @@ def timed(f, iters):
 
 
 def rss_peak_delta(f):
-    """Peak resident memory growth of f() in MiB (VmHWM reset through /proc/self/clear_refs)."""
+    """Peak resident memory growth of f() in MiB: free heap pages are handed back to the OS
+    first (malloc_trim), so what f() allocates shows up as growth instead of reusing pages that
+    loading freed; then VmHWM is reset through /proc/self/clear_refs."""
     def field(name):
         with open("/proc/self/status") as s:
             for line in s:
                 if line.startswith(name):
                     return int(line.split()[1]) / 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as c:
         c.write("5")
     base = field("VmRSS:")
@@ -111,18 +119,37 @@ def rss_peak_delta(f):
     return field("VmHWM:") - base
 
 
+def measure_memory(d, mode):
+    """Training micro-steps on the model saved in d, in this fresh process: one to warm up (the
+    first also allocates the gradients and one-time buffers), then the median of three."""
+    m = FluxTransformer2DModel.from_pretrained(d)
+    inp = st.load_file(os.path.join(d, "inputs.safetensors"))
+    nxt, _ = inp.pop("next"), inp.pop("v")
+    if mode == "ckpt":
+        m.enable_gradient_checkpointing()
+    train_step(m, inp, nxt, True)
+    mib = statistics.median(rss_peak_delta(lambda: train_step(m, inp, nxt, True)) for _ in range(3))
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in m.parameters()) / 2**20
+    print(json.dumps({"peak_mib": mib, "grads_mib": grads}))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--dir")
+    ap.add_argument("--mem", help="a saved config directory: measure memory only")
+    ap.add_argument("--mode", choices=("plain", "ckpt"), default="plain")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--px", type=int, default=256)
     ap.add_argument("--mid-px", type=int, default=512)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.mem:
+        measure_memory(a.mem, a.mode)
+        return
     gen = torch.Generator().manual_seed(0)
     out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    for name, cfg, px in (("small", SMALL, a.px), ("mid", MID, a.mid_px)):
+    for name, cfg, px in (("small", SMALL, a.px), ("mid", MID, a.mid_px), ("deep", DEEP, a.mid_px)):
         m = build(cfg, gen)
         d = os.path.join(a.dir, name)
         m.save_pretrained(d, safe_serialization=True)
@@ -134,12 +161,6 @@ def main():
             out["train_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
             m.enable_gradient_checkpointing()
             out["train_ckpt_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
-        else:
-            m.disable_gradient_checkpointing()
-            train_step(m, inp, nxt)  # allocate the gradients once, outside the measurement
-            out["mem_plain_mib"] = rss_peak_delta(lambda: train_step(m, inp, nxt, True))
-            m.enable_gradient_checkpointing()
-            out["mem_ckpt_mib"] = rss_peak_delta(lambda: train_step(m, inp, nxt, True))
         del m
     print(json.dumps(out))
 

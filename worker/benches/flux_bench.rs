@@ -12,8 +12,12 @@
 //! - one training micro-step (forward with grad + log-prob of a stored transition + backward),
 //!   plain and with activation checkpointing (diffusers: `enable_gradient_checkpointing`),
 //!
-//! at the same thread count, and prints ours/diffusers. Then the peak resident-memory growth of
-//! one training micro-step on the mid config, with and without checkpointing, for both.
+//! at the same thread count, and prints ours/diffusers. Then the peak memory of one training
+//! micro-step, with and without checkpointing, for both, on a mid config (hidden 512, 512×512 px,
+//! 1024 + 512 tokens) and a deeper one (2 + 12 blocks). Each of those eight figures comes from
+//! a process of its own (this bench re-run with `DG_BENCH_MEM`, or `flux_bench.py --mem`) that
+//! warms up with one step and reports the median of three; before each, free heap pages go back
+//! to the OS, or the allocator's kept pages hide the step's growth.
 
 use std::path::Path;
 use std::process::Command;
@@ -90,14 +94,23 @@ fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
     ts[ts.len() / 2]
 }
 
+unsafe extern "C" {
+    /// glibc: hands free heap pages back to the OS.
+    fn malloc_trim(pad: usize) -> i32;
+}
+
 fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
 }
 
-/// Peak resident-memory growth of `f` in MiB (VmHWM reset through /proc/self/clear_refs).
+/// Peak resident-memory growth of `f` in MiB. Free heap pages go back to the OS first, so what
+/// `f` allocates shows as growth instead of reusing pages that loading freed; then VmHWM is
+/// reset through /proc/self/clear_refs. Both sides measure the same way.
 fn rss_peak_delta(f: impl FnOnce()) -> f64 {
+    // SAFETY: malloc_trim only releases memory that no allocation holds.
+    unsafe { malloc_trim(0) };
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let base = status_mib("VmRSS:");
     f();
@@ -117,6 +130,10 @@ fn main() {
         });
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     tch::set_num_threads(threads);
+    if let Ok(spec) = std::env::var("DG_BENCH_MEM") {
+        measure_memory(&spec);
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
         format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
@@ -159,16 +176,64 @@ fn main() {
         println!("{name:<34} {ours:>10.4} {theirs:>10.4} {:>8.3}", ours / theirs);
     }
 
-    let (m, t) = load(&dir.path().join("mid"));
-    train_step(&m, &t, false); // allocate the gradients outside the measurement
-    let plain = rss_peak_delta(|| train_step(&m, &t, false));
-    let ck = rss_peak_delta(|| train_step(&m, &t, true));
+    println!();
     println!(
-        "mid config: hidden 512 (8x64), 2 double + 4 single, 512x512 px (1024 img + 512 txt tokens)"
+        "peak memory growth of one training micro-step beyond the weights and their gradients [MiB]"
     );
     println!(
-        "peak RSS growth of one training micro-step [MiB]: ours plain {plain:.0}, checkpointed {ck:.0}; diffusers plain {:.0}, checkpointed {:.0}",
-        p("mem_plain_mib"),
-        p("mem_ckpt_mib")
+        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "config", "grads", "ours", "ours ckpt", "diffusers", "diff. ckpt"
     );
+    for (name, label) in
+        [("mid", "mid: 2+4 blocks, hidden 512"), ("deep", "deep: 2+12 blocks, hidden 512")]
+    {
+        let d = dir.path().join(name);
+        let ours = |mode: &str| {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .env("DG_BENCH_MEM", format!("{mode}:{}", d.display()))
+                .env("BENCH_THREADS", threads.to_string())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            json_line(&out.stdout)
+        };
+        let theirs = |mode: &str| {
+            let out = Command::new(format!("{venv}/bin/python"))
+                .arg(&script)
+                .args(["--mem", d.to_str().unwrap(), "--mode", mode])
+                .args(["--threads", &threads.to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            json_line(&out.stdout)
+        };
+        let (o, oc, p, pc) = (ours("plain"), ours("ckpt"), theirs("plain"), theirs("ckpt"));
+        let mib = |v: &serde_json::Value| v["peak_mib"].as_f64().unwrap();
+        println!(
+            "{label:<30} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            p["grads_mib"].as_f64().unwrap(),
+            mib(&o),
+            mib(&oc),
+            mib(&p),
+            mib(&pc)
+        );
+    }
+}
+
+fn json_line(stdout: &[u8]) -> serde_json::Value {
+    let s = String::from_utf8_lossy(stdout);
+    serde_json::from_str(s.lines().last().expect("no output")).unwrap()
+}
+
+/// The child side of the memory measurement: one micro-step on a saved config.
+fn measure_memory(spec: &str) {
+    let (mode, dir) = spec.split_once(':').expect("DG_BENCH_MEM=plain|ckpt:DIR");
+    let (m, t) = load(Path::new(dir));
+    // As the peer: a warm-up step (it allocates the gradients), then the median of three.
+    let ck = mode == "ckpt";
+    train_step(&m, &t, ck);
+    let mut peaks: Vec<f64> = (0..3).map(|_| rss_peak_delta(|| train_step(&m, &t, ck))).collect();
+    peaks.sort_by(f64::total_cmp);
+    let peak = peaks[1];
+    println!("{}", serde_json::json!({ "peak_mib": peak }));
 }
