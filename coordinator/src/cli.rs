@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use dancegrpo_proto::pb;
 use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
@@ -228,23 +229,32 @@ pub async fn watch(addr: &str, job_id: &str, as_json: bool, table: bool) -> anyh
         .into_inner();
     let mut shown = 0u64;
     let mut last_state = i32::MIN;
+    // On a terminal, a bar under the table shows how far the job is and when it should end;
+    // indicatif hides it elsewhere (logs, pipes), and the rows print either way.
+    let bar = table.then(job_bar);
+    let say = |line: String| match &bar {
+        Some(b) => b.suspend(|| println!("{line}")),
+        None => println!("{line}"),
+    };
     while let Some(msg) = stream.message().await.map_err(|e| anyhow::anyhow!("{}", e.message()))? {
         let Some(s) = msg.status else { continue };
-        if table {
+        if let Some(b) = &bar {
             if shown == 0 && last_state == i32::MIN {
-                println!("{}", iteration_header());
+                say(iteration_header());
             }
             let from = shown;
             for h in s.history.iter().filter(|h| h.iteration > from) {
-                println!("{}", iteration_row(h));
+                say(iteration_row(h));
                 shown = h.iteration;
             }
             // A rewind (a lost worker, a restart) replays iterations: show them again.
             shown = shown.min(s.step);
             if s.state != last_state {
-                println!("  [{}] {}", short_job_state(s.state), s.message);
+                say(format!("  [{}] {}", short_job_state(s.state), s.message));
                 last_state = s.state;
             }
+            b.set_length(s.max_train_steps);
+            b.set_position(s.step);
             continue;
         }
         if as_json {
@@ -255,6 +265,17 @@ pub async fn watch(addr: &str, job_id: &str, as_json: bool, table: bool) -> anyh
         }
     }
     Ok(())
+}
+
+fn job_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "  {bar:40} {pos}/{len} iterations, {elapsed} elapsed, about {eta} to go",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
 }
 
 /// `list`: every job in the coordinator's database.
