@@ -84,8 +84,7 @@ impl World {
         timeout: Duration,
     ) -> Result<Backend> {
         let backend = Backend::resolve(self.device, backend_override)?;
-        let options =
-            GroupOptions::default().with_timeout(timeout).with_verify(verify_collectives());
+        let options = GroupOptions::default().with_timeout(timeout);
         // The previous generation's group must go before its store can be replaced.
         self.group = None;
         let is_master = a.rank == 0;
@@ -126,28 +125,6 @@ impl World {
     }
 }
 
-/// torch's switch for checking that every rank calls the same collective with the same shapes
-/// (`TORCH_DISTRIBUTED_DEBUG=DETAIL`) turns on ours too: a mismatch is then named at once
-/// instead of surfacing as a Gloo error or a timeout.
-fn verify_collectives() -> bool {
-    is_detail(std::env::var("TORCH_DISTRIBUTED_DEBUG").ok().as_deref())
-}
-
-fn is_detail(debug: Option<&str>) -> bool {
-    debug.is_some_and(|v| v.trim().eq_ignore_ascii_case("detail"))
-}
-
 fn s_host(s: &Store) -> String {
     s.addr().rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_detail;
-
-    #[test]
-    fn only_torchs_detail_level_turns_the_collective_check_on() {
-        assert!(is_detail(Some("DETAIL")) && is_detail(Some("detail")));
-        assert!(!is_detail(None) && !is_detail(Some("INFO")) && !is_detail(Some("OFF")));
-    }
 }

@@ -93,11 +93,6 @@ fn opts(timeout_s: u64) -> GroupOptions {
     GroupOptions::default().with_timeout(Duration::from_secs(timeout_s))
 }
 
-/// With the per-collective fingerprint check (`TORCH_DISTRIBUTED_DEBUG=DETAIL` in the worker).
-fn verified(timeout_s: u64) -> GroupOptions {
-    opts(timeout_s).with_verify(true)
-}
-
 fn values(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap()
 }
@@ -116,7 +111,7 @@ fn three_ranks_collectives_are_exact() {
     let mut pg = ProcessGroup::from_assignment(
         &assignment(&me, "dancegrpo/t/gen1/"),
         Backend::Gloo,
-        &verified(20),
+        &opts(20),
     )
     .unwrap();
     assert_eq!((pg.rank(), pg.world_size()), (me.rank, 3));
@@ -184,15 +179,9 @@ fn three_ranks_collectives_are_exact() {
     // group is gone.
     let store: Arc<Store> = pg.store().clone();
     drop(pg);
-    let mut pg2 = ProcessGroup::with_store(
-        store,
-        "dancegrpo/t/gen2/",
-        me.rank,
-        3,
-        Backend::Gloo,
-        &verified(20),
-    )
-    .unwrap();
+    let mut pg2 =
+        ProcessGroup::with_store(store, "dancegrpo/t/gen2/", me.rank, 3, Backend::Gloo, &opts(20))
+            .unwrap();
     let mut t = Tensor::from_slice(&[r]);
     pg2.all_reduce(&mut t, ReduceOp::Sum).unwrap();
     assert_eq!(values(&t), vec![3.]);

@@ -84,9 +84,10 @@ pub struct GroupOptions {
     /// naming the operation within this time.
     pub timeout: Duration,
     /// Agree on (op, dtype, element count, root) before each collective, so a rank that calls
-    /// something else is an error naming the disagreement instead of a hang or garbage. Costs
-    /// one tiny all-gather per collective (a round trip: 2x the time of a 1 MiB all-reduce), so
-    /// it is off by default, like torch's own check (`TORCH_DISTRIBUTED_DEBUG=DETAIL`).
+    /// something else is an error naming the disagreement. Without it Gloo either returns a
+    /// wrong sum on some ranks or aborts the process from its I/O thread ("op.preamble.length
+    /// <= op.nbytes"), which no caller can catch; torch's default has that hazard. Costs one
+    /// tiny all-gather per collective (`BENCHMARKS.md`); training pays it once per optimizer step.
     pub verify: bool,
     /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
     /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
@@ -95,7 +96,7 @@ pub struct GroupOptions {
 
 impl Default for GroupOptions {
     fn default() -> Self {
-        GroupOptions { timeout: Duration::from_secs(300), verify: false, gloo_host: None }
+        GroupOptions { timeout: Duration::from_secs(300), verify: true, gloo_host: None }
     }
 }
 
