@@ -232,13 +232,10 @@ pub async fn watch(addr: &str, job_id: &str, as_json: bool, table: bool) -> anyh
     // On a terminal, a bar under the table shows how far the job is and when it should end;
     // indicatif hides it elsewhere (logs, pipes), and the rows print either way.
     let bar = table.then(job_bar);
-    let say = |line: String| match &bar {
-        Some(b) => b.suspend(|| println!("{line}")),
-        None => println!("{line}"),
-    };
     while let Some(msg) = stream.message().await.map_err(|e| anyhow::anyhow!("{}", e.message()))? {
         let Some(s) = msg.status else { continue };
         if let Some(b) = &bar {
+            let say = |line: String| b.suspend(|| println!("{line}"));
             if shown == 0 && last_state == i32::MIN {
                 say(iteration_header());
             }

@@ -139,15 +139,12 @@ fn main() {
         format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/flux_bench.py");
-    let out = Command::new(format!("{venv}/bin/python"))
-        .arg(&script)
-        .args(["--dir", dir.path().to_str().unwrap()])
-        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()])
-        .output()
-        .expect("run the python peer");
-    assert!(out.status.success(), "python peer failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let py: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let py = json_of(
+        Command::new(format!("{venv}/bin/python"))
+            .arg(&script)
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()]),
+    );
     let p = |k: &str| py[k].as_f64().unwrap();
 
     let (m, t) = load(&dir.path().join("small"));
@@ -189,23 +186,19 @@ fn main() {
     {
         let d = dir.path().join(name);
         let ours = |mode: &str| {
-            let out = Command::new(std::env::current_exe().unwrap())
-                .env("DG_BENCH_MEM", format!("{mode}:{}", d.display()))
-                .env("BENCH_THREADS", threads.to_string())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            json_line(&out.stdout)
+            json_of(
+                Command::new(std::env::current_exe().unwrap())
+                    .env("DG_BENCH_MEM", format!("{mode}:{}", d.display()))
+                    .env("BENCH_THREADS", threads.to_string()),
+            )
         };
         let theirs = |mode: &str| {
-            let out = Command::new(format!("{venv}/bin/python"))
-                .arg(&script)
-                .args(["--mem", d.to_str().unwrap(), "--mode", mode])
-                .args(["--threads", &threads.to_string()])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            json_line(&out.stdout)
+            json_of(
+                Command::new(format!("{venv}/bin/python"))
+                    .arg(&script)
+                    .args(["--mem", d.to_str().unwrap(), "--mode", mode])
+                    .args(["--threads", &threads.to_string()]),
+            )
         };
         let (o, oc, p, pc) = (ours("plain"), ours("ckpt"), theirs("plain"), theirs("ckpt"));
         let mib = |v: &serde_json::Value| v["peak_mib"].as_f64().unwrap();
@@ -220,8 +213,11 @@ fn main() {
     }
 }
 
-fn json_line(stdout: &[u8]) -> serde_json::Value {
-    let s = String::from_utf8_lossy(stdout);
+/// Runs a measuring process and parses the JSON line it ends with.
+fn json_of(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(s.lines().last().expect("no output")).unwrap()
 }
 

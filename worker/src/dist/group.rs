@@ -87,7 +87,8 @@ pub struct GroupOptions {
     /// something else is an error naming the disagreement. Without it Gloo either returns a
     /// wrong sum on some ranks or aborts the process from its I/O thread ("op.preamble.length
     /// <= op.nbytes"), which no caller can catch; torch's default has that hazard. Costs one
-    /// tiny all-gather per collective (`BENCHMARKS.md`); training pays it once per optimizer step.
+    /// tiny exchange per collective, an all-gather with 2 ranks and a gather + broadcast with
+    /// more (`BENCHMARKS.md`); training pays it once per optimizer step.
     pub verify: bool,
     /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
     /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
