@@ -8,10 +8,8 @@
 #include "dist_shim.h"
 
 #include <chrono>
-#include <optional>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -42,10 +40,7 @@ struct dg_group {
   int rank;
   int size;
   int kind;
-  bool verify;
   std::chrono::milliseconds timeout;
-  // The device of the last tensor seen: NCCL and HCCL gather the barrier's fingerprint there.
-  std::optional<at::Device> device;
 };
 
 namespace {
@@ -91,95 +86,6 @@ void check_dtype(const at::Tensor& t) {
 // wait: their default instead lets a watchdog thread abort the process on a timeout.
 void wait(dg_group* g, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(g->timeout);
-}
-
-enum Op : int64_t { kAllReduce = 1, kBroadcast, kBarrier, kAllGather, kReduceScatter };
-
-const char* op_name(int64_t op) {
-  switch (op) {
-    case kAllReduce: return "all_reduce";
-    case kBroadcast: return "broadcast";
-    case kBarrier: return "barrier";
-    case kAllGather: return "all_gather";
-    case kReduceScatter: return "reduce_scatter";
-    default: return "unknown";
-  }
-}
-
-// Agrees on what every rank is about to do. The fingerprint has a fixed size, so this
-// all-gather itself cannot mismatch; a difference in op, dtype, element count or root then
-// fails here, naming the ranks, instead of corrupting or hanging the real collective.
-void verify(dg_group* g, int64_t op, const at::Tensor* t, int64_t extra) {
-  if (!g->verify || g->size == 1) {
-    return;
-  }
-  constexpr int64_t kFields = 4;
-  at::TensorOptions opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor mine = at::empty({kFields}, opts);
-  auto* m = mine.data_ptr<int64_t>();
-  m[0] = op;
-  m[1] = t != nullptr ? static_cast<int64_t>(t->scalar_type()) : -1;
-  m[2] = t != nullptr ? t->numel() : -1;
-  m[3] = extra;
-  // Gloo gathers host tensors; NCCL and HCCL only device tensors, so a barrier before any
-  // tensor was seen goes unchecked there.
-  at::Device dev = at::Device(at::kCPU);
-  if (g->kind != DG_BACKEND_GLOO) {
-    if (t != nullptr) {
-      g->device = t->device();
-    }
-    if (!g->device.has_value()) {
-      return;
-    }
-    dev = *g->device;
-  }
-  at::Tensor in = mine.to(dev);
-  at::Tensor all = at::empty({g->size * kFields}, in.options());
-  if (g->kind == DG_BACKEND_GLOO && g->size > 2) {
-    // Gloo's ring all-gather takes size - 1 hops in a row; a gather to rank 0 and a broadcast
-    // back take two, whatever the size (3x faster with 4 ranks, BENCHMARKS.md).
-    std::vector<std::vector<at::Tensor>> gathered;
-    if (g->rank == 0) {
-      gathered.emplace_back();
-      for (int r = 0; r < g->size; ++r) {
-        gathered[0].push_back(all.narrow(0, r * kFields, kFields));
-      }
-    }
-    std::vector<at::Tensor> ins{in};
-    c10d::GatherOptions gopts;
-    gopts.rootRank = 0;
-    gopts.timeout = g->timeout;
-    wait(g, g->backend->gather(gathered, ins, gopts));
-    std::vector<at::Tensor> table{all};
-    c10d::BroadcastOptions bopts;
-    bopts.rootRank = 0;
-    bopts.timeout = g->timeout;
-    wait(g, g->backend->broadcast(table, bopts));
-  } else {
-    wait(g, g->backend->_allgather_base(all, in));
-  }
-  at::Tensor host = all.cpu();
-  const auto* a = host.data_ptr<int64_t>();
-  for (int r = 0; r < g->size; ++r) {
-    const int64_t* theirs = a + r * kFields;
-    if (std::equal(theirs, theirs + kFields, m)) {
-      continue;
-    }
-    std::ostringstream msg;
-    msg << "ranks disagree on the collective: rank " << g->rank << " calls " << op_name(m[0]);
-    if (t != nullptr) {
-      msg << " on " << m[2] << " elements of " << t->scalar_type();
-    }
-    msg << ", rank " << r << " calls " << op_name(theirs[0]);
-    if (theirs[2] >= 0) {
-      msg << " on " << theirs[2] << " elements of "
-          << static_cast<c10::ScalarType>(theirs[1]);
-    }
-    if (m[0] == theirs[0] && m[3] != theirs[3]) {
-      msg << " (root/size argument " << m[3] << " vs " << theirs[3] << ")";
-    }
-    TORCH_CHECK(false, msg.str());
-  }
 }
 
 // Gloo and HCCL have no AVG reduction for every dtype; sum and divide there.
@@ -250,9 +156,31 @@ void dg_store_destroy(dg_store* store) {
   delete store;
 }
 
+char* dg_store_set(dg_store* store, const char* key, const uint8_t* value, size_t len) {
+  return guarded([&] {
+    TORCH_CHECK(store != nullptr && key != nullptr && (value != nullptr || len == 0),
+                "null argument");
+    store->store->set(std::string(key), std::vector<uint8_t>(value, value + len));
+  });
+}
+
+char* dg_store_get(dg_store* store, const char* key, int64_t timeout_ms, uint8_t* buf,
+                   size_t cap, size_t* len) {
+  return guarded([&] {
+    TORCH_CHECK(store != nullptr && key != nullptr && buf != nullptr && len != nullptr,
+                "null argument");
+    std::string k(key);
+    store->store->wait({k}, std::chrono::milliseconds(timeout_ms));
+    std::vector<uint8_t> v = store->store->get(k);
+    TORCH_CHECK(v.size() <= cap, "store value of ", k, " has ", v.size(),
+                " bytes, more than the ", cap, " expected");
+    std::memcpy(buf, v.data(), v.size());
+    *len = v.size();
+  });
+}
+
 char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, int backend,
-                      int64_t timeout_ms, const char* gloo_host, int verify_ops,
-                      dg_group** out) {
+                      int64_t timeout_ms, const char* gloo_host, dg_group** out) {
   return guarded([&] {
     TORCH_CHECK(store != nullptr && prefix != nullptr && out != nullptr, "null argument");
     TORCH_CHECK(size >= 1 && rank >= 0 && rank < size, "rank ", rank,
@@ -294,7 +222,7 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
       default:
         TORCH_CHECK(false, "backend ", backend, " is not compiled into this build");
     }
-    *out = new dg_group{pg, rank, size, backend, verify_ops != 0, timeout, std::nullopt};
+    *out = new dg_group{pg, rank, size, backend, timeout};
   });
 }
 
@@ -304,7 +232,6 @@ char* dg_all_reduce(dg_group* g, dg_tensor* tensor, int average) {
   return guarded([&] {
     at::Tensor& t = as_tensor(tensor);
     check_dtype(t);
-    verify(g, kAllReduce, &t, 0);
     std::vector<at::Tensor> ts{t};
     c10d::AllreduceOptions opts;
     opts.reduceOp = reduce_op(g, average != 0);
@@ -322,7 +249,6 @@ char* dg_broadcast(dg_group* g, dg_tensor* tensor, int root) {
     check_dtype(t);
     TORCH_CHECK(root >= 0 && root < g->size, "broadcast root ", root,
                 " outside a world of size ", g->size);
-    verify(g, kBroadcast, &t, root);
     std::vector<at::Tensor> ts{t};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
@@ -333,7 +259,6 @@ char* dg_broadcast(dg_group* g, dg_tensor* tensor, int root) {
 
 char* dg_barrier(dg_group* g) {
   return guarded([&] {
-    verify(g, kBarrier, nullptr, 0);
     c10d::BarrierOptions opts;
     opts.timeout = g->timeout;
     wait(g, g->backend->barrier(opts));
@@ -351,7 +276,6 @@ char* dg_all_gather_into(dg_group* g, dg_tensor* output, dg_tensor* input) {
     TORCH_CHECK(out.numel() == in.numel() * g->size, "all_gather output has ", out.numel(),
                 " elements, expected ", in.numel() * g->size, " (world size ", g->size,
                 " x input ", in.numel(), ")");
-    verify(g, kAllGather, &in, out.numel());
     at::Tensor flat_out = out.view({-1});
     at::Tensor flat_in = in.view({-1});
     c10d::AllgatherOptions opts;
@@ -371,7 +295,6 @@ char* dg_reduce_scatter(dg_group* g, dg_tensor* output, dg_tensor* input, int av
     TORCH_CHECK(in.numel() == out.numel() * g->size, "reduce_scatter input has ", in.numel(),
                 " elements, expected ", out.numel() * g->size, " (world size ", g->size,
                 " x output ", out.numel(), ")");
-    verify(g, kReduceScatter, &in, out.numel());
     at::Tensor flat_out = out.view({-1});
     at::Tensor flat_in = in.view({-1});
     c10d::ReduceScatterOptions opts;

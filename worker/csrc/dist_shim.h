@@ -9,6 +9,7 @@
 #ifndef DANCEGRPO_DIST_SHIM_H
 #define DANCEGRPO_DIST_SHIM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -32,13 +33,17 @@ char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t ti
                       dg_store** out);
 uint16_t dg_store_port(const dg_store* store);
 void dg_store_destroy(dg_store* store);
+// Sets `key` to the `len` bytes at `value`.
+char* dg_store_set(dg_store* store, const char* key, const uint8_t* value, size_t len);
+// Waits up to timeout_ms for `key`, then copies its value into buf (at most cap bytes; longer
+// is an error) and its length into *len.
+char* dg_store_get(dg_store* store, const char* key, int64_t timeout_ms, uint8_t* buf,
+                   size_t cap, size_t* len);
 
 // A c10d backend over a PrefixStore(prefix, store). Blocks until every rank arrived or timeout.
 // gloo_host: the address Gloo binds to (NULL or "" = GLOO_SOCKET_IFNAME, else the default).
-// verify: before each collective, agree on (op, dtype, numel, root) across ranks, so a
-// mismatch is a clear error instead of a hang or garbage.
 char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, int backend,
-                      int64_t timeout_ms, const char* gloo_host, int verify, dg_group** out);
+                      int64_t timeout_ms, const char* gloo_host, dg_group** out);
 void dg_group_destroy(dg_group* group);
 
 // Collectives, all blocking until done (or timed out). `average` divides the sum by the size.

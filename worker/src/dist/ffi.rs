@@ -30,6 +30,20 @@ unsafe extern "C" {
     ) -> *mut c_char;
     pub(crate) fn dg_store_port(store: *const DgStore) -> u16;
     pub(crate) fn dg_store_destroy(store: *mut DgStore);
+    pub(crate) fn dg_store_set(
+        store: *mut DgStore,
+        key: *const c_char,
+        value: *const u8,
+        len: usize,
+    ) -> *mut c_char;
+    pub(crate) fn dg_store_get(
+        store: *mut DgStore,
+        key: *const c_char,
+        timeout_ms: i64,
+        buf: *mut u8,
+        cap: usize,
+        len: *mut usize,
+    ) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn dg_group_create(
         store: *mut DgStore,
@@ -39,7 +53,6 @@ unsafe extern "C" {
         backend: c_int,
         timeout_ms: i64,
         gloo_host: *const c_char,
-        verify: c_int,
         out: *mut *mut DgGroup,
     ) -> *mut c_char;
     pub(crate) fn dg_group_destroy(group: *mut DgGroup);

@@ -13,6 +13,7 @@ use dancegrpo_proto::RankAssignment;
 use tch::{Kind, Tensor};
 
 use super::backend::Backend;
+use super::check::{self, CheckChannel, KeyValue, Op, Signature};
 use super::error::{DistError, Result};
 use super::ffi;
 
@@ -70,6 +71,41 @@ impl Store {
     }
 }
 
+/// A store seen through a group's key prefix.
+struct Prefixed<'a> {
+    store: &'a Store,
+    prefix: &'a str,
+}
+
+impl KeyValue for Prefixed<'_> {
+    fn set(&self, key: &str, value: &[u8]) -> std::result::Result<(), String> {
+        let k = CString::new(format!("{}{key}", self.prefix)).map_err(|e| e.to_string())?;
+        // SAFETY: live store, valid C string, `value` readable for its length.
+        ffi::check(unsafe {
+            ffi::dg_store_set(self.store.ptr.as_ptr(), k.as_ptr(), value.as_ptr(), value.len())
+        })
+    }
+
+    fn get(&self, key: &str, timeout: Duration) -> std::result::Result<Vec<u8>, String> {
+        let k = CString::new(format!("{}{key}", self.prefix)).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 256];
+        let mut len = 0usize;
+        // SAFETY: live store, valid C string, `buf` writable for its length, `len` valid.
+        ffi::check(unsafe {
+            ffi::dg_store_get(
+                self.store.ptr.as_ptr(),
+                k.as_ptr(),
+                millis(timeout),
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut len,
+            )
+        })?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         // SAFETY: we own the handle; groups hold an Arc to us, so none outlives it.
@@ -86,9 +122,8 @@ pub struct GroupOptions {
     /// Agree on (op, dtype, element count, root) before each collective, so a rank that calls
     /// something else is an error naming the disagreement. Without it Gloo either returns a
     /// wrong sum on some ranks or aborts the process from its I/O thread ("op.preamble.length
-    /// <= op.nbytes"), which no caller can catch; torch's default has that hazard. Costs one
-    /// tiny exchange per collective, an all-gather with 2 ranks and a gather + broadcast with
-    /// more (`BENCHMARKS.md`); training pays it once per optimizer step.
+    /// <= op.nbytes"), which no caller can catch; torch's default has that hazard. Costs two
+    /// hops of 32 bytes over plain TCP per collective (see `check.rs` and `BENCHMARKS.md`).
     pub verify: bool,
     /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
     /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
@@ -135,6 +170,8 @@ pub struct ProcessGroup {
     world_size: u32,
     backend: Backend,
     timeout: Duration,
+    /// The agreement check; `None` when turned off or alone.
+    check: Option<CheckChannel>,
 }
 
 // SAFETY: the group is used by one thread at a time (`&mut self` on every collective) and c10d
@@ -193,12 +230,26 @@ impl ProcessGroup {
                 backend as i32,
                 millis(options.timeout),
                 c_gloo.as_ptr(),
-                options.verify.into(),
                 &mut out,
             )
         })
         .map_err(err)?;
         let ptr = NonNull::new(out).ok_or_else(|| err("group creation returned null".into()))?;
+        // Every rank passed the backend's rendezvous, so the star forms at once.
+        let check = if options.verify && world_size > 1 {
+            let host = check::listen_host(options.gloo_host.as_deref(), &store.host, store.port);
+            let kv = Prefixed { store: &store, prefix };
+            match CheckChannel::open(&kv, host, rank, world_size, options.timeout) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // SAFETY: created above, not shared yet.
+                    unsafe { ffi::dg_group_destroy(ptr.as_ptr()) };
+                    return Err(err(e));
+                }
+            }
+        } else {
+            None
+        };
         Ok(ProcessGroup {
             ptr,
             store,
@@ -207,6 +258,7 @@ impl ProcessGroup {
             world_size,
             backend,
             timeout: options.timeout,
+            check,
         })
     }
 
@@ -239,6 +291,7 @@ impl ProcessGroup {
     pub fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
         const OP: &str = "all_reduce";
         check_tensor(OP, tensor)?;
+        self.agree(OP, Signature::new(Op::AllReduce, described(tensor), 0))?;
         let t = tensor.as_mut_ptr().cast();
         // SAFETY: live group and tensor; the shim blocks until c10d is done with the tensor.
         let r = unsafe { ffi::dg_all_reduce(self.ptr.as_ptr(), t, average(op)) };
@@ -297,6 +350,9 @@ impl ProcessGroup {
         let input = input.f_contiguous()?;
         check_tensor(OP, &input)?;
         check_tensor(OP, output)?;
+        self.check_sizes(OP, output, &input, output.numel(), input.numel())?;
+        let sig = Signature::new(Op::AllGather, described(&input), output.numel() as i64);
+        self.agree(OP, sig)?;
         let out = output.as_mut_ptr().cast();
         let inp = input.as_ptr().cast_mut().cast();
         // SAFETY: live group and tensors; c10d only reads the input.
@@ -317,6 +373,9 @@ impl ProcessGroup {
         let input = input.f_contiguous()?;
         check_tensor(OP, &input)?;
         check_tensor(OP, output)?;
+        self.check_sizes(OP, &input, output, input.numel(), output.numel())?;
+        let sig = Signature::new(Op::ReduceScatter, described(&input), output.numel() as i64);
+        self.agree(OP, sig)?;
         let out = output.as_mut_ptr().cast();
         let inp = input.as_ptr().cast_mut().cast();
         // SAFETY: live group and tensors; the shim blocks until c10d is done with both.
@@ -334,6 +393,7 @@ impl ProcessGroup {
                 message: format!("root {root} outside a world of size {}", self.world_size),
             });
         }
+        self.agree(OP, Signature::new(Op::Broadcast, described(tensor), i64::from(root)))?;
         let t = tensor.as_mut_ptr().cast();
         // SAFETY: live group and tensor; the shim blocks until c10d is done with it.
         let r = unsafe { ffi::dg_broadcast(self.ptr.as_ptr(), t, root as i32) };
@@ -342,19 +402,57 @@ impl ProcessGroup {
 
     /// Returns once every rank has reached the barrier.
     pub fn barrier(&mut self) -> Result<()> {
+        self.agree("barrier", Signature::new(Op::Barrier, None, 0))?;
         // SAFETY: live group.
         let r = unsafe { ffi::dg_barrier(self.ptr.as_ptr()) };
         self.done("barrier", r)
     }
 
     fn done(&self, op: &'static str, r: *mut std::ffi::c_char) -> Result<()> {
-        ffi::check(r).map_err(|message| DistError::Collective {
+        ffi::check(r).map_err(|message| self.failed(op, message))
+    }
+
+    fn failed(&self, op: &'static str, message: String) -> DistError {
+        DistError::Collective {
             op,
             rank: self.rank,
             world_size: self.world_size,
             timeout: self.timeout,
             message,
-        })
+        }
+    }
+
+    /// Runs the agreement check, when on.
+    fn agree(&mut self, op: &'static str, sig: Signature) -> Result<()> {
+        let r = match &mut self.check {
+            Some(c) => c.agree(sig),
+            None => return Ok(()),
+        };
+        r.map_err(|m| self.failed(op, m))
+    }
+
+    /// `big` must hold `world_size` times the elements of `small`, in the same dtype (the
+    /// gather's output, the scatter's input); refused before any rank communicates.
+    fn check_sizes(
+        &self,
+        op: &'static str,
+        big: &Tensor,
+        small: &Tensor,
+        big_n: usize,
+        small_n: usize,
+    ) -> Result<()> {
+        let message = if big.kind() != small.kind() {
+            format!("dtypes differ: {:?} and {:?}", big.kind(), small.kind())
+        } else if big_n != small_n * self.world_size as usize {
+            format!(
+                "the flat buffer has {big_n} elements, expected {} (world size {} x {small_n})",
+                small_n * self.world_size as usize,
+                self.world_size
+            )
+        } else {
+            return Ok(());
+        };
+        Err(DistError::BadTensor { op, message })
     }
 }
 
@@ -383,6 +481,10 @@ fn check_tensor(op: &'static str, t: &Tensor) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+fn described(t: &Tensor) -> Option<(Kind, usize)> {
+    Some((t.kind(), t.numel()))
 }
 
 fn average(op: ReduceOp) -> i32 {

@@ -5,6 +5,7 @@
 //! process.
 
 mod backend;
+mod check;
 mod error;
 pub(crate) mod ffi;
 mod group;
