@@ -30,7 +30,7 @@ use dancegrpo_proto::advantage::group_advantages;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{LoadedFlux, WeightPolicy, load_flux};
 use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
-use dancegrpo_worker::sampler::rollout::rollout_with_noise;
+use dancegrpo_worker::sampler::rollout::{FirstStepMemo, rollout_with_noise};
 use dancegrpo_worker::sampler::{Conditioning, Schedule, Trajectory, recompute_log_prob};
 use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
 use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update};
@@ -145,6 +145,8 @@ impl Case {
 
     fn rollout(&self) -> Vec<Trajectory> {
         let members = self.t["step_noise"].size()[0];
+        // As the trainer: the members share the first forward (init_same_noise).
+        let mut memo = FirstStepMemo::default();
         (0..members)
             .map(|g| {
                 let noise = self.t["step_noise"].get(g);
@@ -155,6 +157,7 @@ impl Case {
                     &self.t["init_noise"],
                     &self.sched,
                     eta,
+                    Some(&mut memo),
                     |i| Ok(noise.get(i as i64)),
                 )
                 .unwrap()

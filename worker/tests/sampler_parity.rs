@@ -5,7 +5,7 @@
 mod flux_common;
 
 use dancegrpo_worker::flux::{FluxTransformer, WeightPolicy, load_flux};
-use dancegrpo_worker::sampler::rollout::rollout_with_noise;
+use dancegrpo_worker::sampler::rollout::{FirstStepMemo, rollout_with_noise};
 use dancegrpo_worker::sampler::{
     Conditioning, Next, NoiseKey, Schedule, recompute_log_prob, rollout, sde_step,
 };
@@ -109,16 +109,10 @@ fn rollout_matches_reference_trajectory() {
     let Setup { g, sched, eta } = setup();
     let m = model(WeightPolicy::Frozen(Kind::Float));
     let init = g["init_noise"].repeat([2, 1, 1]);
-    let tr =
-        rollout_with_noise(
-            &m,
-            &cond(&g),
-            &init,
-            &sched,
-            eta,
-            |i| Ok(g["step_noise"].get(i as i64)),
-        )
-        .unwrap();
+    let tr = rollout_with_noise(&m, &cond(&g), &init, &sched, eta, None, |i| {
+        Ok(g["step_noise"].get(i as i64))
+    })
+    .unwrap();
     let e = rel_err(&tr.latents, &g["latents"]);
     assert!(e <= 1e-4, "latents: relative error {e}");
     let e = max_abs(&tr.log_probs, &g["log_probs"]);
@@ -150,7 +144,7 @@ fn ratios(
 ) -> Tensor {
     let keys: Vec<NoiseKey> =
         (0..2).map(|member| NoiseKey { seed: 7, prompt: 3, member }).collect();
-    let tr = rollout(m, &cond(g), &keys, sched, eta, true).unwrap();
+    let tr = rollout(m, &cond(g), &keys, sched, eta, true, None).unwrap();
     let mut out = vec![];
     for i in 0..sched.steps() {
         let lp = recompute_log_prob(
@@ -200,8 +194,8 @@ fn rollout_is_reproducible_from_keys() {
     let m = model(WeightPolicy::Frozen(Kind::Float));
     let keys: Vec<NoiseKey> =
         (0..2).map(|member| NoiseKey { seed: 11, prompt: 5, member }).collect();
-    let a = rollout(&m, &cond(&g), &keys, &sched, eta, true).unwrap();
-    let b = rollout(&m, &cond(&g), &keys, &sched, eta, true).unwrap();
+    let a = rollout(&m, &cond(&g), &keys, &sched, eta, true, None).unwrap();
+    let b = rollout(&m, &cond(&g), &keys, &sched, eta, true, None).unwrap();
     assert!(a.latents.equal(&b.latents) && a.log_probs.equal(&b.log_probs));
     let z0 = a.latents.select(1, 0);
     assert!(z0.get(0).equal(&z0.get(1)), "init_same_noise: one initial latent per group");
@@ -216,6 +210,7 @@ fn rollout_is_reproducible_from_keys() {
         &sched,
         eta,
         true,
+        None,
     )
     .unwrap();
     assert!(!other.latents.get(0).equal(&a.latents.get(0)));
@@ -224,4 +219,29 @@ fn rollout_is_reproducible_from_keys() {
     assert!(init.equal(&init.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
     let std = init.std(true).double_value(&[]);
     assert!((std - 1.0).abs() < 0.02, "std {std}");
+}
+
+/// The first-step memo only saves work: members of a group roll out bit for bit as without it,
+/// the second member's first forward is the first's, and another prompt misses.
+#[test]
+fn first_step_memo_changes_nothing_but_the_work() {
+    let Setup { g, sched, eta } = setup();
+    let m = model(WeightPolicy::Frozen(Kind::Float));
+    let embeds = g["encoder_hidden_states"].narrow(0, 0, 1);
+    let pooled = g["pooled_projections"].narrow(0, 0, 1);
+    let other_embeds = &embeds * 0.5;
+    let mut memo = FirstStepMemo::default();
+    for (i, (prompt, member)) in [(5, 0), (5, 1), (6, 0)].into_iter().enumerate() {
+        let c = Conditioning {
+            encoder_hidden_states: if i == 2 { &other_embeds } else { &embeds },
+            pooled_projections: &pooled,
+            ..cond(&g)
+        };
+        let key = [NoiseKey { seed: 11, prompt, member }];
+        let with = rollout(&m, &c, &key, &sched, eta, true, Some(&mut memo)).unwrap();
+        let without = rollout(&m, &c, &key, &sched, eta, true, None).unwrap();
+        assert!(with.latents.equal(&without.latents), "latents of {prompt}/{member}");
+        assert!(with.log_probs.equal(&without.log_probs), "log-probs of {prompt}/{member}");
+        assert_eq!(memo.hits(), if i == 0 { 0 } else { 1 }, "after {prompt}/{member}");
+    }
 }

@@ -72,7 +72,7 @@ fn setup() -> Setup {
                 txt_ids: &txt_ids,
             };
             let key = NoiseKey { seed: 11, prompt: 0, member: m as u64 };
-            let t = rollout(&policy.model, &cond, &[key], &sched, 0.3, false).unwrap();
+            let t = rollout(&policy.model, &cond, &[key], &sched, 0.3, false, None).unwrap();
             (t.latents, t.log_probs)
         })
         .collect();

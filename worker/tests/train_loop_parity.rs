@@ -15,7 +15,7 @@ use dancegrpo_proto::advantage::group_advantages;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{FluxTransformer, LoadedFlux, WeightPolicy, load_flux};
 use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
-use dancegrpo_worker::sampler::rollout::rollout_with_noise;
+use dancegrpo_worker::sampler::rollout::{FirstStepMemo, rollout_with_noise};
 use dancegrpo_worker::sampler::{Conditioning, Schedule, Trajectory};
 use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
 use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update};
@@ -122,12 +122,15 @@ fn trainable(m: &LoadedFlux) -> Vec<(String, Tensor)> {
     v
 }
 
-/// Rolls out every member, one at a time, from the shared initial noise with its stored noise.
+/// Rolls out every member, one at a time, from the shared initial noise with its stored noise,
+/// sharing the first forward as the trainer does (the reference recomputes it per member).
 fn rollouts(g: &Golden, model: &FluxTransformer) -> Vec<Trajectory> {
+    let mut memo = FirstStepMemo::default();
     (0..g.members)
         .map(|m| {
             let noise = g.t["step_noise"].get(m as i64);
-            rollout_with_noise(model, &g.cond(), &g.t["init_noise"], &g.sched, g.eta, |i| {
+            let init = &g.t["init_noise"];
+            rollout_with_noise(model, &g.cond(), init, &g.sched, g.eta, Some(&mut memo), |i| {
                 Ok(noise.get(i as i64))
             })
             .unwrap()

@@ -72,14 +72,78 @@ fn velocity(
     with_inputs(model, cond, z, sched, i, |inputs| model.forward(inputs))
 }
 
+/// The first step's velocity of the last trajectory rolled out, kept for the next one.
+///
+/// Under `init_same_noise` (the reference's default) every member of a group starts from the
+/// same latent with the same prompt, so their first forward is one computation: the memo runs
+/// it once per group and hands the result to the other members. It compares the inputs
+/// themselves, so a different prompt, latent or step simply misses. The weights are not
+/// compared: whoever changes them calls [`FirstStepMemo::clear`].
+#[derive(Debug, Default)]
+pub struct FirstStepMemo {
+    entry: Option<MemoEntry>,
+    hits: u64,
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    inputs: [Tensor; 5],
+    guidance: f64,
+    sigma: f32,
+    velocity: Tensor,
+}
+
+impl FirstStepMemo {
+    /// Forgets the kept velocity (the weights changed).
+    pub fn clear(&mut self) {
+        self.entry = None;
+    }
+
+    /// Forwards saved so far.
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    fn velocity(
+        &mut self,
+        model: &FluxTransformer,
+        cond: &Conditioning<'_>,
+        z: &Tensor,
+        sched: &Schedule,
+    ) -> Result<Tensor> {
+        let inputs =
+            [z, cond.encoder_hidden_states, cond.pooled_projections, cond.img_ids, cond.txt_ids];
+        let sigma = sched.model_sigma(0);
+        if let Some(e) = &self.entry {
+            let same = e.guidance == cond.guidance
+                && e.sigma == sigma
+                && e.inputs.iter().zip(inputs).all(|(a, b)| a.size() == b.size() && a.equal(b));
+            if same {
+                self.hits += 1;
+                return Ok(e.velocity.shallow_clone());
+            }
+        }
+        let v = velocity(model, cond, z, sched, 0)?;
+        self.entry = Some(MemoEntry {
+            inputs: inputs.map(Tensor::shallow_clone),
+            guidance: cond.guidance,
+            sigma,
+            velocity: v.shallow_clone(),
+        });
+        Ok(v)
+    }
+}
+
 /// Samples `B` trajectories from the initial latents `init` `[B, N, C]` with the SDE. `noise(i)`
-/// gives the standard normal noise `[B, N, C]` of transition `i`. Runs without grad.
+/// gives the standard normal noise `[B, N, C]` of transition `i`. Runs without grad. With a
+/// `memo`, the first forward is shared with the previous trajectory when its inputs are equal.
 pub fn rollout_with_noise(
     model: &FluxTransformer,
     cond: &Conditioning<'_>,
     init: &Tensor,
     sched: &Schedule,
     eta: f64,
+    mut memo: Option<&mut FirstStepMemo>,
     mut noise: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<Trajectory> {
     let _guard = tch::no_grad_guard();
@@ -88,7 +152,10 @@ pub fn rollout_with_noise(
     let mut log_probs = Vec::with_capacity(sched.steps());
     let mut x0 = None;
     for i in 0..sched.steps() {
-        let v = velocity(model, cond, &z, sched, i)?;
+        let v = match memo.as_deref_mut() {
+            Some(m) if i == 0 => m.velocity(model, cond, &z, sched)?,
+            _ => velocity(model, cond, &z, sched, i)?,
+        };
         let n = noise(i)?.f_to_other(&z, false, false)?;
         let out = sde_step(&v, &z, sched, i, eta, Next::Noise(&n))?;
         z = out.next;
@@ -104,7 +171,8 @@ pub fn rollout_with_noise(
 }
 
 /// Samples one trajectory per key (row `b` of `cond` belongs to `keys[b]`), with the noise
-/// drawn from the keys: reproducible from (seed, prompt, member) on any device.
+/// drawn from the keys: reproducible from (seed, prompt, member) on any device. `memo` as in
+/// [`rollout_with_noise`].
 pub fn rollout(
     model: &FluxTransformer,
     cond: &Conditioning<'_>,
@@ -112,6 +180,7 @@ pub fn rollout(
     sched: &Schedule,
     eta: f64,
     init_same_noise: bool,
+    memo: Option<&mut FirstStepMemo>,
 ) -> Result<Trajectory> {
     let n = cond.img_ids.size()[0];
     let c = model.config().in_channels;
@@ -129,7 +198,7 @@ pub fn rollout(
         false,
         false,
     )?;
-    rollout_with_noise(model, cond, &init, sched, eta, |i| {
+    rollout_with_noise(model, cond, &init, sched, eta, memo, |i| {
         let rows: Vec<Tensor> = keys.iter().map(|k| k.step(i, n, c)).collect::<Result<_>>()?;
         Ok(Tensor::f_stack(&rows, 0)?)
     })

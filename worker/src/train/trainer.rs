@@ -20,6 +20,7 @@ use crate::dist::ProcessGroup;
 use crate::latents;
 use crate::reward::RewardSet;
 use crate::reward::loss::MultiRewardClipLoss;
+use crate::sampler::rollout::FirstStepMemo;
 use crate::sampler::{Conditioning, NoiseKey, Schedule, rollout};
 use crate::vae::to_uint8;
 
@@ -52,6 +53,8 @@ pub struct Trainer {
     /// Completed iterations the weights correspond to; `None` after an interrupted update.
     step: Option<u64>,
     rollouts: BTreeMap<(u64, u32), Rollout>,
+    /// A group's shared first forward (`init_same_noise`); cleared whenever the weights change.
+    memo: FirstStepMemo,
     /// This iteration's images (uint8 `[H, W, 3]`) and first reward, for the sample grid.
     images: Vec<(Tensor, f64)>,
     timings: pb::PhaseTimings,
@@ -96,6 +99,7 @@ impl Trainer {
             img_ids,
             step: Some(0),
             rollouts: BTreeMap::new(),
+            memo: FirstStepMemo::default(),
             images: Vec::new(),
             timings: pb::PhaseTimings::default(),
         })
@@ -119,6 +123,7 @@ impl Trainer {
             return Err(TrainError::Invalid(format!("no checkpoint to restore step {step} from")));
         }
         self.rollouts.clear();
+        self.memo.clear();
         self.step = Some(step);
         Ok(())
     }
@@ -166,6 +171,7 @@ impl Trainer {
                 &self.sched,
                 self.cfg.eta,
                 self.cfg.init_same_noise,
+                Some(&mut self.memo),
             )?;
             self.device.synchronize()?;
             let t1 = Instant::now();
@@ -227,6 +233,7 @@ impl Trainer {
         };
         // From here until the last step, the weights match no recorded step.
         self.step = None;
+        self.memo.clear();
         self.opt.zero_grad();
         let mut stats = UpdateStats::default();
         for (i, item) in work.iter().enumerate() {
