@@ -114,7 +114,20 @@ fn layer_norm(x: &Tensor) -> Result<Tensor> {
 
 /// `LN(x)·(1 + scale) + shift`, with per-sample `scale`/`shift` of shape `[B, d]`.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(layer_norm(x)?.f_mul(&(scale.f_unsqueeze(1)? + 1.0))?.f_add(&shift.f_unsqueeze(1)?)?)
+    let d = x.size().last().copied().unwrap_or(0);
+    if x.size()[0] == 1 {
+        // One sample (the rollout's and the update's batch): the modulation is a per-feature
+        // affine, which layer_norm applies in its own pass, forward and backward, instead of
+        // two more full-size kernels each way.
+        let w = scale.f_reshape([d])? + 1.0;
+        return Ok(x.f_layer_norm([d], Some(&w), Some(&shift.f_reshape([d])?), EPS, true)?);
+    }
+    Ok(shift.f_unsqueeze(1)?.f_addcmul(&layer_norm(x)?, &(scale.f_unsqueeze(1)? + 1.0))?)
+}
+
+/// `x + gate · y`, the blocks' gated residual, in one kernel.
+fn gated(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok(x.f_addcmul(&gate.f_unsqueeze(1)?, y)?)
 }
 
 /// The RoPE table: cos and sin, each `[L, head_dim]` f32, every angle repeated for its pair.
@@ -122,7 +135,8 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 pub struct Rope {
     /// `cos`, viewed as `[1, L, 1, D]`.
     pub cos: Tensor,
-    /// `sin`, viewed as `[1, L, 1, D]`.
+    /// `sin` with the rotation's sign folded in (−sin at even dims, +sin at odd), viewed as
+    /// `[1, L, 1, D]`.
     pub sin: Tensor,
 }
 
@@ -149,8 +163,10 @@ impl Rope {
             cos.push(
                 angles.f_cos()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?,
             );
+            let signs = Tensor::from_slice(&[-1f64, 1.]).f_repeat([dim / 2])?;
             sin.push(
-                angles.f_sin()?.f_repeat_interleave_self_int(2, 1, None)?.f_to_kind(Kind::Float)?,
+                (angles.f_sin()?.f_repeat_interleave_self_int(2, 1, None)? * signs)
+                    .f_to_kind(Kind::Float)?,
             );
         }
         let anchor = f32_anchor(ids)?;
@@ -161,15 +177,17 @@ impl Rope {
         Ok(Self { cos: view(&cos)?, sin: view(&sin)? })
     }
 
-    /// Rotates adjacent pairs (dims 2i, 2i+1) of `x` `[B, L, H, D]` in f32, casts back.
+    /// Rotates adjacent pairs (dims 2i, 2i+1) of `x` `[B, L, H, D]` in f32, casts back:
+    /// `(re, im) → (re·cos − im·sin, im·cos + re·sin)`, as `x·cos + swap(x)·±sin` in three
+    /// kernels (the negation lives in the table).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.size();
-        let pairs = x.f_reshape([s[0], s[1], s[2], s[3] / 2, 2])?;
-        let re = pairs.f_select(-1, 0)?;
-        let im = pairs.f_select(-1, 1)?;
-        let rotated = Tensor::f_stack(&[im.f_neg()?, re], -1)?.f_flatten(3, -1)?;
-        let out = x.f_to_kind(Kind::Float)?.f_mul(&self.cos)?
-            + rotated.f_to_kind(Kind::Float)?.f_mul(&self.sin)?;
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let swapped = x32
+            .f_reshape([s[0], s[1], s[2], s[3] / 2, 2])?
+            .f_flip([-1])?
+            .f_reshape(s.as_slice())?;
+        let out = x32.f_mul(&self.cos)? + swapped.f_mul(&self.sin)?;
         Ok(out.f_to_kind(x.kind())?)
     }
 }
@@ -290,13 +308,13 @@ impl DoubleBlock {
         let img_attn = self.to_out.forward(&img_attn.f_contiguous()?)?;
         let ctx_attn = self.to_add_out.forward(&ctx_attn.f_contiguous()?)?;
 
-        let x = x.f_add(&m[2].f_unsqueeze(1)?.f_mul(&img_attn)?)?;
+        let x = gated(x, &m[2], &img_attn)?;
         let ff = self.ff.forward(&modulate(&x, &m[3], &m[4])?)?;
-        let x = x.f_add(&m[5].f_unsqueeze(1)?.f_mul(&ff)?)?;
+        let x = gated(&x, &m[5], &ff)?;
 
-        let c = c.f_add(&mc[2].f_unsqueeze(1)?.f_mul(&ctx_attn)?)?;
+        let c = gated(c, &mc[2], &ctx_attn)?;
         let ff = self.ff_context.forward(&modulate(&c, &mc[3], &mc[4])?)?;
-        let c = c.f_add(&mc[5].f_unsqueeze(1)?.f_mul(&ff)?)?;
+        let c = gated(&c, &mc[5], &ff)?;
         Ok((x, c))
     }
 }
@@ -340,7 +358,7 @@ impl SingleBlock {
         let (q, k, v) = self.qkv.project(&hn, self.head_dim)?;
         let o = attention(&q, &k, &v, rope)?;
         let out = self.proj_out.forward(&Tensor::f_cat(&[o, mlp], 2)?)?;
-        Ok(h.f_add(&m[2].f_unsqueeze(1)?.f_mul(&out)?)?)
+        gated(h, &m[2], &out)
     }
 }
 
