@@ -16,6 +16,11 @@
 //! (`rollout_with_noise`, `accumulate`, `apply_update`), as `Trainer` assembles it, checks that
 //! its first iteration gives the peer's grad norms and loss, and prints ours/python.
 //!
+//! Ours skips the transformer's backward for transitions whose loss has a zero gradient (the
+//! ratio clipped on the side its advantage favours; same gradients bit for bit, see
+//! `train::step::accumulate`); the bench prints how many. Python back-propagates them all, as
+//! the reference does.
+//!
 //! The peer stays running and does one iteration per request, so the two sides alternate
 //! (`BENCH_ITERS` rounds, default 3, who goes first swapping every round): on a shared machine
 //! the load changes within seconds, and running one side after the other measured the load.
@@ -79,6 +84,9 @@ struct Case {
     ga: usize,
     max_grad_norm: f64,
     guidance: f64,
+    /// Over all rounds: transitions trained, and those whose flat loss skipped the backward.
+    transitions: u64,
+    skipped: u64,
 }
 
 impl Case {
@@ -114,6 +122,8 @@ impl Case {
             ga: p.ga,
             max_grad_norm: p.max_grad_norm,
             guidance: p.guidance,
+            transitions: 0,
+            skipped: 0,
         }
     }
 
@@ -195,6 +205,8 @@ impl Case {
                 norms.push(stats.grad_norm_sum - before);
             }
         }
+        self.skipped += stats.skipped_backward;
+        self.transitions += stats.transitions;
         (norms, stats.loss)
     }
 }
@@ -332,5 +344,9 @@ fn main() {
                 rounds.join(" ")
             );
         }
+        println!(
+            "{name:<8} ours skipped {} of {} transformer backwards (clipped ratio, zero gradient)",
+            c.skipped, c.transitions
+        );
     }
 }

@@ -148,6 +148,8 @@ struct Update {
     /// Pre-clip global norm of each optimizer step.
     grad_norms: Vec<f64>,
     weights: Vec<(String, Tensor)>,
+    /// Transitions whose backward through the transformer was skipped (zero loss gradient).
+    skipped: u64,
 }
 
 /// The update of one iteration as `Trainer::train` assembles it: `accumulate` per trajectory,
@@ -175,6 +177,7 @@ fn update(
         first_window_ratio_dev_max: f64::NAN,
         grad_norms: vec![],
         weights: vec![],
+        skipped: 0,
     };
     opt.zero_grad();
     for (m, tr) in trajectories.iter().enumerate() {
@@ -205,6 +208,7 @@ fn update(
     }
     assert_eq!(stats.optimizer_steps as usize, g.members / g.ga);
     out.weights = opt.params().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
+    out.skipped = stats.skipped_backward;
     out
 }
 
@@ -251,6 +255,19 @@ fn check_case(g: &Golden, trajectories: &[Trajectory], case: &str, checkpointing
         ratio_err = ratio_err.max(e);
     }
 
+    // The transitions with a flat loss: the ratio clipped on the side its advantage favours.
+    // Those skip the transformer's backward, and only those (counted on the plain path).
+    let advantages = g.f64s("advantages");
+    let flat = (0..g.members * t)
+        .filter(|&i| {
+            let (a, r) = (advantages[i / t].clamp(-g.adv_clip_max, g.adv_clip_max), ratios[i]);
+            (a > 0.0 && r > 1.0 + hyper[0]) || (a < 0.0 && r < 1.0 - hyper[0]) || a == 0.0
+        })
+        .count() as u64;
+    if !checkpointing {
+        assert_eq!(u.skipped, flat, "{case}: skipped backwards");
+    }
+
     let norms = g.f64s(&format!("{case}.grad_norms"));
     assert_eq!(u.grad_norms.len(), norms.len());
     for (s, (ours, want)) in u.grad_norms.iter().zip(&norms).enumerate() {
@@ -263,8 +280,9 @@ fn check_case(g: &Golden, trajectories: &[Trajectory], case: &str, checkpointing
     eprintln!(
         "{case} (checkpointing {checkpointing}): max errors: loss {loss_err:.1e}, Σ|r−1| \
          {ratio_err:.1e}, grad norm {norm_err:.1e} (relative), weights {err:.1e} = {:.1e}·lr \
-         (golden change up to {change:.1e})",
+         (golden change up to {change:.1e}); {flat} of {} backwards skipped",
         err / g.adam.lr,
+        g.members * t,
     );
     assert!(change > g.adam.lr, "{case}: the golden update should be visible");
     assert!(err <= WEIGHT_ABS_OVER_LR * g.adam.lr, "{case}: weights differ by {err}");
@@ -345,4 +363,96 @@ fn other_settings_give_other_weights() {
     let (err, _) = weight_errors(&g, "gradclip", &u.weights);
     eprintln!("gradclip weights without the norm clip: max |Δ| {:.2e}·lr", err / g.adam.lr);
     assert!(err > 100.0 * WEIGHT_ABS_OVER_LR * g.adam.lr, "no norm clip: {err}");
+}
+
+/// Skipping the transformer's backward where the loss is flat changes no gradient: after the
+/// first optimizer step (ratios off 1), each transition's `accumulate` leaves exactly the
+/// gradients of a plain `loss.backward()` on the same weights, bit for bit, skipped or not.
+#[test]
+fn skipped_backwards_leave_the_gradients_of_a_plain_backward() {
+    let g = golden();
+    let trajectories = rollouts(&g, &load().model);
+    let (a, b) = (load(), load());
+    let settings = LossSettings {
+        eta: g.eta,
+        clip: MultiRewardClipLoss {
+            clip_range: 1e-4,
+            adv_clip_max: g.adv_clip_max,
+            weights: vec![1.0],
+        },
+        divisor: 4.0,
+        checkpointing: false,
+    };
+    let advantages = g.f64s("advantages");
+    // Move both copies off the rollout's weights by the same step, so ratios leave 1 ± ε.
+    for m in [&a, &b] {
+        let mut opt = AdamW::new(trainable(m), g.adam).unwrap();
+        let mut stats = UpdateStats::default();
+        let adv = Tensor::from_slice(&[advantages[0] as f32]).reshape([1, 1]);
+        let (tr, steps) = (&trajectories[0], g.steps(0));
+        accumulate(
+            &m.model,
+            &g.cond(),
+            &tr.latents,
+            &tr.log_probs,
+            &adv,
+            &steps,
+            &g.sched,
+            &settings,
+            &mut stats,
+        )
+        .unwrap();
+        apply_update(&mut opt, None, 1.0, &mut stats).unwrap();
+    }
+    let grads = |m: &LoadedFlux| -> Vec<Tensor> {
+        trainable(m)
+            .iter()
+            .map(|(_, p)| {
+                let gr = p.grad();
+                if gr.defined() { gr.copy() } else { p.zeros_like() }
+            })
+            .collect()
+    };
+    let (mut skipped, mut kept) = (0, 0);
+    for (m, tr) in trajectories.iter().enumerate().skip(1) {
+        let adv = Tensor::from_slice(&[advantages[m] as f32]).reshape([1, 1]);
+        for k in g.steps(m) {
+            // Ours.
+            let mut stats = UpdateStats::default();
+            accumulate(
+                &a.model,
+                &g.cond(),
+                &tr.latents,
+                &tr.log_probs,
+                &adv,
+                &[k],
+                &g.sched,
+                &settings,
+                &mut stats,
+            )
+            .unwrap();
+            skipped += stats.skipped_backward;
+            kept += 1 - stats.skipped_backward;
+            // A plain backward of the same loss.
+            let (z, z_next) = (tr.latents.select(1, k as i64), tr.latents.select(1, k as i64 + 1));
+            let lp = dancegrpo_worker::sampler::recompute_log_prob(
+                &b.model,
+                &g.cond(),
+                &z,
+                &z_next,
+                &g.sched,
+                k,
+                g.eta,
+            )
+            .unwrap();
+            let old = tr.log_probs.narrow(1, k as i64, 1).reshape([-1]);
+            let l = settings.clip.compute(&lp, &old, &adv).unwrap().total / settings.divisor;
+            l.backward();
+            for (x, y) in grads(&a).iter().zip(grads(&b)) {
+                assert!(x.equal(&y), "trajectory {m} transition {k}: gradients differ");
+            }
+        }
+    }
+    eprintln!("{skipped} transitions skipped, {kept} back-propagated");
+    assert!(skipped > 0 && kept > 0, "both paths taken: {skipped} skipped, {kept} kept");
 }

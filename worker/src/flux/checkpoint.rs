@@ -18,6 +18,10 @@
 //!    the `g` of the block before. For double blocks the sum runs over both streams.
 //! 5. Finally `Σ(x ⊙ gx) + Σ(c ⊙ gc) + Σ(temb ⊙ g_temb)` is back-propagated through the stem.
 //!
+//! When the gradient reaching the last block's output and `temb` is exactly zero (the loss is
+//! flat in the velocity, as for a clipped PPO ratio), steps 4 and 5 are skipped: they would
+//! only add zeros.
+//!
 //! Peak memory is therefore the saved block inputs plus one block's autograd graph, instead of
 //! every block's graph (MODELS.md §5). Cost: one extra forward of the blocks. The weight
 //! gradients equal the plain backward's up to the summation order of `temb`'s gradient
@@ -30,6 +34,10 @@ use super::model::{FluxInputs, FluxTransformer, Stem};
 
 fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(t.f_detach()?.f_set_requires_grad(true)?)
+}
+
+fn is_zero(t: &Tensor) -> Result<bool> {
+    Ok(t.f_count_nonzero(None)?.f_int64_value(&[])? == 0)
 }
 
 fn grad_of(t: &Tensor) -> Result<Tensor> {
@@ -79,6 +87,12 @@ where
     loss.f_backward()?;
     let mut g = grad_of(&h_leaf)?;
     drop(h_leaf);
+    // A loss that does not depend on the velocity here (a PPO ratio clipped on the side the
+    // advantage favours) sends zeros into the blocks: their recomputation and backward would
+    // only add zeros, so they are skipped.
+    if is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)? {
+        return Ok(loss.f_detach()?);
+    }
 
     // 4. Recompute each block with grad, newest first.
     for (blk, h_in) in model.single_blocks.iter().zip(single_inputs).rev() {

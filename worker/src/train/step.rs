@@ -52,6 +52,10 @@ pub struct UpdateStats {
     pub optimizer_steps: u32,
     /// Seconds in the gradient all-reduce.
     pub communication_s: f64,
+    /// Transitions whose loss had a zero gradient (clipped on the side PPO does not push),
+    /// so their backward through the transformer was skipped (counted without activation
+    /// checkpointing; the checkpointed backward skips them too, see `flux::checkpoint`).
+    pub skipped_backward: u64,
 }
 
 /// The transitions one trajectory trains on: the first `count` entries of a permutation of
@@ -117,8 +121,21 @@ pub fn accumulate(
             }
         } else {
             let lp = recompute_log_prob(model, cond, &z, &z_next, sched, k, s.eta)?;
-            let l = loss_of(&lp)?;
+            // The loss is back-propagated to the log-prob first, and from there through the
+            // transformer only when that gradient is not zero. It is zero when the ratio left
+            // the clip range on the side the advantage favours (the clamp is flat there),
+            // which after the first optimizer step of an iteration is most of the time with
+            // the reference's ε = 1e-4. Seeding the second backward with exactly that gradient
+            // gives the same weight gradients, bit for bit, as one `loss.backward()`.
+            let lp_leaf = lp.f_detach()?.f_set_requires_grad(true)?;
+            let l = loss_of(&lp_leaf)?;
             l.f_backward()?;
+            let g = lp_leaf.grad();
+            if g.f_count_nonzero(None)?.f_int64_value(&[])? == 0 {
+                stats.skipped_backward += 1;
+            } else {
+                lp.f_mul(&g)?.f_sum(lp.kind())?.f_backward()?;
+            }
             l.f_detach()?
         };
         stats.loss += loss.f_double_value(&[])?;
