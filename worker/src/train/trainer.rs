@@ -289,6 +289,13 @@ impl Trainer {
         self.step = Some(iteration + 1);
         self.timings.train_s = start.elapsed().as_secs_f64() - stats.communication_s;
         self.timings.communication_s = stats.communication_s;
+        tracing::debug!(
+            iteration,
+            transitions = stats.transitions,
+            skipped_backward = stats.skipped_backward,
+            memo_hits = self.memo.hits(),
+            "update done"
+        );
         let n = stats.transitions.max(1) as f64;
         let metrics = pb::StepMetrics {
             iteration,
