@@ -172,7 +172,7 @@ impl CheckChannel {
                     }
                     Err(e) => return Err(format!("check channel: accept on {addr}: {e}")),
                 };
-                configure(&stream, deadline)?;
+                configure(&stream, timeout)?;
                 let mut hello = [0u8; 8];
                 read_exact(&stream, &mut hello, deadline, "a joining rank")?;
                 let magic = u32::from_le_bytes(hello[..4].try_into().unwrap_or_default());
@@ -198,7 +198,7 @@ impl CheckChannel {
             let left = deadline.saturating_duration_since(Instant::now()).max(MIN_WAIT);
             let stream = TcpStream::connect_timeout(&addr, left)
                 .map_err(|e| format!("check channel: cannot connect to rank 0 at {addr}: {e}"))?;
-            configure(&stream, deadline)?;
+            configure(&stream, timeout)?;
             let mut hello = [0u8; 8];
             hello[..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
             hello[4..].copy_from_slice(&rank.to_le_bytes());
@@ -298,11 +298,12 @@ fn leaf_round(
 /// Shortest wait a socket operation gets, so an expired deadline still fails cleanly.
 const MIN_WAIT: Duration = Duration::from_millis(1);
 
-fn configure(s: &TcpStream, deadline: Instant) -> Result<(), String> {
+/// Blocking, unbuffered (the messages are tiny and latency is the cost), writes bounded by
+/// the collective timeout; reads get their deadline per call.
+fn configure(s: &TcpStream, timeout: Duration) -> Result<(), String> {
     s.set_nonblocking(false).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
-    let left = deadline.saturating_duration_since(Instant::now()).max(MIN_WAIT);
-    s.set_write_timeout(Some(left)).map_err(|e| e.to_string())
+    s.set_write_timeout(Some(timeout.max(MIN_WAIT))).map_err(|e| e.to_string())
 }
 
 /// Reads exactly `buf.len()` bytes from `who` by `deadline`.
