@@ -3,10 +3,13 @@
 config, inputs and thread count. The Rust bench runs this script first (same run), loads the
 weights and inputs it saves, times its own code and prints the ratios.
 
-Standalone use: python flux_bench.py --dir DIR --threads N --iters K
-Prints one JSON line with the timings (seconds, median). It also saves the configs that the
-memory measurement uses; `--mem DIR/NAME --mode plain|ckpt` then measures, in a process of its
-own, the peak memory of one training micro-step on one of them (see `rss_peak_delta`).
+Standalone use: `printf 'rollout\ntrain\nckpt\n' | python flux_bench.py --dir DIR --threads N`.
+It saves the three configs, prints one JSON line with its settings, then times one step of the
+small config per line read from stdin (`rollout`, `train` or `ckpt`: the training micro-step
+with gradient checkpointing) and prints its seconds as one JSON line. One step per request lets
+the Rust side alternate its steps with these, so that both see the same machine load.
+`--mem DIR/NAME --mode plain|ckpt` measures, in a process of its own, the peak memory of one
+training micro-step on a saved config (see `rss_peak_delta`).
 """
 
 import argparse
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import safetensors.torch as st
@@ -92,14 +96,10 @@ def train_step(m, inp, nxt, keep_grads=False):
     return loss
 
 
-def timed(f, iters):
+def seconds(f):
+    t = time.perf_counter()
     f()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return time.perf_counter() - t
 
 
 def rss_peak_delta(f):
@@ -139,7 +139,6 @@ def main():
     ap.add_argument("--mem", help="a saved config directory: measure memory only")
     ap.add_argument("--mode", choices=("plain", "ckpt"), default="plain")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--px", type=int, default=256)
     ap.add_argument("--mid-px", type=int, default=512)
     a = ap.parse_args()
@@ -148,7 +147,7 @@ def main():
         measure_memory(a.mem, a.mode)
         return
     gen = torch.Generator().manual_seed(0)
-    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    small = None
     for name, cfg, px in (("small", SMALL, a.px), ("mid", MID, a.mid_px), ("deep", DEEP, a.mid_px)):
         m = build(cfg, gen)
         d = os.path.join(a.dir, name)
@@ -157,12 +156,25 @@ def main():
         nxt = rollout_step(m, inp)
         st.save_file({**inp, "next": nxt, "v": m(**inp, return_dict=False)[0].detach()}, os.path.join(d, "inputs.safetensors"))
         if name == "small":
-            out["rollout_s"] = timed(lambda: rollout_step(m, inp), a.iters)
-            out["train_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
-            m.enable_gradient_checkpointing()
-            out["train_ckpt_s"] = timed(lambda: train_step(m, inp, nxt), a.iters)
+            small = (m, inp, nxt)
         del m
-    print(json.dumps(out))
+    m, inp, nxt = small
+    # Warm-up, as the Rust side does: one of each.
+    rollout_step(m, inp)
+    train_step(m, inp, nxt)
+    print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        what = line.strip()
+        if what == "rollout":
+            s = seconds(lambda: rollout_step(m, inp))
+        elif what in ("train", "ckpt"):
+            if what == "ckpt":
+                m.enable_gradient_checkpointing()
+            s = seconds(lambda: train_step(m, inp, nxt))
+            m.disable_gradient_checkpointing()
+        else:
+            continue
+        print(json.dumps({"seconds": s}), flush=True)
 
 
 if __name__ == "__main__":

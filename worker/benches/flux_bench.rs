@@ -4,10 +4,12 @@
 //! cargo bench -p dancegrpo-worker --bench flux_bench
 //! BENCH_THREADS=2 BENCH_ITERS=3 cargo bench -p dancegrpo-worker --bench flux_bench
 //! ```
-//! Runs `flux_bench.py` (diffusers 0.42.1, the venv's python) first: it builds the small config
+//! Starts `flux_bench.py` (diffusers 0.42.1, the venv's python) first: it builds the small config
 //! (hidden 256 = 4 heads × 64, 2 double + 4 single blocks, 256×256 px → 256 image tokens, 512
-//! text tokens of width 4096) and a mid config (hidden 512, same depth, 512×512 px), saves their
-//! weights and inputs, and times itself. This bench then loads the same files and times:
+//! text tokens of width 4096) and a mid config (hidden 512, same depth, 512×512 px) and saves
+//! their weights and inputs. This bench loads the same files, and the two sides take turns, one
+//! step each (who goes first swapping every round, so drifting machine load hits both alike),
+//! timing:
 //! - one rollout step (no-grad forward + SDE step),
 //! - one training micro-step (forward with grad + log-prob of a stored transition + backward),
 //!   plain and with activation checkpointing (diffusers: `enable_gradient_checkpointing`),
@@ -19,14 +21,16 @@
 //! warms up with one step and reports the median of three; before each, free heap pages go back
 //! to the OS, or the allocator's kept pages hide the step's growth.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use dancegrpo_worker::flux::checkpoint::forward_backward_checkpointed;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{FluxInputs, LoadedFlux, Result, WeightPolicy, load_flux};
 use dancegrpo_worker::sampler::{Next, Schedule, sde_step};
+use dancegrpo_worker::train::optim::clear_grad;
 use tch::{Device, Kind, Tensor};
 
 type Tensors = std::collections::BTreeMap<String, Tensor>;
@@ -60,14 +64,20 @@ fn loss_of(lp: &Tensor) -> Result<Tensor> {
     Ok(-((lp - lp.detach()).exp() * 0.5).mean(Kind::Float))
 }
 
-fn zero_grads(m: &LoadedFlux) {
+/// Timing: gradients dropped, as the trainer's (and torch's default) `zero_grad` does. Memory:
+/// zeroed in place, as the peer does too, so the figure is what the step needs beyond them.
+fn reset_grads(m: &LoadedFlux, keep: bool) {
     for mut v in m.vs.trainable_variables() {
-        v.zero_grad();
+        if keep {
+            v.zero_grad();
+        } else {
+            clear_grad(&v).unwrap();
+        }
     }
 }
 
-fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool) {
-    zero_grads(m);
+fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool, keep_grads: bool) {
+    reset_grads(m, keep_grads);
     let (x, nxt) = (&t["hidden_states"], &t["next"]);
     if checkpointed {
         let loss = forward_backward_checkpointed(&m.model, &inputs(t), |v| {
@@ -81,17 +91,60 @@ fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool) {
     }
 }
 
-fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
+fn seconds(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
     f();
-    let mut ts: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(f64::total_cmp);
-    ts[ts.len() / 2]
+    t.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The Python peer, kept running so that its steps alternate with ours.
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    fn start(python: &str, script: &Path, dir: &Path, threads: i32) -> (Self, serde_json::Value) {
+        let mut child = Command::new(python)
+            .arg(script)
+            .args(["--dir", dir.to_str().unwrap(), "--threads", &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the python peer");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut peer = Peer { child, stdin, stdout };
+        let hello = peer.read();
+        (peer, hello)
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the python peer exited (its stderr is above)");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Seconds of one `what` step (`rollout`, `train`, `ckpt`) on the Python side.
+    fn step(&mut self, what: &str) -> f64 {
+        writeln!(self.stdin, "{what}").unwrap();
+        self.stdin.flush().unwrap();
+        self.read()["seconds"].as_f64().unwrap()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 unsafe extern "C" {
@@ -139,38 +192,56 @@ fn main() {
         format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/flux_bench.py");
-    let py = json_of(
-        Command::new(format!("{venv}/bin/python"))
-            .arg(&script)
-            .args(["--dir", dir.path().to_str().unwrap()])
-            .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()]),
-    );
-    let p = |k: &str| py[k].as_f64().unwrap();
+    let python = format!("{venv}/bin/python");
+    let (mut peer, hello) = Peer::start(&python, &script, dir.path(), threads);
 
     let (m, t) = load(&dir.path().join("small"));
     // Same weights, same inputs: the velocities agree (sanity: we time the same computation).
     let v = tch::no_grad(|| m.model.forward(&inputs(&t))).unwrap();
     let diff = (&v - &t["v"]).abs().max().double_value(&[]) / t["v"].abs().max().double_value(&[]);
     assert!(diff < 1e-4, "ours and diffusers disagree: {diff}");
-    let rollout = timed(iters, || drop(rollout_step(&m, &t)));
-    let train = timed(iters, || train_step(&m, &t, false));
-    let train_ck = timed(iters, || train_step(&m, &t, true));
+    let step = |what: &str| match what {
+        "rollout" => drop(rollout_step(&m, &t)),
+        "train" => train_step(&m, &t, false, false),
+        _ => train_step(&m, &t, true, false),
+    };
+    let kinds = ["rollout", "train", "ckpt"];
+    // Warm-up, as the peer did.
+    kinds.iter().for_each(|k| step(k));
+    let (mut ours, mut theirs) = (vec![vec![]; 3], vec![vec![]; 3]);
+    for round in 0..iters {
+        for (k, what) in kinds.iter().enumerate() {
+            if round % 2 == 0 {
+                theirs[k].push(peer.step(what));
+                ours[k].push(seconds(|| step(what)));
+            } else {
+                ours[k].push(seconds(|| step(what)));
+                theirs[k].push(peer.step(what));
+            }
+        }
+    }
+    drop(peer);
     drop(m);
 
     println!(
-        "FLUX transformer, CPU f32, {threads} threads, median of {iters} (torch {})",
-        py["torch"]
+        "FLUX transformer, CPU f32, {threads} threads, median of {iters} alternating rounds \
+         (torch {})",
+        hello["torch"]
     );
     println!(
         "small config: hidden 256 (4x64), 2 double + 4 single, 256x256 px (256 img + 512 txt tokens)"
     );
-    println!("{:<34} {:>10} {:>10} {:>8}", "", "ours [s]", "diffusers", "ratio");
-    for (name, ours, theirs) in [
-        ("rollout step (fwd + SDE)", rollout, p("rollout_s")),
-        ("train micro-step (fwd+bwd)", train, p("train_s")),
-        ("train micro-step, checkpointed", train_ck, p("train_ckpt_s")),
-    ] {
-        println!("{name:<34} {ours:>10.4} {theirs:>10.4} {:>8.3}", ours / theirs);
+    println!("{:<34} {:>10} {:>10} {:>8}   per-round ratios", "", "ours [s]", "diffusers", "ratio");
+    let names = [
+        "rollout step (fwd + SDE)",
+        "train micro-step (fwd+bwd)",
+        "train micro-step, checkpointed",
+    ];
+    for (k, name) in names.iter().enumerate() {
+        let (a, b) = (median(ours[k].clone()), median(theirs[k].clone()));
+        let rounds: Vec<String> =
+            ours[k].iter().zip(&theirs[k]).map(|(a, b)| format!("{:.2}", a / b)).collect();
+        println!("{name:<34} {a:>10.4} {b:>10.4} {:>8.3}   {}", a / b, rounds.join(" "));
     }
 
     println!();
@@ -194,7 +265,7 @@ fn main() {
         };
         let theirs = |mode: &str| {
             json_of(
-                Command::new(format!("{venv}/bin/python"))
+                Command::new(&python)
                     .arg(&script)
                     .args(["--mem", d.to_str().unwrap(), "--mode", mode])
                     .args(["--threads", &threads.to_string()]),
@@ -227,8 +298,9 @@ fn measure_memory(spec: &str) {
     let (m, t) = load(Path::new(dir));
     // As the peer: a warm-up step (it allocates the gradients), then the median of three.
     let ck = mode == "ckpt";
-    train_step(&m, &t, ck);
-    let mut peaks: Vec<f64> = (0..3).map(|_| rss_peak_delta(|| train_step(&m, &t, ck))).collect();
+    train_step(&m, &t, ck, true);
+    let mut peaks: Vec<f64> =
+        (0..3).map(|_| rss_peak_delta(|| train_step(&m, &t, ck, true))).collect();
     peaks.sort_by(f64::total_cmp);
     let peak = peaks[1];
     println!("{}", serde_json::json!({ "peak_mib": peak }));

@@ -150,7 +150,7 @@ impl Case {
             self.settings.eta,
         );
         lp.unwrap().sum(Kind::Float).backward();
-        self.opt.zero_grad();
+        self.opt.zero_grad().unwrap();
     }
 
     fn rollout(&self) -> Vec<Trajectory> {
@@ -179,7 +179,7 @@ impl Case {
     fn update(&mut self, trajectories: &[Trajectory]) -> (Vec<f64>, f64) {
         let mut stats = UpdateStats::default();
         let mut norms = vec![];
-        self.opt.zero_grad();
+        self.opt.zero_grad().unwrap();
         for (g, tr) in trajectories.iter().enumerate() {
             let steps: Vec<usize> = Vec::<i64>::try_from(&self.t["steps"].get(g as i64))
                 .unwrap()

@@ -228,6 +228,10 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
 
 void dg_group_destroy(dg_group* group) { delete group; }
 
+char* dg_clear_grad(dg_tensor* tensor) {
+  return guarded([&] { as_tensor(tensor).mutable_grad().reset(); });
+}
+
 char* dg_all_reduce(dg_group* g, dg_tensor* tensor, int average) {
   return guarded([&] {
     at::Tensor& t = as_tensor(tensor);

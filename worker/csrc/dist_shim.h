@@ -46,6 +46,10 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
                       int64_t timeout_ms, const char* gloo_host, dg_group** out);
 void dg_group_destroy(dg_group* group);
 
+// Drops a tensor's .grad (torch's zero_grad(set_to_none=True)), which tch cannot do: the next
+// backward then takes its gradient as it is instead of adding it to zeros.
+char* dg_clear_grad(dg_tensor* tensor);
+
 // Collectives, all blocking until done (or timed out). `average` divides the sum by the size.
 char* dg_all_reduce(dg_group* group, dg_tensor* tensor, int average);
 char* dg_broadcast(dg_group* group, dg_tensor* tensor, int root);

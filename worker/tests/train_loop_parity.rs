@@ -179,7 +179,7 @@ fn update(
         weights: vec![],
         skipped: 0,
     };
-    opt.zero_grad();
+    opt.zero_grad().unwrap();
     for (m, tr) in trajectories.iter().enumerate() {
         let before = stats.clone();
         let adv = Tensor::from_slice(&[advantages[m] as f32]).reshape([1, 1]);

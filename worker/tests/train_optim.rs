@@ -67,7 +67,7 @@ fn run_steps(
 ) {
     let max_norm = config(g).1;
     for s in range {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         backward(opt, g, s);
         let norm = opt.clip_grad_norm(max_norm).unwrap();
         let want = g[&format!("norm.{s}")].double_value(&[]);

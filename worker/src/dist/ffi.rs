@@ -56,6 +56,7 @@ unsafe extern "C" {
         out: *mut *mut DgGroup,
     ) -> *mut c_char;
     pub(crate) fn dg_group_destroy(group: *mut DgGroup);
+    pub(crate) fn dg_clear_grad(t: *mut DgTensor) -> *mut c_char;
     pub(crate) fn dg_all_reduce(g: *mut DgGroup, t: *mut DgTensor, average: c_int) -> *mut c_char;
     pub(crate) fn dg_broadcast(g: *mut DgGroup, t: *mut DgTensor, root: c_int) -> *mut c_char;
     pub(crate) fn dg_barrier(g: *mut DgGroup) -> *mut c_char;

@@ -91,6 +91,15 @@ impl ParamState {
     }
 }
 
+/// Drops `t`'s gradient, as torch's `zero_grad(set_to_none=True)` (its default) does: the next
+/// backward takes its gradient as computed instead of adding it to zeros, which saves a fill
+/// and an add per parameter and gives the same values.
+pub fn clear_grad(t: &Tensor) -> Result<()> {
+    // SAFETY: a live tensor; the shim only resets its grad field, under no other borrow.
+    let r = unsafe { crate::dist::ffi::dg_clear_grad(t.as_ptr().cast_mut().cast()) };
+    crate::dist::ffi::check(r).map_err(ModelError::Input)
+}
+
 /// AdamW over named trainable f32 tensors.
 #[derive(Debug)]
 pub struct AdamW {
@@ -202,12 +211,13 @@ impl AdamW {
         Ok(())
     }
 
-    /// Zeroes the gradients in place (torch's `zero_grad(set_to_none=False)`): the gradient
-    /// tensors, and so the handles from [`Self::grads`], stay valid.
-    pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+    /// Drops every gradient (torch's default `zero_grad()`, see [`clear_grad`]). Handles from
+    /// [`Self::grads`] taken before then belong to no parameter any more.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        for (_, p) in &self.params {
+            clear_grad(p)?;
         }
+        Ok(())
     }
 
     /// How many times [`Self::step`] ran (including before a [`Self::load`]).

@@ -150,22 +150,26 @@ pub fn accumulate(
 }
 
 /// Averages the accumulated gradients over the ranks, clips their global norm and steps the
-/// optimizer; the gradients are zeroed after.
+/// optimizer; the gradients are dropped after.
 pub fn apply_update(
     opt: &mut AdamW,
     group: Option<&mut ProcessGroup>,
     max_grad_norm: f64,
     stats: &mut UpdateStats,
 ) -> Result<(), TrainError> {
+    // Every weight steps, with a zero gradient where this window left none: a window whose
+    // backwards were all skipped (flat losses) must still decay the weights and moments, as
+    // the reference's zero-valued backward does.
+    let mut grads = opt.grads()?;
     if let Some(g) = group.filter(|g| g.world_size() > 1) {
         let start = Instant::now();
-        let mut grads = opt.grads()?;
         g.all_reduce_many(&mut grads, ReduceOp::Average)?;
         stats.communication_s += start.elapsed().as_secs_f64();
     }
+    drop(grads);
     stats.grad_norm_sum += opt.clip_grad_norm(max_grad_norm)?;
     opt.step()?;
-    opt.zero_grad();
+    opt.zero_grad()?;
     stats.optimizer_steps += 1;
     Ok(())
 }
@@ -173,6 +177,22 @@ pub fn apply_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::optim::AdamWConfig;
+
+    /// A window without any backward (all its losses flat) steps as torch does after a
+    /// zero-valued backward: weight decay only, and the moments' step count advances.
+    #[test]
+    fn a_window_without_gradients_still_decays_every_weight() {
+        let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], cfg).unwrap();
+        let mut stats = UpdateStats::default();
+        apply_update(&mut opt, None, 1.0, &mut stats).unwrap();
+        let want = Tensor::full([3], 1.0 - 0.1 * 0.5, (Kind::Float, tch::Device::Cpu));
+        assert!(p.detach().equal(&want), "{p}");
+        assert_eq!(opt.state()[0].step, 1);
+        assert!(!p.grad().defined(), "gradients are dropped after the step");
+    }
 
     #[test]
     fn train_steps_are_a_keyed_subset_without_the_last_transition() {

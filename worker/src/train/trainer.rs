@@ -234,7 +234,7 @@ impl Trainer {
         // From here until the last step, the weights match no recorded step.
         self.step = None;
         self.memo.clear();
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         let mut stats = UpdateStats::default();
         for (i, item) in work.iter().enumerate() {
             let key = (item.group_id, item.member_index);
@@ -284,7 +284,7 @@ impl Trainer {
         }
         // Trajectories beyond the last whole accumulation window are dropped, as in the
         // reference (config validation makes the window divide the work).
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         self.rollouts.clear();
         self.step = Some(iteration + 1);
         self.timings.train_s = start.elapsed().as_secs_f64() - stats.communication_s;
