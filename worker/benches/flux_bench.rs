@@ -21,9 +21,11 @@
 //! warms up with one step and reports the median of three; before each, free heap pages go back
 //! to the OS, or the allocator's kept pages hide the step's growth.
 
-use std::io::{BufRead, BufReader, Write};
+#[path = "common/peer.rs"]
+mod peer;
+
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use dancegrpo_worker::flux::checkpoint::forward_backward_checkpointed;
@@ -31,6 +33,7 @@ use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{FluxInputs, LoadedFlux, Result, WeightPolicy, load_flux};
 use dancegrpo_worker::sampler::{Next, Schedule, sde_step};
 use dancegrpo_worker::train::optim::clear_grad;
+use peer::{Peer, python};
 use tch::{Device, Kind, Tensor};
 
 type Tensors = std::collections::BTreeMap<String, Tensor>;
@@ -102,51 +105,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The Python peer, kept running so that its steps alternate with ours.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Peer {
-    fn start(python: &str, script: &Path, dir: &Path, threads: i32) -> (Self, serde_json::Value) {
-        let mut child = Command::new(python)
-            .arg(script)
-            .args(["--dir", dir.to_str().unwrap(), "--threads", &threads.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the python peer");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut peer = Peer { child, stdin, stdout };
-        let hello = peer.read();
-        (peer, hello)
-    }
-
-    fn read(&mut self) -> serde_json::Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the python peer exited (its stderr is above)");
-        serde_json::from_str(&line).unwrap()
-    }
-
-    /// Seconds of one `what` step (`rollout`, `train`, `ckpt`) on the Python side.
-    fn step(&mut self, what: &str) -> f64 {
-        writeln!(self.stdin, "{what}").unwrap();
-        self.stdin.flush().unwrap();
-        self.read()["seconds"].as_f64().unwrap()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 unsafe extern "C" {
     /// glibc: hands free heap pages back to the OS.
     fn malloc_trim(pad: usize) -> i32;
@@ -188,12 +146,8 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
-        format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
-    });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/flux_bench.py");
-    let python = format!("{venv}/bin/python");
-    let (mut peer, hello) = Peer::start(&python, &script, dir.path(), threads);
+    let (mut peer, hello) = Peer::start("flux_bench.py", dir.path(), threads);
 
     let (m, t) = load(&dir.path().join("small"));
     // Same weights, same inputs: the velocities agree (sanity: we time the same computation).
@@ -212,11 +166,11 @@ fn main() {
     for round in 0..iters {
         for (k, what) in kinds.iter().enumerate() {
             if round % 2 == 0 {
-                theirs[k].push(peer.step(what));
+                theirs[k].push(peer.request(what)["seconds"].as_f64().unwrap());
                 ours[k].push(seconds(|| step(what)));
             } else {
                 ours[k].push(seconds(|| step(what)));
-                theirs[k].push(peer.step(what));
+                theirs[k].push(peer.request(what)["seconds"].as_f64().unwrap());
             }
         }
     }
@@ -265,7 +219,7 @@ fn main() {
         };
         let theirs = |mode: &str| {
             json_of(
-                Command::new(&python)
+                Command::new(python())
                     .arg(&script)
                     .args(["--mem", d.to_str().unwrap(), "--mode", mode])
                     .args(["--threads", &threads.to_string()]),

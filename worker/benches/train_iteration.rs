@@ -25,10 +25,11 @@
 //! (`BENCH_ITERS` rounds, default 3, who goes first swapping every round): on a shared machine
 //! the load changes within seconds, and running one side after the other measured the load.
 
+#[path = "common/peer.rs"]
+mod peer;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::group_advantages;
@@ -39,6 +40,7 @@ use dancegrpo_worker::sampler::rollout::{FirstStepMemo, rollout_with_noise};
 use dancegrpo_worker::sampler::{Conditioning, Schedule, Trajectory, recompute_log_prob};
 use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
 use dancegrpo_worker::train::step::{LossSettings, UpdateStats, accumulate, apply_update};
+use peer::Peer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -216,56 +218,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The Python peer, kept running so that its iterations can alternate with ours.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Peer {
-    fn start(dir: &Path, threads: i32) -> (Self, Value) {
-        let venv = std::env::var("DANCEGRPO_VENV").unwrap_or_else(|_| {
-            format!("{}/.cache/dancegrpo/torch-2.11.0", std::env::var("HOME").unwrap_or_default())
-        });
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/train_iteration_peer.py");
-        let mut child = Command::new(format!("{venv}/bin/python"))
-            .arg(&script)
-            .args(["--dir", dir.to_str().unwrap()])
-            .args(["--threads", &threads.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the python peer");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut peer = Self { child, stdin, stdout };
-        let hello = peer.read();
-        (peer, hello)
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the python peer exited (its stderr is above)");
-        serde_json::from_str(&line).unwrap()
-    }
-
-    /// One iteration of config `name` on the Python side.
-    fn iteration(&mut self, name: &str) -> Value {
-        writeln!(self.stdin, "{name}").unwrap();
-        self.stdin.flush().unwrap();
-        self.read()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn main() {
     let threads: i32 =
         std::env::var("BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -274,7 +226,7 @@ fn main() {
     let iters: usize = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     tch::set_num_threads(threads);
     let dir = tempfile::tempdir().unwrap();
-    let (mut peer, hello) = Peer::start(dir.path(), threads);
+    let (mut peer, hello) = Peer::start("train_iteration_peer.py", dir.path(), threads);
     let params = Params::from_json(&hello["params"]);
 
     println!(
@@ -307,11 +259,11 @@ fn main() {
             };
             // Alternate who goes first, so a change of machine load hits both alike.
             let (mine, py) = if round % 2 == 0 {
-                let py = peer.iteration(name);
+                let py = peer.request(name);
                 (run_ours(), py)
             } else {
                 let mine = run_ours();
-                (mine, peer.iteration(name))
+                (mine, peer.request(name))
             };
             let (times, norms, loss) = mine;
             if round == 0 {

@@ -350,7 +350,7 @@ impl ProcessGroup {
         let input = input.f_contiguous()?;
         check_tensor(OP, &input)?;
         check_tensor(OP, output)?;
-        self.check_sizes(OP, output, &input, output.numel(), input.numel())?;
+        self.check_sizes(OP, output, &input)?;
         let sig = Signature::new(Op::AllGather, described(&input), output.numel() as i64);
         self.agree(OP, sig)?;
         let out = output.as_mut_ptr().cast();
@@ -373,7 +373,7 @@ impl ProcessGroup {
         let input = input.f_contiguous()?;
         check_tensor(OP, &input)?;
         check_tensor(OP, output)?;
-        self.check_sizes(OP, &input, output, input.numel(), output.numel())?;
+        self.check_sizes(OP, &input, output)?;
         let sig = Signature::new(Op::ReduceScatter, described(&input), output.numel() as i64);
         self.agree(OP, sig)?;
         let out = output.as_mut_ptr().cast();
@@ -433,14 +433,8 @@ impl ProcessGroup {
 
     /// `big` must hold `world_size` times the elements of `small`, in the same dtype (the
     /// gather's output, the scatter's input); refused before any rank communicates.
-    fn check_sizes(
-        &self,
-        op: &'static str,
-        big: &Tensor,
-        small: &Tensor,
-        big_n: usize,
-        small_n: usize,
-    ) -> Result<()> {
+    fn check_sizes(&self, op: &'static str, big: &Tensor, small: &Tensor) -> Result<()> {
+        let (big_n, small_n) = (big.numel(), small.numel());
         let message = if big.kind() != small.kind() {
             format!("dtypes differ: {:?} and {:?}", big.kind(), small.kind())
         } else if big_n != small_n * self.world_size as usize {

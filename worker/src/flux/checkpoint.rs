@@ -36,7 +36,8 @@ fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(t.f_detach()?.f_set_requires_grad(true)?)
 }
 
-fn is_zero(t: &Tensor) -> Result<bool> {
+/// Whether every element of `t` is zero (a gradient that would only add zeros further back).
+pub(crate) fn is_zero(t: &Tensor) -> Result<bool> {
     Ok(t.f_count_nonzero(None)?.f_int64_value(&[])? == 0)
 }
 

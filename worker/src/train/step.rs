@@ -15,6 +15,7 @@ use super::TrainError;
 use super::optim::AdamW;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::flux::FluxTransformer;
+use crate::flux::checkpoint::is_zero;
 use crate::reward::loss::MultiRewardClipLoss;
 use crate::sampler::rollout::backward_log_prob_checkpointed;
 use crate::sampler::{Conditioning, Schedule, recompute_log_prob};
@@ -131,7 +132,7 @@ pub fn accumulate(
             let l = loss_of(&lp_leaf)?;
             l.f_backward()?;
             let g = lp_leaf.grad();
-            if g.f_count_nonzero(None)?.f_int64_value(&[])? == 0 {
+            if is_zero(&g)? {
                 stats.skipped_backward += 1;
             } else {
                 lp.f_mul(&g)?.f_sum(lp.kind())?.f_backward()?;
