@@ -327,6 +327,15 @@ impl CoordinatorState {
                 info.node_rank, info.local_rank
             )));
         }
+        // A rank told the job is done has nothing left to do; re-forming the world around its
+        // slot would rewind the finished job to its last checkpoint and redo the rest.
+        if let Some(r) = inherited.filter(|r| training.done.contains(r)) {
+            return Err(Error::InvalidRequest(format!(
+                "rank {r} (node_rank {} local_rank {}) has already finished job {}; the job \
+                 completes when the other ranks do",
+                info.node_rank, info.local_rank, job.id
+            )));
+        }
         let now = now_ms();
         let rec = WorkerRecord {
             id: WorkerId::new(),
@@ -906,6 +915,52 @@ mod tests {
         let b2a = b2.assignment.unwrap();
         assert_eq!((b2a.rank, b2a.generation), (1, 2), "inherits the rank, new generation");
         assert_ne!(b2a.store.prefix, aa.store.prefix);
+    }
+
+    /// Runs the world's one iteration (`max_train_steps = 1`) through the step protocol.
+    async fn one_iteration(s: &CoordinatorState, ids: &[&WorkerId]) {
+        let mut items = Vec::new();
+        for id in ids {
+            let a = s.get_work(id, 0, 1, 0).await.unwrap();
+            items.push(a.items);
+        }
+        for (id, items) in ids.iter().zip(items) {
+            let rewards = items.iter().map(|it| (*it, vec![it.member_index as f64], String::new()));
+            s.report_rewards(id, 0, 1, rewards.collect()).unwrap();
+        }
+        for id in ids {
+            s.get_advantages(id, 0, 1).await.unwrap();
+            let m = pb::StepMetrics { iteration: 0, ..Default::default() };
+            s.report_step_metrics(id, 1, m).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_rank_that_registers_again_does_not_reform_the_world() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = settings(dir.path(), 2);
+        st.job.max_train_steps = 1;
+        st.job.num_generations = 2;
+        let s = CoordinatorState::open(st).unwrap();
+        let a = s.register(info(0), None).unwrap();
+        let b = s.register(info(1), None).unwrap();
+        one_iteration(&s, &[&a.worker_id, &b.worker_id]).await;
+
+        // Rank 1 is told the job is done and leaves while rank 0 still writes its checkpoint;
+        // a late registration from the leaving process (or anyone in its slot) is refused.
+        assert!(s.get_work(&b.worker_id, 1, 1, 0).await.unwrap().done);
+        s.goodbye(&b.worker_id, "job completed").unwrap();
+        let e = s.register(info(1), None).unwrap_err();
+        assert!(
+            e.to_string().contains("rank 1 (node_rank 0 local_rank 1) has already finished"),
+            "{e}"
+        );
+        let snap = s.snapshot(None).unwrap();
+        assert_eq!((snap.job.generation, snap.job.step), (1, 1), "no re-formed world, no rewind");
+
+        // Rank 0 finishes under the same generation and the job completes.
+        assert!(s.get_work(&a.worker_id, 1, 1, 1).await.unwrap().done);
+        assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Completed);
     }
 
     #[test]

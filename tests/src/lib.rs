@@ -163,6 +163,23 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
+    /// Every process log in the scratch directory, each under its name: what a failing test
+    /// prints, since a fault on one rank often shows only in another's log or the coordinator's.
+    pub fn logs(&self) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        names.sort();
+        names
+            .iter()
+            .map(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                format!("==== {name}\n{}", std::fs::read_to_string(p).unwrap_or_default())
+            })
+            .collect()
+    }
+
     fn spawn(&self, exe: &str, args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Proc {
         let log = self.path(log_name);
         let err = std::fs::File::create(&log).expect("log file");

@@ -5,16 +5,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dancegrpo_e2e::{Cluster, Proc, job_status};
+use dancegrpo_e2e::{Cluster, Proc, job_status, workers_in};
 use dancegrpo_proto::pb;
 
 const JOB: &str = "job_name = \"train\"\nmax_train_steps = 4\ncheckpointing_steps = 2\n\
                    sample_grid_every = 2\n";
 const COORD: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "200"];
 
-fn wait_ok(p: &mut Proc, what: &str) {
+fn wait_ok(c: &Cluster, p: &mut Proc, what: &str) {
     let s = p.wait_timeout(Duration::from_secs(300));
-    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", p.log());
+    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", c.logs());
 }
 
 /// Runs `config` with 2 workers to completion; returns the cluster (its `out/` holds the job's
@@ -24,8 +24,8 @@ fn train(config: &str) -> Cluster {
     let (_coord, addr) = c.coordinator(COORD);
     let mut w0 = c.worker(&addr, 0, 0, &[]);
     let mut w1 = c.worker(&addr, 0, 1, &[]);
-    wait_ok(&mut w0, "rank 0");
-    wait_ok(&mut w1, "rank 1");
+    wait_ok(&c, &mut w0, "rank 0");
+    wait_ok(&c, &mut w1, "rank 1");
     c
 }
 
@@ -36,16 +36,23 @@ fn read(p: &Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_train_log_checkpoint_and_finish() {
     let c = Cluster::new(JOB);
-    let (_coord, addr) = c.coordinator(COORD);
+    // Frequent heartbeats: one answered after a worker's goodbye used to register the leaving
+    // worker again and re-form the finished world around it.
+    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "10"]);
     let mut w0 = c.worker(&addr, 0, 0, &[]);
     let mut w1 = c.worker(&addr, 0, 1, &[]);
-    wait_ok(&mut w0, "rank 0");
-    wait_ok(&mut w1, "rank 1");
+    wait_ok(&c, &mut w0, "rank 0");
+    wait_ok(&c, &mut w1, "rank 1");
 
     let s = job_status(&addr).await.unwrap();
     assert_eq!(s.state, pb::JobState::Completed as i32, "{}", s.message);
     assert_eq!(s.step, 4);
     assert_eq!(s.history.len(), 4);
+    assert_eq!(s.generation, 1, "the world was never re-formed:\n{}", c.logs());
+    let logs = c.logs();
+    assert!(!logs.contains("registering again"), "a leaving worker registered again:\n{logs}");
+    assert_eq!(s.workers.len(), 2, "nobody registered twice:\n{logs}");
+    assert!(workers_in(&s, pb::WorkerState::Stopped).len() == 2, "both said goodbye: {s:?}");
     for h in &s.history {
         let m = h.metrics.expect("metrics recorded");
         let t = m.timings.expect("timings");
@@ -130,13 +137,7 @@ async fn a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        reached,
-        "step 3 not reached in 120 s:\n{}\n{}\n{}",
-        std::fs::read_to_string(c.path("coordinator.log")).unwrap_or_default(),
-        w0.log(),
-        w1.log()
-    );
+    assert!(reached, "step 3 not reached in 120 s:\n{}", c.logs());
     w1.child.kill().unwrap();
     let _ = w1.child.wait();
     dancegrpo_e2e::await_condition(Duration::from_secs(30), "rank 1 lost", || async {
@@ -145,8 +146,8 @@ async fn a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
     })
     .await;
     let mut w1b = c.worker(&addr, 0, 1, &fast);
-    wait_ok(&mut w0, "the surviving rank 0");
-    wait_ok(&mut w1b, "the restarted rank 1");
+    wait_ok(&c, &mut w0, "the surviving rank 0");
+    wait_ok(&c, &mut w1b, "the restarted rank 1");
     let s = job_status(&addr).await.unwrap();
     assert_eq!(s.state, pb::JobState::Completed as i32, "{}", s.message);
     assert!(s.generation >= 2, "the world was re-formed");

@@ -44,7 +44,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use dancegrpo_proto::RankAssignment;
@@ -101,9 +100,8 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let backend_override = joined.config.backend.clone();
     let job_config = joined.config.clone();
 
-    let (draining_tx, draining) = watch::channel(false);
     let hb_stop = CancellationToken::new();
-    let mut heartbeats = tokio::spawn(session.clone().heartbeat_loop(hb_stop.clone(), draining));
+    let mut heartbeats = tokio::spawn(session.clone().heartbeat_loop(hb_stop.clone()));
     let mut assignment = session.assignment();
     let mut job_state = session.job_state();
     // The generation whose process group this rank has formed (or is forming).
@@ -203,17 +201,15 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             _ = job_state.changed() => {}
         }
     };
-    // Drain: tell the coordinator first, so no new work comes our way, then leave.
-    draining_tx.send_replace(true);
     let reason = match &outcome {
         Ok(r) => r.clone(),
         Err(e) => e.to_string(),
     };
-    if !heartbeats.is_finished() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    session.goodbye(&reason).await;
+    // Heartbeats end before the goodbye. One answered after it would find this worker
+    // stopped and register it again: a new worker in its old slot, which re-forms the world
+    // (and rewinds the job to its last checkpoint) around a process that is leaving.
     hb_stop.cancel();
     let _ = heartbeats.await;
+    session.goodbye(&reason).await;
     outcome.map(|_| ())
 }

@@ -152,11 +152,7 @@ impl Session {
 
     /// Heartbeats until `stop` is cancelled. Re-registers when the coordinator has forgotten
     /// us, and gives up after `connect_timeout` without any answer.
-    pub async fn heartbeat_loop(
-        self: Arc<Self>,
-        stop: CancellationToken,
-        draining: watch::Receiver<bool>,
-    ) -> Result<()> {
+    pub async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) -> Result<()> {
         let mut last_ok = Instant::now();
         loop {
             let interval = self.joined.lock().await.heartbeat_interval;
@@ -164,12 +160,13 @@ impl Session {
                 _ = stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(interval) => {}
             }
-            let state = if *draining.borrow() {
-                pb::WorkerState::Draining
-            } else {
-                pb::WorkerState::Running
+            // A heartbeat still unanswered at the stop is dropped: the worker is about to
+            // say goodbye, and an answer after that could only mislead it.
+            let r = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                r = self.heartbeat_once() => r,
             };
-            match self.heartbeat_once(state).await {
+            match r {
                 Ok(()) => last_ok = Instant::now(),
                 Err(Error::Rejected { code, message, .. })
                     if matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
@@ -195,7 +192,7 @@ impl Session {
         }
     }
 
-    async fn heartbeat_once(&self, state: pb::WorkerState) -> Result<()> {
+    async fn heartbeat_once(&self) -> Result<()> {
         let worker_id = self.joined.lock().await.worker_id.clone();
         let resp = self
             .client
@@ -203,7 +200,7 @@ impl Session {
             .heartbeat(pb::HeartbeatRequest {
                 protocol_version: PROTOCOL_VERSION,
                 worker_id,
-                state: state as i32,
+                state: pb::WorkerState::Running as i32,
             })
             .await
             .map_err(|s| rejected("Heartbeat", s))?
