@@ -97,11 +97,19 @@ const TEST_DEFAULTS: &[(&str, &str)] = &[
 /// The test jobs' reward, unless a config lists its own.
 const TEST_REWARD: &str = "\n[[rewards]]\nname = \"jpeg_compressibility\"\n";
 
+static TINY_DATASET: OnceLock<PathBuf> = OnceLock::new();
+
+/// Removes the tiny dataset when the test process exits: a static is never dropped.
+extern "C" fn remove_tiny_dataset() {
+    if let Some(p) = TINY_DATASET.get() {
+        let _ = std::fs::remove_dir_all(p);
+    }
+}
+
 /// A prompt dataset made once per test process: the demo's prompts encoded by the tiny text
 /// encoders of `tests/golden/text/model` with `dancegrpo-worker preprocess`.
 pub fn tiny_dataset() -> &'static Path {
-    static DATA: OnceLock<PathBuf> = OnceLock::new();
-    DATA.get_or_init(|| {
+    TINY_DATASET.get_or_init(|| {
         let root = workspace_root();
         let out = std::env::temp_dir().join(format!("dancegrpo-e2e-data-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
@@ -117,6 +125,8 @@ pub fn tiny_dataset() -> &'static Path {
             .status()
             .expect("run preprocess");
         assert!(st.success(), "preprocessing the tiny dataset failed");
+        // SAFETY: registers a plain function with no arguments; it runs once, at exit.
+        unsafe { libc::atexit(remove_tiny_dataset) };
         out
     })
 }
