@@ -603,19 +603,30 @@ impl CoordinatorState {
         }
         let world = g.job.world_size;
         let Inner { db, job, training, .. } = &mut *g;
-        if rank == 0 && checkpointed_step > job.checkpoint_step {
+        // Rank 0 may write checkpoint N before the last rank has reported iteration N; a
+        // rewind in between must not aim at a step the job has not recorded.
+        if rank == 0 && checkpointed_step > job.checkpoint_step && checkpointed_step <= job.step {
             job.checkpoint_step = checkpointed_step;
             db.put_job(job)?;
         }
         let cfg = job.config.clone();
         if job.step >= u64::from(cfg.max_train_steps) {
-            training.done.insert(rank);
-            if training.done.len() as u32 == world && job.state != JobState::Completed {
+            // Rank 0 asks only once the final checkpoint is written. Until then the others
+            // stay: were rank 0 lost now, its replacement would redo the last iterations, and
+            // it needs them for that.
+            if rank != 0 && !training.done.contains(&0) {
+                return Ok(None);
+            }
+            let first = training.done.insert(rank);
+            let completed = training.done.len() as u32 == world && job.state != JobState::Completed;
+            if completed {
                 job.state = JobState::Completed;
                 job.message = format!("completed {} iterations", job.step);
                 job.updated_ms = now_ms();
                 db.put_job(job)?;
                 tracing::info!(steps = job.step, "job completed");
+            }
+            if completed || (rank == 0 && first) {
                 drop(g);
                 self.notify();
             }
@@ -752,6 +763,10 @@ impl CoordinatorState {
             let summary = it.summary();
             let metrics_json = outputs::metrics_json(step, &means, &summary);
             training.history.push(means.clone());
+            // The files first, then the record: a crash between the two leaves a line more
+            // than the database knows of, which a restart trims; the other way round it would
+            // leave a line missing, which no restart can make up.
+            training.outputs.record(&metrics_json, &training.history)?;
             db.put_iteration(
                 &job.id,
                 &IterationRecord {
@@ -761,7 +776,6 @@ impl CoordinatorState {
                     cursor_json: serde_json::to_string(&state.cursor).expect("cursor serializes"),
                 },
             )?;
-            training.outputs.record(&metrics_json, &training.history)?;
             training.iteration = None;
             job.step = step;
             job.message = format!(
@@ -917,12 +931,12 @@ mod tests {
         assert_ne!(b2a.store.prefix, aa.store.prefix);
     }
 
-    /// Runs the world's one iteration (`max_train_steps = 1`) through the step protocol.
-    async fn one_iteration(s: &CoordinatorState, ids: &[&WorkerId]) {
+    /// Takes a world of two through its one iteration (`max_train_steps = 1`) up to the
+    /// metrics: rewards and advantages of both ranks.
+    async fn roll_out_and_score(s: &CoordinatorState, ids: &[&WorkerId]) {
         let mut items = Vec::new();
         for id in ids {
-            let a = s.get_work(id, 0, 1, 0).await.unwrap();
-            items.push(a.items);
+            items.push(s.get_work(id, 0, 1, 0).await.unwrap().items);
         }
         for (id, items) in ids.iter().zip(items) {
             let rewards = items.iter().map(|it| (*it, vec![it.member_index as f64], String::new()));
@@ -930,9 +944,59 @@ mod tests {
         }
         for id in ids {
             s.get_advantages(id, 0, 1).await.unwrap();
-            let m = pb::StepMetrics { iteration: 0, ..Default::default() };
-            s.report_step_metrics(id, 1, m).unwrap();
         }
+    }
+
+    fn metrics() -> pb::StepMetrics {
+        pb::StepMetrics { iteration: 0, ..Default::default() }
+    }
+
+    /// A world of two with one iteration to do, checkpointed at its end.
+    fn last_iteration_world(dir: &std::path::Path) -> (Arc<CoordinatorState>, WorkerId, WorkerId) {
+        let mut st = settings(dir, 2);
+        st.job.max_train_steps = 1;
+        st.job.num_generations = 2;
+        st.job.checkpointing_steps = 1;
+        let s = CoordinatorState::open(st).unwrap();
+        let a = s.register(info(0), None).unwrap().worker_id;
+        let b = s.register(info(1), None).unwrap().worker_id;
+        (s, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_taken_only_of_a_recorded_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = last_iteration_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        // Rank 0 reports first and writes checkpoint 1 while rank 1 still trains.
+        assert!(s.report_step_metrics(&a, 1, metrics()).unwrap().0, "rank 0 checkpoints");
+        let (s0, a0) = (s.clone(), a.clone());
+        let rank0 = tokio::spawn(async move { s0.get_work(&a0, 1, 1, 1).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 0, "step 1 is not recorded yet");
+        // Once it is, the same ask records the checkpoint.
+        s.report_step_metrics(&b, 1, metrics()).unwrap();
+        assert!(rank0.await.unwrap().unwrap().done);
+        assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 1);
+    }
+
+    #[tokio::test]
+    async fn the_other_ranks_are_done_only_after_rank_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = last_iteration_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        for id in [&b, &a] {
+            s.report_step_metrics(id, 1, metrics()).unwrap();
+        }
+        // Rank 0 still writes the final checkpoint: rank 1 waits for it.
+        let (s1, b1) = (s.clone(), b.clone());
+        let rank1 = tokio::spawn(async move { s1.get_work(&b1, 1, 1, 0).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!rank1.is_finished(), "rank 1 was let go before rank 0's checkpoint");
+        assert!(s.get_work(&a, 1, 1, 1).await.unwrap().done);
+        assert!(rank1.await.unwrap().unwrap().done);
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!((job.step, job.checkpoint_step, job.state), (1, 1, JobState::Completed));
     }
 
     #[tokio::test]
@@ -944,22 +1008,25 @@ mod tests {
         let s = CoordinatorState::open(st).unwrap();
         let a = s.register(info(0), None).unwrap();
         let b = s.register(info(1), None).unwrap();
-        one_iteration(&s, &[&a.worker_id, &b.worker_id]).await;
+        roll_out_and_score(&s, &[&a.worker_id, &b.worker_id]).await;
+        for id in [&a.worker_id, &b.worker_id] {
+            s.report_step_metrics(id, 1, metrics()).unwrap();
+        }
 
-        // Rank 1 is told the job is done and leaves while rank 0 still writes its checkpoint;
-        // a late registration from the leaving process (or anyone in its slot) is refused.
-        assert!(s.get_work(&b.worker_id, 1, 1, 0).await.unwrap().done);
-        s.goodbye(&b.worker_id, "job completed").unwrap();
-        let e = s.register(info(1), None).unwrap_err();
+        // Rank 0 is told the job is done and leaves before rank 1 has asked; a late
+        // registration from the leaving process (or anyone in its slot) is refused.
+        assert!(s.get_work(&a.worker_id, 1, 1, 0).await.unwrap().done);
+        s.goodbye(&a.worker_id, "job completed").unwrap();
+        let e = s.register(info(0), None).unwrap_err();
         assert!(
-            e.to_string().contains("rank 1 (node_rank 0 local_rank 1) has already finished"),
+            e.to_string().contains("rank 0 (node_rank 0 local_rank 0) has already finished"),
             "{e}"
         );
         let snap = s.snapshot(None).unwrap();
         assert_eq!((snap.job.generation, snap.job.step), (1, 1), "no re-formed world, no rewind");
 
-        // Rank 0 finishes under the same generation and the job completes.
-        assert!(s.get_work(&a.worker_id, 1, 1, 1).await.unwrap().done);
+        // Rank 1 finishes under the same generation and the job completes.
+        assert!(s.get_work(&b.worker_id, 1, 1, 0).await.unwrap().done);
         assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Completed);
     }
 

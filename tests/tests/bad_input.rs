@@ -147,3 +147,22 @@ fn bad_devices_name_the_valid_forms_and_the_missing_feature() {
     );
     one_line_error(&out, "needs a build with `--features npu`");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_lost_mid_run_is_a_clean_error_after_the_retry_window() {
+    let c = Cluster::new(CONFIG);
+    let (mut coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "100"]);
+    let mut w = c.worker(&addr, 0, 0, &["--connect-timeout-s", "2"]);
+    await_condition(Duration::from_secs(30), "worker registered", || async {
+        job_status(&addr).await.ok().filter(|s| s.workers.len() == 1)
+    })
+    .await;
+    coord.child.kill().unwrap();
+    let _ = coord.child.wait();
+    // The heartbeats give up: the worker ends with the error, not a panic.
+    let status = w.wait_timeout(Duration::from_secs(60)).expect("the worker exits");
+    let log = w.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("unreachable after 2"), "{log}");
+    assert!(!log.contains("panicked") && status.code() != Some(101), "{status}:\n{log}");
+}

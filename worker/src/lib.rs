@@ -209,7 +209,10 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     // stopped and register it again: a new worker in its old slot, which re-forms the world
     // (and rewinds the job to its last checkpoint) around a process that is leaving.
     hb_stop.cancel();
-    let _ = heartbeats.await;
+    // Unless the loop above already took its result (polling it again would panic).
+    if !heartbeats.is_finished() {
+        let _ = (&mut heartbeats).await;
+    }
     session.goodbye(&reason).await;
     outcome.map(|_| ())
 }

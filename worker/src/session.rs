@@ -172,6 +172,10 @@ impl Session {
                     if matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
                         && !message.contains("protocol version") =>
                 {
+                    // A worker on its way out does not come back in its own slot.
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
                     tracing::warn!(cause = %message, "coordinator forgot this worker; registering again");
                     let j = self.register_with_retry().await?;
                     *self.joined.lock().await = j;
