@@ -602,7 +602,7 @@ impl CoordinatorState {
             Self::working_rank(&mut g, id, generation)?;
         }
         let world = g.job.world_size;
-        let Inner { db, job, training, .. } = &mut *g;
+        let Inner { db, job, training, dataset_len, .. } = &mut *g;
         // Rank 0 may write checkpoint N before the last rank has reported iteration N; a
         // rewind in between must not aim at a step the job has not recorded.
         if rank == 0 && checkpointed_step > job.checkpoint_step && checkpointed_step <= job.step {
@@ -640,6 +640,26 @@ impl CoordinatorState {
         }
         if training.iteration.as_ref().is_some_and(|it| it.finished_by(rank)) {
             return Ok(None);
+        }
+        // Weights at another step than the job's (this rank's metrics report was lost, say)
+        // can be brought back alone only to a checkpoint: otherwise the world goes back to
+        // the last one together.
+        if ready_for != job.step && job.step != 0 && job.step != job.checkpoint_step {
+            let at = job.step;
+            job.generation += 1;
+            training.rewind(db, job, *dataset_len)?;
+            job.message = format!(
+                "rank {rank} lost step {at}, which has no checkpoint; world re-formed \
+                 (generation {}), continuing from step {}",
+                job.generation, job.step
+            );
+            tracing::warn!("{}", job.message);
+            job.updated_ms = now_ms();
+            db.put_job(job)?;
+            let current = job.generation;
+            drop(g);
+            self.notify();
+            return Err(Error::Superseded { requested: generation, current });
         }
         let restore =
             (ready_for != job.step).then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
@@ -997,6 +1017,38 @@ mod tests {
         assert!(rank1.await.unwrap().unwrap().done);
         let job = s.snapshot(None).unwrap().job;
         assert_eq!((job.step, job.checkpoint_step, job.state), (1, 1, JobState::Completed));
+    }
+
+    #[tokio::test]
+    async fn a_rank_behind_an_uncheckpointed_step_takes_the_world_back_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = settings(dir.path(), 2);
+        st.job.max_train_steps = 3;
+        st.job.num_generations = 2;
+        let s = CoordinatorState::open(st).unwrap();
+        let a = s.register(info(0), None).unwrap().worker_id;
+        let b = s.register(info(1), None).unwrap().worker_id;
+        roll_out_and_score(&s, &[&a, &b]).await;
+        for id in [&a, &b] {
+            s.report_step_metrics(id, 1, metrics()).unwrap();
+        }
+        // Both trained iteration 1 (step 1, not checkpointed); rank 1's weights went since
+        // (its driver restarted with none): it cannot be handed step 1 alone.
+        assert!(!s.get_work(&a, 1, 1, 0).await.unwrap().done);
+        let e = s.get_work(&b, u64::MAX, 1, 0).await.unwrap_err();
+        assert!(matches!(e, Error::Superseded { requested: 1, current: 2 }), "{e}");
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!((job.generation, job.step), (2, 0), "{}", job.message);
+        assert!(
+            job.message.contains("rank 1 lost step 1, which has no checkpoint"),
+            "{}",
+            job.message
+        );
+        // The new world starts over from step 0: both ranks restore (fresh weights).
+        for id in [&a, &b] {
+            let w = s.get_work(id, 1, 2, 0).await.unwrap();
+            assert_eq!((w.iteration, w.restore.map(|r| r.0)), (0, Some(0)));
+        }
     }
 
     #[tokio::test]
