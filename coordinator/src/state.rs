@@ -94,6 +94,24 @@ impl Training {
         self.outputs = Outputs::open(&job.config, &self.history)?;
         Ok(())
     }
+
+    /// Re-forms the world: a new generation, rewound to the last checkpoint, with `why`
+    /// (given the new generation and step) as the job's message. Returns the generation.
+    fn reform(
+        &mut self,
+        db: &Db,
+        job: &mut JobRecord,
+        dataset_len: u64,
+        why: impl FnOnce(u64, u64) -> String,
+    ) -> Result<u64> {
+        job.generation += 1;
+        self.rewind(db, job, dataset_len)?;
+        job.message = why(job.generation, job.step);
+        tracing::warn!("{}", job.message);
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        Ok(job.generation)
+    }
 }
 
 /// What a worker gets back when it registers.
@@ -352,16 +370,13 @@ impl CoordinatorState {
         let reachable_host = peer_host.unwrap_or_else(|| info.host.clone());
         workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
         if formed {
-            job.generation += 1;
-            training.rewind(db, job, *dataset_len)?;
-            job.message = format!(
-                "worker {} rejoined as rank {}; world re-formed (generation {})",
-                worker_id,
-                inherited.unwrap_or_default(),
-                job.generation
-            );
-            job.updated_ms = now;
-            db.put_job(job)?;
+            let rank = inherited.unwrap_or_default();
+            training.reform(db, job, *dataset_len, |generation, _| {
+                format!(
+                    "worker {worker_id} rejoined as rank {rank}; world re-formed (generation \
+                     {generation})"
+                )
+            })?;
         } else if live + 1 == job.world_size {
             Self::form_world(db, job, workers)?;
             training.rewind(db, job, *dataset_len)?;
@@ -646,17 +661,12 @@ impl CoordinatorState {
         // the last one together.
         if ready_for != job.step && job.step != 0 && job.step != job.checkpoint_step {
             let at = job.step;
-            job.generation += 1;
-            training.rewind(db, job, *dataset_len)?;
-            job.message = format!(
-                "rank {rank} lost step {at}, which has no checkpoint; world re-formed \
-                 (generation {}), continuing from step {}",
-                job.generation, job.step
-            );
-            tracing::warn!("{}", job.message);
-            job.updated_ms = now_ms();
-            db.put_job(job)?;
-            let current = job.generation;
+            let current = training.reform(db, job, *dataset_len, |generation, step| {
+                format!(
+                    "rank {rank} lost step {at}, which has no checkpoint; world re-formed \
+                     (generation {generation}), continuing from step {step}"
+                )
+            })?;
             drop(g);
             self.notify();
             return Err(Error::Superseded { requested: generation, current });
@@ -828,17 +838,12 @@ impl CoordinatorState {
         if rank == u32::MAX || job.state != JobState::Running || !intact {
             return Ok(job.generation);
         }
-        job.generation += 1;
-        training.rewind(db, job, *dataset_len)?;
-        job.message = format!(
-            "rank {rank} reported a failed collective ({reason}); world re-formed (generation {}), \
-             continuing from step {}",
-            job.generation, job.step
-        );
-        tracing::warn!("{}", job.message);
-        job.updated_ms = now_ms();
-        db.put_job(job)?;
-        let current = job.generation;
+        let current = training.reform(db, job, *dataset_len, |generation, step| {
+            format!(
+                "rank {rank} reported a failed collective ({reason}); world re-formed \
+                 (generation {generation}), continuing from step {step}"
+            )
+        })?;
         drop(g);
         self.notify();
         Ok(current)
