@@ -10,7 +10,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: bootstrap reference build demo test lint unit-tests npu-check cuda-check
+.PHONY: bootstrap reference build demo test lint unit-tests numeric-passes npu-check cuda-check
 
 bootstrap:
 	@./deploy/bootstrap.sh
@@ -33,7 +33,17 @@ lint: bootstrap
 unit-tests: build reference
 	cargo test --workspace --no-fail-fast
 
-test: lint unit-tests npu-check cuda-check
+# The test binaries that compare numbers with the Python reference or with torch (each includes
+# worker/tests/numerics, which pins its threads). numeric-passes runs them again.
+NUMERIC_TESTS := check_cli check_cli_hps data_reference flux_checkpoint flux_latents flux_lora \
+	flux_parity hps_loading hps_parity preprocess_cli reward_builtin sampler_parity text_parity \
+	threads train_checkpoint train_distributed train_loop_parity train_optim vae_parity
+
+# The numeric tests under two other kernel sets and under load (deploy/numeric-passes.sh).
+numeric-passes: build reference
+	./deploy/numeric-passes.sh $(NUMERIC_TESTS)
+
+test: lint unit-tests numeric-passes npu-check cuda-check
 
 # Compile check of the Ascend (HCCL) shim against the torch-npu wheel's headers; no NPU needed.
 npu-check: bootstrap

@@ -7,6 +7,8 @@
 
 #include "dist_shim.h"
 
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -227,6 +230,33 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
 }
 
 void dg_group_destroy(dg_group* group) { delete group; }
+
+// The OpenMP runtime (torch's bundled libgomp) and MKL (inside libtorch_cpu on x86) are looked
+// up at run time: the shim does not link either, and a build without MKL has no such symbol.
+// MKL's C entry points are the `MKL_*` names (mkl.h maps `mkl_set_dynamic` onto them); the
+// lower-case `mkl_set_dynamic` symbol is its Fortran interface, which takes a pointer.
+static void* runtime_symbol(const char* name) { return dlsym(RTLD_DEFAULT, name); }
+
+void dg_pin_threads(int threads) {
+  if (auto omp_set_dynamic = reinterpret_cast<void (*)(int)>(runtime_symbol("omp_set_dynamic"))) {
+    omp_set_dynamic(0);
+  }
+  if (auto mkl_set_dynamic = reinterpret_cast<void (*)(int)>(runtime_symbol("MKL_Set_Dynamic"))) {
+    mkl_set_dynamic(0);
+  }
+  at::set_num_threads(threads);
+}
+
+uint32_t dg_dynamic_threads(void) {
+  uint32_t bits = 0;
+  if (auto omp_get_dynamic = reinterpret_cast<int (*)()>(runtime_symbol("omp_get_dynamic"))) {
+    bits |= omp_get_dynamic() ? 1u : 0u;
+  }
+  if (auto mkl_get_dynamic = reinterpret_cast<int (*)()>(runtime_symbol("MKL_Get_Dynamic"))) {
+    bits |= mkl_get_dynamic() ? 2u : 0u;
+  }
+  return bits;
+}
 
 char* dg_clear_grad(dg_tensor* tensor) {
   return guarded([&] { as_tensor(tensor).mutable_grad().reset(); });

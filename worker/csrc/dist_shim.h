@@ -50,6 +50,14 @@ void dg_group_destroy(dg_group* group);
 // backward then takes its gradient as it is instead of adding it to zeros.
 char* dg_clear_grad(dg_tensor* tensor);
 
+// Fixes libtorch's intra-op thread count at `threads` (at::set_num_threads, which also turns
+// off MKL's dynamic thread adjustment) and turns off OpenMP's dynamic adjustment, so the team
+// size, and with it every parallel reduction's order, does not follow the machine's load.
+void dg_pin_threads(int threads);
+// Whether OpenMP's and MKL's dynamic thread adjustment is on (bit 0: OpenMP, bit 1: MKL);
+// a runtime that is not loaded counts as off.
+uint32_t dg_dynamic_threads(void);
+
 // Collectives, all blocking until done (or timed out). `average` divides the sum by the size.
 char* dg_all_reduce(dg_group* group, dg_tensor* tensor, int average);
 char* dg_broadcast(dg_group* group, dg_tensor* tensor, int root);

@@ -33,6 +33,8 @@ pub mod sampler;
 pub mod session;
 /// T5 and CLIP text encoders.
 pub mod text;
+/// Deterministic CPU numerics: a fixed intra-op thread count.
+pub mod threads;
 /// The GRPO training loop on one worker.
 pub mod train;
 /// The FLUX VAE decoder and image post-processing.
@@ -63,6 +65,9 @@ pub struct WorkerSettings {
     pub device: Device,
     /// Bound on the rendezvous and every collective.
     pub collective_timeout: Duration,
+    /// libtorch's intra-op thread count, pinned on the compute thread ([`threads::pin`]);
+    /// `None` pins libtorch's default.
+    pub threads: Option<usize>,
 }
 
 type Joining = Pin<Box<dyn Future<Output = (RankAssignment, Result<String>)> + Send>>;
@@ -76,9 +81,11 @@ const REGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Runs the worker until the job ends or `shutdown` is cancelled (SIGTERM / Ctrl-C), then
 /// drains and says goodbye.
 pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Result<()> {
-    let WorkerSettings { session: mut session_settings, device, collective_timeout } = settings;
-    let compute =
-        std::sync::Arc::new(ComputeThread::spawn("dancegrpo-compute", move || World::new(device))?);
+    let WorkerSettings { session: mut session_settings, device, collective_timeout, threads } =
+        settings;
+    let compute = std::sync::Arc::new(ComputeThread::spawn("dancegrpo-compute", move || {
+        World::new(device, threads)
+    })?);
     session_settings.info.device_description = compute.run(World::init_device).await??;
     let connect = Session::connect(session_settings);
     tokio::pin!(connect);

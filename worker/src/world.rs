@@ -27,16 +27,23 @@ pub struct World {
     /// Built on the first iteration; kept across generations (a re-formed world restores it
     /// from a checkpoint rather than reloading the model).
     trainer: Option<Trainer>,
+    /// Intra-op threads to pin (`None`: libtorch's default).
+    threads: Option<usize>,
 }
 
 impl World {
     /// State for `device`; nothing touches the device until [`World::init_device`].
-    pub fn new(device: Device) -> Self {
-        Self { device, store: None, group: None, trainer: None }
+    pub fn new(device: Device, threads: Option<usize>) -> Self {
+        Self { device, store: None, group: None, trainer: None, threads }
     }
 
-    /// Initialises the device on the calling (compute) thread and describes it.
+    /// Initialises the device on the calling (compute) thread, pins its intra-op thread count,
+    /// and describes it.
     pub fn init_device(&mut self) -> Result<String> {
+        match self.threads {
+            Some(n) => crate::threads::pin(n),
+            None => _ = crate::threads::pin_default(),
+        }
         self.device.init()?;
         Ok(match self.device {
             Device::Cpu => crate::compute::describe_cpu(),

@@ -1,6 +1,8 @@
 //! The real `dancegrpo-worker` binary's HPS commands on the tiny golden HPS model:
 //! `check hps-score`, `check tokenize` and `convert`.
 
+mod numerics;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -44,8 +46,10 @@ fn hps_score_matches_open_clip() {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
         let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-        // f32 CLIP towers vs open_clip's f32: differences are accumulated rounding.
-        assert!((g - w).abs() < 1e-5, "score {g} vs open_clip {w}");
+        // f32 CLIP towers vs open_clip's f32, the bound of hps_parity.rs's scores (whose comment
+        // gives the model): the features are unit vectors within 1e-4 elementwise, observed
+        // ~1e-6, and a score is their dot product.
+        assert!((g - w).abs() <= 1e-4, "score {g} vs open_clip {w}");
     }
 }
 

@@ -1,6 +1,8 @@
 //! The DanceGRPO reference layout (`videos2caption.json` + `.pt` files written by
 //! torch.save in tests/golden/text/make_goldens.py) and the prompts file reader.
 
+mod numerics;
+
 use std::path::{Path, PathBuf};
 
 use dancegrpo_worker::data;

@@ -1,6 +1,7 @@
 //! Activation checkpointing gives the gradients of the plain backward.
 
 mod flux_common;
+mod numerics;
 
 use dancegrpo_worker::flux::{WeightPolicy, load_flux};
 use dancegrpo_worker::sampler::rollout::backward_log_prob_checkpointed;
@@ -10,7 +11,9 @@ use tch::{Device, Kind, Tensor};
 
 /// The GRPO micro-step's loss (`−A·exp(logp − logp_old)`) back-propagated with and without
 /// per-block recomputation: every trainable weight's gradient agrees to 1e-5 of its scale (the
-/// only difference is the summation order of the conditioning vector's gradient), and no
+/// only difference is the summation order of the conditioning vector's gradient: 4 block
+/// contributions added in another order, ≤ 4·u ≈ 2.4e-7 relative per addition chain, and
+/// carried back through the embedding layers' backward), and no
 /// gradient is zero (every block contributes).
 #[test]
 fn checkpointed_gradients_equal_plain_backward() {

@@ -1,6 +1,7 @@
 //! Pack / unpack / position ids against the reference layout (ALGORITHM.md §7).
 
 mod flux_common;
+mod numerics;
 
 use dancegrpo_worker::latents::{img_ids, latent_size, pack, txt_ids, unpack};
 use flux_common::golden;

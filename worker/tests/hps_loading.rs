@@ -1,6 +1,8 @@
 //! Loading HPS checkpoints: strict key/shape checks with errors that name the key, malformed
 //! PyTorch pickles, the `convert` command, and model-directory discovery.
 
+mod numerics;
+
 use std::path::{Path, PathBuf};
 
 use dancegrpo_worker::check::hps::{ConvertArgs, run_convert};

@@ -7,6 +7,8 @@
 //! path, conv vs unfold), worth ~1e-6 here, so 1e-4 leaves room without hiding a real bug
 //! (a wrong mask, activation or pooling position moves features by > 1e-2). Token ids: exact.
 
+mod numerics;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

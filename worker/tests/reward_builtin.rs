@@ -1,5 +1,7 @@
 //! The weight-free rewards, the registry, several rewards at once, and bad input.
 
+mod numerics;
+
 use dancegrpo_proto::RewardConfig;
 use dancegrpo_proto::advantage::{AdvantageError, group_advantages};
 use dancegrpo_worker::reward::jpeg::{JpegReward, jpeg_size};

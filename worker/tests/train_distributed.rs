@@ -6,6 +6,9 @@
 //!
 //! The test re-executes itself once per rank (`DG_TEST_RANK`), like `dist_loopback.rs`.
 
+mod flux_common;
+mod numerics;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use dancegrpo_worker::train::policy::Policy;
 use dancegrpo_worker::train::step::{
     LossSettings, UpdateStats, accumulate, apply_update, train_steps,
 };
+use flux_common::seeded_normal;
 use tch::{Kind, Tensor};
 
 const STEPS: usize = 4;
@@ -56,9 +60,8 @@ fn setup() -> Setup {
     tch::set_num_threads(1);
     let c = cfg();
     let policy = Policy::load(&c, Device::Cpu).unwrap();
-    tch::manual_seed(7);
-    let prompt = Tensor::randn([1, 8, 32], (Kind::Float, tch::Device::Cpu));
-    let pooled = Tensor::randn([1, 32], (Kind::Float, tch::Device::Cpu));
+    let prompt = seeded_normal(7, &[1, 8, 32], 1.0);
+    let pooled = seeded_normal(8, &[1, 32], 1.0);
     let txt_ids = Tensor::zeros([8, 3], (Kind::Float, tch::Device::Cpu));
     let img_ids = latents::img_ids(32, 32).unwrap();
     let sched = Schedule::new(STEPS, 3.0).unwrap();

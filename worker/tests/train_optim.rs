@@ -1,6 +1,8 @@
 //! AdamW and the grad-norm clip against `torch.optim.AdamW` + `clip_grad_norm_` (golden from
 //! `tests/golden/train/make_goldens.py`), and save → load → continue.
 
+mod numerics;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -59,6 +61,25 @@ fn max_ulp(a: &Tensor, b: &Tensor) -> i64 {
     bits(a).iter().zip(bits(b)).map(|(x, y)| (x - y).abs()).max().unwrap_or(0)
 }
 
+// Tolerances against torch's numbers in the golden, which were computed on another machine.
+// The optimizer is the same sequence of single-tensor ATen ops as `torch.optim.AdamW(foreach=
+// False)`, so on one machine with one kernel set the two agree bit for bit. Across kernel sets
+// (AVX2, AVX-512, ATen's portable `default`) each elementwise op is still correctly rounded
+// except where a kernel fuses a multiply and an add (an FMA skips one rounding), so each op can
+// differ by 1 ulp of its result. What reaches a parameter in one step: its own update
+// p·(1 − lr·wd) − lr·m̂/(√v̂ + ε) rounds twice at |p| (≤ 2 ulp of p), and the m̂/√v̂ term carries
+// the moments' few-ulp relative error scaled by lr/|p| ≈ 1e-2 (far below an ulp of p).
+// Earlier steps' differences persist, so after step s a parameter is within 2·s ulp.
+/// Parameter ulps from torch allowed per step taken.
+const ULP_PER_STEP: i64 = 2;
+/// The moments after STEPS steps, relative: lerp/addcmul round once per step (≤ 1 u each, with
+/// u = 2^-24), plus the gradients' relative error after the norm clip (NORM_REL): ≤ 6·(u +
+/// NORM_REL) ≈ 3e-6.
+const MOMENT_REL: f64 = 1e-5;
+/// The pre-clip global norm, relative: a sum of 29 squares, the per-tensor norms summed in
+/// another order by another kernel: ≤ 29·u ≈ 1.7e-6 in the worst case.
+const NORM_REL: f64 = 4e-6;
+
 /// Runs golden steps `range` on `opt`, checking the norm and the parameters after each.
 fn run_steps(
     opt: &mut AdamW,
@@ -71,30 +92,38 @@ fn run_steps(
         backward(opt, g, s);
         let norm = opt.clip_grad_norm(max_norm).unwrap();
         let want = g[&format!("norm.{s}")].double_value(&[]);
-        assert_eq!(norm, want, "step {s}: total grad norm");
+        let e = (norm - want).abs() / want;
+        assert!(e <= NORM_REL, "step {s}: total grad norm {norm} vs torch {want}: relative {e}");
         opt.step().unwrap();
         for (n, p) in opt.params() {
             let ulp = max_ulp(p, &g[&format!("param.{s}.{n}")]);
-            assert!(ulp <= 1, "step {s}, param {n}: {ulp} ulp from torch");
+            eprintln!("step {s}, param {n}: {ulp} ulp from torch");
+            assert!(ulp <= ULP_PER_STEP * s as i64, "step {s}, param {n}: {ulp} ulp from torch");
         }
     }
 }
 
+/// `max |a − b| / max |b|`.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+}
+
 /// Six steps with clipping on and off, weight decay, a parameter without gradients for two
-/// steps (skipped; its bias correction lags) and an all-zero gradient: the total norm equals
-/// torch's exactly and every parameter stays within 1 ulp of torch (in practice: identical).
+/// steps (skipped; its bias correction lags) and an all-zero gradient: the total norm and every
+/// parameter and moment stay within the error model's bounds of torch (on the golden's own
+/// machine: identical).
 #[test]
 fn adamw_and_clip_match_torch() {
     let g = golden();
     let mut opt = optimizer(&g);
     run_steps(&mut opt, &g, 1..=6);
     assert_eq!(opt.steps_taken(), 6);
-    for (n, p) in opt.params() {
-        assert!(p.equal(&g[&format!("param.6.{n}")]), "param {n} is not bit-identical to torch");
-    }
     for ((n, _), s) in opt.params().iter().zip(opt.state()) {
-        assert!(s.exp_avg.equal(&g[&format!("exp_avg.{n}")]), "exp_avg.{n}");
-        assert!(s.exp_avg_sq.equal(&g[&format!("exp_avg_sq.{n}")]), "exp_avg_sq.{n}");
+        let e = rel(&s.exp_avg, &g[&format!("exp_avg.{n}")]);
+        assert!(e <= MOMENT_REL, "exp_avg.{n}: relative {e}");
+        let e = rel(&s.exp_avg_sq, &g[&format!("exp_avg_sq.{n}")]);
+        assert!(e <= MOMENT_REL, "exp_avg_sq.{n}: relative {e}");
     }
     let steps: Vec<u64> = opt.state().iter().map(|s| s.step).collect();
     assert_eq!(steps, [6, 4, 6]);

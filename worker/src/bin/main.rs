@@ -64,6 +64,10 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
     log_format: LogFormat,
+    /// libtorch's intra-op threads, fixed for the whole run so that a resume rounds as the run
+    /// it resumes; default `OMP_NUM_THREADS`, else one per core.
+    #[arg(long, env = "DANCEGRPO_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +122,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         session,
         device: a.device,
         collective_timeout: Duration::from_secs(a.collective_timeout_s),
+        threads: a.threads,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -148,10 +153,16 @@ async fn main() -> ExitCode {
         Command::Run(a) => run(a).await,
         Command::Preprocess(a) => {
             init_tracing(LogFormat::Text);
-            tokio::task::block_in_place(|| a.run())
+            tokio::task::block_in_place(|| {
+                dancegrpo_worker::threads::pin_default();
+                a.run()
+            })
         }
         Command::Dataset(c) => tokio::task::block_in_place(|| c.run()),
-        Command::Check(c) => tokio::task::block_in_place(|| c.run()),
+        Command::Check(c) => tokio::task::block_in_place(|| {
+            dancegrpo_worker::threads::pin_default();
+            c.run()
+        }),
         Command::Convert(a) => {
             tokio::task::block_in_place(|| dancegrpo_worker::check::hps::run_convert(&a))
         }

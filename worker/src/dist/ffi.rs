@@ -56,6 +56,8 @@ unsafe extern "C" {
         out: *mut *mut DgGroup,
     ) -> *mut c_char;
     pub(crate) fn dg_group_destroy(group: *mut DgGroup);
+    pub(crate) fn dg_pin_threads(threads: c_int);
+    pub(crate) fn dg_dynamic_threads() -> u32;
     pub(crate) fn dg_clear_grad(t: *mut DgTensor) -> *mut c_char;
     pub(crate) fn dg_all_reduce(g: *mut DgGroup, t: *mut DgTensor, average: c_int) -> *mut c_char;
     pub(crate) fn dg_broadcast(g: *mut DgGroup, t: *mut DgTensor, root: c_int) -> *mut c_char;
