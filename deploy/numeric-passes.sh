@@ -4,7 +4,8 @@
 # not on a user's machine:
 #   1. ATen's AVX2 kernels and MKL restricted to AVX2 (on an AVX-512 machine: other kernels);
 #   2. ATen's portable `default` kernels and MKL restricted to SSE4.2;
-#   3. this machine's own kernels with a busy loop on every core.
+#   3. this machine's own kernels with a busy loop on every core, plus the two end-to-end runs
+#      that must be bit-identical to an uninterrupted run (a resume, a killed worker).
 # Only the binaries named in NUMERIC_TESTS run again (the Makefile passes them), so the added
 # time is theirs alone. Usage: deploy/numeric-passes.sh test1 test2 ...
 set -euo pipefail
@@ -39,3 +40,7 @@ for _ in $(seq "$(nproc)"); do
   busy+=($!)
 done
 pass "under load ($(nproc) busy loops)"
+echo "== end-to-end resume and recovery: under load"
+cargo test -p dancegrpo-e2e --test training -q -- --exact \
+  resuming_from_a_checkpoint_is_bit_identical \
+  a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run
