@@ -62,16 +62,27 @@ const LOSS_ABS: f64 = 1.5e-5;
 /// stages, √(2·L·K)·u ≈ 3.7e-6, and the norm is an f32 sum of squares over 26,528 elements in
 /// another order (√26528·u ≈ 1e-5 worst for independent roundings of the partial sums).
 const NORM_REL: f64 = 5e-5;
-/// Weights after the iteration, `max |Δ|` over every element, as a fraction of the learning rate
-/// (5e-6 absolute). Each AdamW step moves an element by ≈ lr·m̂/√v̂, which is lr·sign(g) at the
-/// first step whatever the gradient's rounding; at the second it moves by lr times the relative
-/// error of the element's gradients. That error is not bounded by the norm's: an element whose
-/// gradient is 1e-3 of the largest carries the largest one's rounding, 1e3 times as large
-/// relative to itself. So this bound admits elements whose gradients are off by up to 0.5 %
-/// relative, while an element whose tiny gradient had a different sign on the two sides would
-/// be off by up to 2·lr (observed 5.4e-4·lr here, 1.2e-3·lr under ATen's `default` kernels;
-/// algorithmic changes move it by ≥ 0.8·lr).
-const WEIGHT_ABS_OVER_LR: f64 = 5e-3;
+// Weights after the iteration, element by element, in units of the learning rate (1e-3 here).
+// AdamW moves an element by lr·m̂/√v̂ per step (plus lr·λ·w, the same on both sides): at the
+// first step that is lr·sign(g₁) whatever g₁'s rounding; at the second it is a bounded function
+// of ρ = g₂/g₁ alone. So an element's error is ≈ lr·δρ ≈ lr·2·ε·g_max/|g₁|, where ε·g_max is the
+// absolute error of a gradient element: its rounding (√(2·L·K)·u ≈ 3.7e-6 of the largest one)
+// plus the effect of training on our own rollouts, which on AVX-512 are 4.4e-6 off the golden's,
+// so ε ≈ 1e-5. That error is relative to the *largest* gradient: an element whose gradient is
+// 1e-4 of g_max is 10 % off relative to itself, and one whose tiny first gradient had another
+// sign on the two sides is off by up to 2·lr. A bound on the maximum over 26,528 elements is
+// therefore a bound on how close to zero the smallest gradient happens to be, not on our code
+// (max 5.4e-4·lr on the machine that made the golden, 6.8e-2·lr on AVX-512, same code). The
+// bounds are on the distribution instead:
+/// The mean over elements: for g₁ spread like a normal of deviation σ, g_max ≈ 4σ, the mean of
+/// min(2, 2·ε·g_max/|g₁|) is ≈ 2·(2·ε·g_max)·(0.4/σ)·ln(1/(4ε)) ≈ 6e-4 (observed 1e-5 on
+/// AVX-512, 9e-6 with PPO clipping). Any algorithmic change moves it by ≥ 0.26 (`other_settings_give_other_weights`).
+const WEIGHT_MEAN_OVER_LR: f64 = 1e-3;
+/// An element is in the tail when it is off by more than this ...
+const WEIGHT_BULK_OVER_LR: f64 = 5e-3;
+/// ... which needs |g₁| < 2·ε/5e-3·g_max = 4e-3·g_max, ≈ 1.3 % of the elements for a gradient
+/// spread as above (observed 3 of 26,528 on AVX-512; > 97 % under other settings).
+const WEIGHT_TAIL_FRACTION: f64 = 1e-2;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/train_loop")
@@ -237,24 +248,40 @@ fn update(
     out
 }
 
-/// `max |ours − golden|` over every weight element, and the largest weight change of the
-/// golden (to show the update is not vanishingly small).
-fn weight_errors(g: &Golden, case: &str, weights: &[(String, Tensor)]) -> (f64, f64) {
+/// How far our weights after the iteration are from the golden's, element by element.
+struct WeightErrors {
+    /// `max |ours − golden|`, `mean |ours − golden|` and the largest change of the golden from
+    /// the initial weights (to show the update is not vanishingly small).
+    max: f64,
+    mean: f64,
+    change: f64,
+    /// Elements off by more than `WEIGHT_BULK_OVER_LR · lr`, of `elements`.
+    beyond_bulk: usize,
+    elements: usize,
+}
+
+fn weight_errors(g: &Golden, case: &str, weights: &[(String, Tensor)]) -> WeightErrors {
     let init = load();
     let init: BTreeMap<String, Tensor> = trainable(&init).into_iter().collect();
     let mut n = 0;
-    let (mut err, mut change) = (0f64, 0f64);
+    let mut e = WeightErrors { max: 0.0, mean: 0.0, change: 0.0, beyond_bulk: 0, elements: 0 };
+    let mut sum = 0f64;
     for (name, w) in weights {
         let want = &g.t[&format!("{case}.weight.{name}")];
         assert_eq!(w.size(), want.size(), "{name}");
-        let e = (w - want).abs().max().double_value(&[]);
-        err = err.max(e);
-        change = change.max((want - &init[name]).abs().max().double_value(&[]));
+        let d = (w - want).abs().to_kind(Kind::Double);
+        e.max = e.max.max(d.max().double_value(&[]));
+        sum += d.sum(Kind::Double).double_value(&[]);
+        e.beyond_bulk +=
+            d.gt(WEIGHT_BULK_OVER_LR * g.adam.lr).sum(Kind::Int64).int64_value(&[]) as usize;
+        e.elements += d.numel();
+        e.change = e.change.max((want - &init[name]).abs().max().double_value(&[]));
         n += 1;
     }
+    e.mean = sum / e.elements as f64;
     let golden_count = g.t.keys().filter(|k| k.starts_with(&format!("{case}.weight."))).count();
     assert_eq!(n, golden_count, "every golden weight is trained, and only those");
-    (err, change)
+    e
 }
 
 /// Checks one case of the update against the golden.
@@ -301,16 +328,28 @@ fn check_case(g: &Golden, trajectories: &[Trajectory], case: &str, checkpointing
         norm_err = norm_err.max(e);
     }
 
-    let (err, change) = weight_errors(g, case, &u.weights);
+    let w = weight_errors(g, case, &u.weights);
+    let lr = g.adam.lr;
     eprintln!(
         "{case} (checkpointing {checkpointing}): max errors: loss {loss_err:.1e}, Σ|r−1| \
-         {ratio_err:.1e}, grad norm {norm_err:.1e} (relative), weights {err:.1e} = {:.1e}·lr \
-         (golden change up to {change:.1e}); {flat} of {} backwards skipped",
-        err / g.adam.lr,
+         {ratio_err:.1e}, grad norm {norm_err:.1e} (relative); weights: mean {:.1e}·lr, max \
+         {:.1e}·lr, {} of {} elements beyond {WEIGHT_BULK_OVER_LR:.0e}·lr (golden change up to \
+         {:.1e}·lr); {flat} of {} backwards skipped",
+        w.mean / lr,
+        w.max / lr,
+        w.beyond_bulk,
+        w.elements,
+        w.change / lr,
         g.members * t,
     );
-    assert!(change > g.adam.lr, "{case}: the golden update should be visible");
-    assert!(err <= WEIGHT_ABS_OVER_LR * g.adam.lr, "{case}: weights differ by {err}");
+    assert!(w.change > lr, "{case}: the golden update should be visible");
+    assert!(w.mean <= WEIGHT_MEAN_OVER_LR * lr, "{case}: weights differ by {} on average", w.mean);
+    assert!(
+        w.beyond_bulk as f64 <= WEIGHT_TAIL_FRACTION * w.elements as f64,
+        "{case}: {} of {} weights differ by more than {WEIGHT_BULK_OVER_LR}·lr",
+        w.beyond_bulk,
+        w.elements
+    );
 }
 
 /// The replayed rollout against the golden trajectories, and the advantages of the golden
@@ -370,7 +409,8 @@ fn iteration_matches_reference_with_checkpointing() {
 }
 
 /// The comparison can fail: swapping the two cases' settings (PPO clip on/off, norm clip
-/// factors), or dropping the norm clip, moves the weights > 100× beyond the tolerance (≥ 0.8·lr against 5e-3·lr).
+/// factors), or dropping the norm clip, moves the mean weight error > 100× beyond its bound
+/// (≥ 0.26·lr against 1e-3·lr) and puts most elements in the tail.
 #[test]
 fn other_settings_give_other_weights() {
     let g = golden();
@@ -378,16 +418,30 @@ fn other_settings_give_other_weights() {
     for (case, other) in [("clip", "gradclip"), ("gradclip", "clip")] {
         let hyper = g.f64s(&format!("{other}.hyper"));
         let u = update(&g, &trajectories, hyper[0], hyper[1], false);
-        let (err, _) = weight_errors(&g, case, &u.weights);
-        eprintln!("{case} weights under {other}'s settings: max |Δ| {:.2e}·lr", err / g.adam.lr);
-        assert!(err > 100.0 * WEIGHT_ABS_OVER_LR * g.adam.lr, "{case} vs {other}: {err}");
+        let w = weight_errors(&g, case, &u.weights);
+        eprintln!(
+            "{case} weights under {other}'s settings: mean |Δ| {:.2e}·lr, {} of {} beyond \
+             {WEIGHT_BULK_OVER_LR:.0e}·lr",
+            w.mean / g.adam.lr,
+            w.beyond_bulk,
+            w.elements
+        );
+        assert!(w.mean > 100.0 * WEIGHT_MEAN_OVER_LR * g.adam.lr, "{case} vs {other}: {}", w.mean);
+        assert!(w.beyond_bulk as f64 > 0.5 * w.elements as f64, "{case} vs {other}");
     }
     // Without the norm clip the second case's steps are scaled differently as well.
     let hyper = g.f64s("gradclip.hyper");
     let u = update(&g, &trajectories, hyper[0], f64::INFINITY, false);
-    let (err, _) = weight_errors(&g, "gradclip", &u.weights);
-    eprintln!("gradclip weights without the norm clip: max |Δ| {:.2e}·lr", err / g.adam.lr);
-    assert!(err > 100.0 * WEIGHT_ABS_OVER_LR * g.adam.lr, "no norm clip: {err}");
+    let w = weight_errors(&g, "gradclip", &u.weights);
+    eprintln!(
+        "gradclip weights without the norm clip: mean |Δ| {:.2e}·lr, {} of {} beyond \
+         {WEIGHT_BULK_OVER_LR:.0e}·lr",
+        w.mean / g.adam.lr,
+        w.beyond_bulk,
+        w.elements
+    );
+    assert!(w.mean > 100.0 * WEIGHT_MEAN_OVER_LR * g.adam.lr, "no norm clip: {}", w.mean);
+    assert!(w.beyond_bulk as f64 > 0.5 * w.elements as f64, "no norm clip");
 }
 
 /// Skipping the transformer's backward where the loss is flat changes no gradient: after the
