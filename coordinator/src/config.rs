@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Config, Environment, File, Value};
+use dancegrpo_proto::config::Key;
 use dancegrpo_proto::{ConfigError, JobConfig};
 
 use crate::error::{Error, Result};
@@ -18,10 +19,6 @@ use crate::error::{Error, Result};
 /// Environment variables with the `DANCEGRPO_` prefix that configure processes, not the job.
 const PROCESS_ENV: &[&str] =
     &["venv", "ref_venv", "log", "log_format", "device", "coordinator", "bin_dir"];
-
-/// Keys allowed inside `[[rewards]]` and `[lora]`.
-const REWARD_KEYS: &[&str] = &["name", "weight", "model_dir", "on_cpu"];
-const LORA_KEYS: &[&str] = &["rank", "alpha", "target_modules"];
 
 /// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,
 /// `data_dancegrpo.json`), so users migrating from it can point at what they have.
@@ -115,6 +112,8 @@ pub fn load_job_config_with(
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &[(String, String)],
 ) -> Result<JobConfig> {
+    let keys = JobConfig::keys();
+    let known = |top: &str| Key::get(&keys, top).is_some();
     let mut problems = Vec::new();
     let mut builder = Config::builder();
     if let Some(f) = file {
@@ -137,7 +136,7 @@ pub fn load_job_config_with(
         if PROCESS_ENV.contains(&key.as_str()) {
             continue;
         }
-        if !JobConfig::KEYS.contains(&top) {
+        if !known(top) {
             problems.push(format!("unknown key `{key}` (from environment variable {k})"));
             continue;
         }
@@ -152,7 +151,7 @@ pub fn load_job_config_with(
     );
     for (k, v) in overrides {
         let top = k.split('.').next().unwrap_or_default();
-        if !JobConfig::KEYS.contains(&top) {
+        if !known(top) {
             problems.push(format!("unknown key `{k}` (from --set)"));
             continue;
         }
@@ -165,29 +164,28 @@ pub fn load_job_config_with(
     let table: BTreeMap<String, Value> =
         merged.clone().try_deserialize().map_err(|e| Error::ConfigLoad(e.to_string()))?;
     for (key, value) in &table {
-        if !JobConfig::KEYS.contains(&key.as_str()) {
+        let Some(k) = Key::get(&keys, key) else {
             problems.push(format!("unknown key `{key}`"));
+            continue;
+        };
+        if k.sub.is_empty() {
+            continue;
         }
-        match key.as_str() {
-            "rewards" => {
-                if let Ok(list) = value.clone().into_array() {
-                    for (i, r) in list.into_iter().enumerate() {
-                        if let Ok(t) = r.into_table() {
-                            for k in t.keys().filter(|k| !REWARD_KEYS.contains(&k.as_str())) {
-                                problems.push(format!("unknown key `rewards[{i}].{k}`"));
-                            }
-                        }
-                    }
-                }
+        // A table (`[lora]`) or an array of tables (`[[rewards]]`): its keys are checked too.
+        let tables: Vec<(String, config::Map<String, Value>)> = match value.clone().into_array() {
+            Ok(list) => list
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.into_table().ok().map(|t| (format!("{key}[{i}]"), t)))
+                .collect(),
+            Err(_) => {
+                value.clone().into_table().map(|t| vec![(key.clone(), t)]).unwrap_or_default()
             }
-            "lora" => {
-                if let Ok(t) = value.clone().into_table() {
-                    for k in t.keys().filter(|k| !LORA_KEYS.contains(&k.as_str())) {
-                        problems.push(format!("unknown key `lora.{k}`"));
-                    }
-                }
+        };
+        for (at, t) in tables {
+            for name in t.keys().filter(|n| Key::get(&k.sub, n).is_none()) {
+                problems.push(format!("unknown key `{at}.{name}`"));
             }
-            _ => {}
         }
     }
     if !problems.is_empty() {
@@ -338,6 +336,66 @@ mod tests {
         assert_eq!(Topology::new(2, 8, None).unwrap().world_size, 16);
         assert_eq!(Topology::new(2, 8, Some(3)).unwrap().world_size, 3);
         assert!(Topology::new(1, 0, None).is_err());
+    }
+
+    /// The known keys of `--set` and of `DANCEGRPO_*` come from the type: a key added to
+    /// `JobConfig` is accepted by both, and every key (with the keys of its tables) is
+    /// documented, or this fails.
+    #[test]
+    fn every_key_of_the_type_is_documented_and_accepted_by_set_and_the_environment() {
+        let defaults = serde_json::to_value(JobConfig::default()).unwrap();
+        let mut scalars = 0;
+        for k in JobConfig::keys() {
+            assert!(!k.doc.trim().is_empty(), "`{}` is not documented", k.name);
+            for s in &k.sub {
+                assert!(!s.doc.trim().is_empty(), "`{}.{}` is not documented", k.name, s.name);
+            }
+            let value = match &defaults[&k.name] {
+                serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+                v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
+                // Empty strings, lists and tables: their keys are checked below and in
+                // `unknown_keys_from_every_layer_are_reported_together`.
+                _ => continue,
+            };
+            scalars += 1;
+            let via_set = load_job_config(None, [], &[(k.name.clone(), value.clone())])
+                .unwrap_or_else(|e| panic!("--set {}={value}: {e}", k.name));
+            let var = format!("DANCEGRPO_{}", k.name.to_ascii_uppercase());
+            let via_env = load_job_config(None, [(var.clone(), value.clone())], &[])
+                .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+            assert_eq!(via_set, JobConfig::default(), "--set {}={value}", k.name);
+            assert_eq!(via_env, JobConfig::default(), "{var}={value}");
+        }
+        assert!(scalars >= 30, "only {scalars} plain keys tried");
+        // The keys of a table, through both layers.
+        let lora = [("lora.rank", "4"), ("lora.alpha", "8")].map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(load_job_config(None, [], &lora).unwrap().lora.unwrap().rank, 4);
+        let env = [("DANCEGRPO_LORA__RANK", "4"), ("DANCEGRPO_LORA__ALPHA", "8")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(load_job_config(None, env, &[]).unwrap().lora.unwrap().alpha, 8.0);
+    }
+
+    /// `deploy/configs/defaults.toml` is what `config --print-defaults` writes (regenerate with
+    /// `dancegrpo-coordinator config --print-defaults > deploy/configs/defaults.toml`), it loads
+    /// as the defaults, and the shipped recipes use only keys it documents.
+    #[test]
+    fn shipped_files_agree_with_the_type() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configs");
+        let shipped = std::fs::read_to_string(dir.join("defaults.toml")).unwrap();
+        assert!(shipped == JobConfig::defaults_toml(), "defaults.toml is stale: regenerate it");
+        let loaded = load_job_config(Some(&dir.join("defaults.toml")), [], &[]).unwrap();
+        assert_eq!(loaded, JobConfig::default());
+        for recipe in ["dancegrpo_flux.toml", "demo.toml"] {
+            let text = std::fs::read_to_string(dir.join(recipe)).unwrap();
+            let table: toml::Table = text.parse().unwrap();
+            for key in table.keys() {
+                assert!(
+                    shipped.contains(&format!("\n{key} ="))
+                        || shipped.contains(&format!("[{key}]")),
+                    "{recipe}: `{key}` is not in defaults.toml"
+                );
+            }
+        }
     }
 
     #[test]

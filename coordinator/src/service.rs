@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use dancegrpo_proto::convert::job_config_to_wire;
 use dancegrpo_proto::pb::coordinator_server::Coordinator;
 use dancegrpo_proto::pb::job_service_server::JobService;
 use dancegrpo_proto::{WorkItem, WorkerId, WorkerInfo, WorkerState, pb};
@@ -44,7 +45,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: reg.worker_id.into(),
             job_id: reg.job_id.into(),
-            config: Some((&reg.config).into()),
+            config_json: job_config_to_wire(&reg.config),
             heartbeat_interval_ms: reg.heartbeat_interval.as_millis() as u64,
             assignment: reg.assignment.as_ref().map(Into::into),
         }))
@@ -185,7 +186,7 @@ fn status_to_pb(s: &JobSnapshot) -> pb::JobStatus {
         created_unix_ms: j.created_ms,
         updated_unix_ms: j.updated_ms,
         message: j.message.clone(),
-        config: Some((&j.config).into()),
+        config_json: job_config_to_wire(&j.config),
     }
 }
 

@@ -4,11 +4,19 @@
 //! ...), and the defaults are its launch values (`finetune_flux_grpo.sh`, ALGORITHM.md §1), so
 //! a user can carry a launch script over line by line. Unknown keys are rejected: a typo must
 //! not silently fall back to a default.
+//!
+//! [`JobConfig`] is the only definition of the keys: their names, defaults and documentation
+//! (the doc comments, through its JSON schema) come from it, and so do the known-key lists of
+//! the config layering ([`JobConfig::keys`]), the commented default file
+//! ([`JobConfig::defaults_toml`], `dancegrpo-coordinator config --print-defaults`) and the wire
+//! form (JSON, [`crate::convert::job_config_to_wire`]).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// One reward model, with the weight of its loss term.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RewardConfig {
     /// Registered reward name, e.g. `hpsv2` or `jpeg_compressibility`.
@@ -25,7 +33,7 @@ pub struct RewardConfig {
 }
 
 /// LoRA adapter settings (PEFT names).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     /// Adapter rank r.
@@ -38,7 +46,7 @@ pub struct LoraConfig {
 }
 
 /// What to do when a reward is NaN or infinite.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NonFinitePolicy {
     /// Fail the iteration loudly, naming the trajectory.
@@ -49,7 +57,7 @@ pub enum NonFinitePolicy {
 }
 
 /// The whole job configuration, as the coordinator loads it and hands it to workers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobConfig {
     /// A name for the job; a coordinator restarted on the same database picks the job up by it.
@@ -113,7 +121,7 @@ pub struct JobConfig {
     pub gradient_checkpointing: bool,
     /// Rewards and their loss weights. Several rewards get separate advantages.
     pub rewards: Vec<RewardConfig>,
-    /// LoRA adapter; `None` means full fine-tune.
+    /// LoRA adapter; absent means full fine-tune.
     pub lora: Option<LoraConfig>,
     /// NaN / Inf reward handling.
     pub non_finite_policy: NonFinitePolicy,
@@ -194,46 +202,6 @@ pub struct ConfigError {
 }
 
 impl JobConfig {
-    /// The top-level keys a config file may contain.
-    pub const KEYS: &'static [&'static str] = &[
-        "job_name",
-        "pretrained_model_name_or_path",
-        "data_json_path",
-        "output_dir",
-        "num_generations",
-        "sampling_steps",
-        "eta",
-        "shift",
-        "timestep_fraction",
-        "clip_range",
-        "adv_clip_max",
-        "gradient_accumulation_steps",
-        "max_grad_norm",
-        "learning_rate",
-        "weight_decay",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_epsilon",
-        "h",
-        "w",
-        "guidance",
-        "init_same_noise",
-        "use_group",
-        "max_train_steps",
-        "checkpointing_steps",
-        "seed",
-        "sampler_seed",
-        "train_batch_size",
-        "gradient_checkpointing",
-        "rewards",
-        "lora",
-        "non_finite_policy",
-        "reward_log",
-        "backend",
-        "resume_from_checkpoint",
-        "sample_grid_every",
-    ];
-
     /// Number of transitions trained per trajectory: `int((S − 1) · timestep_fraction)`, the
     /// last transition always dropped as in the reference.
     pub fn train_timesteps(&self) -> usize {
@@ -355,6 +323,191 @@ impl JobConfig {
     }
 }
 
+/// One key of the config file, as [`JobConfig`] defines it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Key {
+    /// The key's name, e.g. `num_generations` or, inside `[lora]`, `rank`.
+    pub name: String,
+    /// Its documentation: the field's doc comment, and the accepted values of an enum.
+    pub doc: String,
+    /// The keys of a table (`[lora]`) or of an array of tables (`[[rewards]]`); empty for a value.
+    pub sub: Vec<Key>,
+    /// The sub-keys that have no default.
+    pub required_sub: Vec<String>,
+    /// The default the schema states (a field with its own `#[serde(default = ...)]`).
+    pub default: Option<Value>,
+}
+
+impl Key {
+    /// The sub-key named `name`.
+    pub fn get<'a>(keys: &'a [Key], name: &str) -> Option<&'a Key> {
+        keys.iter().find(|k| k.name == name)
+    }
+}
+
+/// The object schema behind `s`, following `$ref`, `anyOf` (an `Option`) and `items` (a `Vec`).
+fn resolve<'a>(root: &'a Value, s: &'a Value) -> &'a Value {
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap_or_default();
+        return resolve(root, &root["$defs"][name]);
+    }
+    if let Some(v) = s.get("anyOf").and_then(Value::as_array) {
+        if let Some(inner) = v.iter().find(|v| v.get("type") != Some(&Value::from("null"))) {
+            return resolve(root, inner);
+        }
+    }
+    if let Some(items) = s.get("items") {
+        return resolve(root, items);
+    }
+    s
+}
+
+/// The accepted values of an enum schema, e.g. `fail, drop_group`.
+fn enum_values(s: &Value) -> Vec<String> {
+    let from = |v: &Value| v.as_str().map(str::to_string);
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        return e.iter().filter_map(from).collect();
+    }
+    s.get("oneOf")
+        .and_then(Value::as_array)
+        .map(|v| {
+            v.iter()
+                .filter_map(|o| {
+                    o.get("const").and_then(from).or_else(|| {
+                        o.get("enum")
+                            .and_then(Value::as_array)
+                            .and_then(|e| e.first())
+                            .and_then(from)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn keys_of(root: &Value, object: &Value) -> Vec<Key> {
+    let Some(props) = object.get("properties").and_then(Value::as_object) else { return vec![] };
+    props
+        .iter()
+        .map(|(name, prop)| {
+            let target = resolve(root, prop);
+            let mut doc = prop
+                .get("description")
+                .or_else(|| target.get("description"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let values = enum_values(target);
+            if !values.is_empty() {
+                doc.push_str(&format!(" One of: {}.", values.join(", ")));
+            }
+            let required_sub = target
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            let default = prop.get("default").cloned();
+            Key { name: name.clone(), doc, sub: keys_of(root, target), required_sub, default }
+        })
+        .collect()
+}
+
+/// `# `-prefixed lines of `text`, wrapped at 96 columns.
+fn comment(out: &mut String, indent: &str, text: &str) {
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && indent.len() + 2 + line.len() + 1 + word.len() > 96 {
+            out.push_str(&format!("{indent}# {line}\n"));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&format!("{indent}# {line}\n"));
+    }
+}
+
+/// `key = value` in TOML.
+fn toml_line(key: &str, v: &Value) -> String {
+    let v = toml::Value::try_from(v).expect("config values are TOML values");
+    format!("{key} = {v}\n")
+}
+
+impl JobConfig {
+    /// Every key a config file may contain, with its documentation, from the type's schema.
+    pub fn keys() -> Vec<Key> {
+        let schema = schemars::schema_for!(JobConfig);
+        let root = schema.as_value();
+        keys_of(root, root)
+    }
+
+    /// The default configuration as a TOML file, every key with its documentation
+    /// (`dancegrpo-coordinator config --print-defaults`).
+    pub fn defaults_toml() -> String {
+        let keys = Self::keys();
+        let defaults = serde_json::to_value(Self::default()).expect("defaults serialise");
+        let mut out = String::new();
+        comment(
+            &mut out,
+            "",
+            "The dancegrpo job configuration with every key at its default: the DanceGRPO \
+             reference's launch values (finetune_flux_grpo.sh). Written by \
+             `dancegrpo-coordinator config --print-defaults`; keys can also be set with \
+             DANCEGRPO_<KEY> environment variables (nested keys with __) and with \
+             `--set key=value`.",
+        );
+        // Plain values first: TOML puts every table after them.
+        for k in keys.iter().filter(|k| k.sub.is_empty()) {
+            out.push('\n');
+            comment(&mut out, "", &k.doc);
+            match &defaults[&k.name] {
+                Value::Null => out.push_str(&format!("# {} =\n", k.name)),
+                v => out.push_str(&toml_line(&k.name, v)),
+            }
+        }
+        for k in keys.iter().filter(|k| !k.sub.is_empty()) {
+            out.push('\n');
+            comment(&mut out, "", &k.doc);
+            let tables: Vec<&Value> = match &defaults[&k.name] {
+                Value::Array(a) => a.iter().collect(),
+                Value::Null => vec![],
+                v => vec![v],
+            };
+            let header = |out: &mut String, commented: bool| {
+                let array = matches!(defaults[&k.name], Value::Array(_));
+                let h = if array { format!("[[{}]]", k.name) } else { format!("[{}]", k.name) };
+                out.push_str(&format!("{}{h}\n", if commented { "# " } else { "" }));
+            };
+            if tables.is_empty() {
+                // Absent by default (`lora`): the table commented out, its keys documented.
+                header(&mut out, true);
+                for s in &k.sub {
+                    comment(&mut out, "# ", &s.doc);
+                    match &s.default {
+                        Some(v) => out.push_str(&format!("# {}", toml_line(&s.name, v))),
+                        None if k.required_sub.contains(&s.name) => {
+                            out.push_str(&format!("# {} = (required)\n", s.name))
+                        }
+                        None => out.push_str(&format!("# {} =\n", s.name)),
+                    }
+                }
+                continue;
+            }
+            for t in tables {
+                header(&mut out, false);
+                for s in &k.sub {
+                    comment(&mut out, "", &s.doc);
+                    out.push_str(&toml_line(&s.name, &t[&s.name]));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,13 +540,47 @@ mod tests {
     }
 
     #[test]
-    fn keys_list_matches_the_struct() {
+    fn keys_come_from_the_type_and_are_all_documented() {
         let v = serde_json::to_value(JobConfig::default()).unwrap();
         let mut fields: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         fields.sort();
-        let mut keys: Vec<_> = JobConfig::KEYS.iter().map(|s| s.to_string()).collect();
-        keys.sort();
-        assert_eq!(fields, keys);
+        let keys = JobConfig::keys();
+        let mut names: Vec<_> = keys.iter().map(|k| k.name.clone()).collect();
+        names.sort();
+        assert_eq!(fields, names);
+        let sub = |n: &str| -> Vec<String> {
+            Key::get(&keys, n).unwrap().sub.iter().map(|k| k.name.clone()).collect()
+        };
+        assert_eq!(sub("lora"), ["alpha", "rank", "target_modules"]);
+        assert_eq!(sub("rewards"), ["model_dir", "name", "on_cpu", "weight"]);
+        for k in &keys {
+            assert!(!k.doc.trim().is_empty(), "`{}` has no doc comment", k.name);
+            for s in &k.sub {
+                assert!(!s.doc.trim().is_empty(), "`{}.{}` has no doc comment", k.name, s.name);
+            }
+        }
+        let policy = &Key::get(&keys, "non_finite_policy").unwrap().doc;
+        assert!(policy.ends_with("One of: fail, drop_group."), "{policy}");
+    }
+
+    #[test]
+    fn the_default_file_reads_back_as_the_defaults_and_documents_every_key() {
+        let text = JobConfig::defaults_toml();
+        let back: JobConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, JobConfig::default());
+        // Each key right after its documentation.
+        for k in JobConfig::keys() {
+            let first_line = k.doc.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+            let at = text
+                .find(&format!("\n{} =", k.name))
+                .or_else(|| text.find(&format!("[{}]", k.name)));
+            let at = at.unwrap_or_else(|| panic!("`{}` missing from:\n{text}", k.name));
+            let before = &text[..at];
+            let para = &before[before.rfind("\n\n").unwrap_or(0)..];
+            assert!(para.contains(&first_line), "`{}` not documented before it:\n{para}", k.name);
+        }
+        assert!(text.contains("# [lora]\n") && text.contains("# rank = (required)\n"), "{text}");
+        assert!(text.contains("[[rewards]]\n"), "{text}");
     }
 
     #[test]

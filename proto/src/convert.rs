@@ -1,7 +1,7 @@
 //! Wire <-> domain conversions. A missing required sub-message is a [`ConvertError`], never a
 //! panic: a client that omits a field gets INVALID_ARGUMENT, not a crashed handler.
 
-use crate::config::{JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
+use crate::config::JobConfig;
 use crate::pb;
 use crate::types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
 
@@ -27,128 +27,18 @@ impl From<ConvertError> for tonic::Status {
     }
 }
 
-impl From<&JobConfig> for pb::JobConfig {
-    fn from(c: &JobConfig) -> Self {
-        pb::JobConfig {
-            job_name: c.job_name.clone(),
-            pretrained_model_name_or_path: c.pretrained_model_name_or_path.clone(),
-            data_json_path: c.data_json_path.clone(),
-            output_dir: c.output_dir.clone(),
-            num_generations: c.num_generations,
-            sampling_steps: c.sampling_steps,
-            eta: c.eta,
-            shift: c.shift,
-            timestep_fraction: c.timestep_fraction,
-            clip_range: c.clip_range,
-            adv_clip_max: c.adv_clip_max,
-            gradient_accumulation_steps: c.gradient_accumulation_steps,
-            max_grad_norm: c.max_grad_norm,
-            learning_rate: c.learning_rate,
-            weight_decay: c.weight_decay,
-            adam_beta1: c.adam_beta1,
-            adam_beta2: c.adam_beta2,
-            adam_epsilon: c.adam_epsilon,
-            h: c.h,
-            w: c.w,
-            guidance: c.guidance,
-            init_same_noise: c.init_same_noise,
-            use_group: c.use_group,
-            max_train_steps: c.max_train_steps,
-            checkpointing_steps: c.checkpointing_steps,
-            seed: c.seed,
-            sampler_seed: c.sampler_seed,
-            train_batch_size: c.train_batch_size,
-            gradient_checkpointing: c.gradient_checkpointing,
-            rewards: c
-                .rewards
-                .iter()
-                .map(|r| pb::RewardSpec {
-                    name: r.name.clone(),
-                    weight: r.weight,
-                    model_dir: r.model_dir.clone(),
-                    on_cpu: r.on_cpu,
-                })
-                .collect(),
-            lora: c.lora.as_ref().map(|l| pb::LoraSpec {
-                rank: l.rank,
-                alpha: l.alpha,
-                target_modules: l.target_modules.clone(),
-            }),
-            non_finite_policy: match c.non_finite_policy {
-                NonFinitePolicy::Fail => pb::NonFinitePolicy::Fail,
-                NonFinitePolicy::DropGroup => pb::NonFinitePolicy::DropGroup,
-            } as i32,
-            reward_log: c.reward_log.clone(),
-            backend: c.backend.clone(),
-            resume_from_checkpoint: c.resume_from_checkpoint.clone(),
-            sample_grid_every: c.sample_grid_every,
-        }
-    }
+/// The job config as it travels: JSON with the config file's keys, so [`JobConfig`] stays its
+/// only definition. [`crate::PROTOCOL_VERSION`] guards the key set.
+pub fn job_config_to_wire(c: &JobConfig) -> String {
+    serde_json::to_string(c).expect("a JobConfig always serialises")
 }
 
-impl TryFrom<pb::JobConfig> for JobConfig {
-    type Error = ConvertError;
-
-    fn try_from(c: pb::JobConfig) -> Result<Self, ConvertError> {
-        let non_finite_policy = match c.non_finite_policy() {
-            pb::NonFinitePolicy::Fail => NonFinitePolicy::Fail,
-            pb::NonFinitePolicy::DropGroup => NonFinitePolicy::DropGroup,
-            pb::NonFinitePolicy::Unspecified => {
-                return Err(ConvertError::Missing("non_finite_policy"));
-            }
-        };
-        Ok(JobConfig {
-            job_name: c.job_name,
-            pretrained_model_name_or_path: c.pretrained_model_name_or_path,
-            data_json_path: c.data_json_path,
-            output_dir: c.output_dir,
-            num_generations: c.num_generations,
-            sampling_steps: c.sampling_steps,
-            eta: c.eta,
-            shift: c.shift,
-            timestep_fraction: c.timestep_fraction,
-            clip_range: c.clip_range,
-            adv_clip_max: c.adv_clip_max,
-            gradient_accumulation_steps: c.gradient_accumulation_steps,
-            max_grad_norm: c.max_grad_norm,
-            learning_rate: c.learning_rate,
-            weight_decay: c.weight_decay,
-            adam_beta1: c.adam_beta1,
-            adam_beta2: c.adam_beta2,
-            adam_epsilon: c.adam_epsilon,
-            h: c.h,
-            w: c.w,
-            guidance: c.guidance,
-            init_same_noise: c.init_same_noise,
-            use_group: c.use_group,
-            max_train_steps: c.max_train_steps,
-            checkpointing_steps: c.checkpointing_steps,
-            seed: c.seed,
-            sampler_seed: c.sampler_seed,
-            train_batch_size: c.train_batch_size,
-            gradient_checkpointing: c.gradient_checkpointing,
-            rewards: c
-                .rewards
-                .into_iter()
-                .map(|r| RewardConfig {
-                    name: r.name,
-                    weight: r.weight,
-                    model_dir: r.model_dir,
-                    on_cpu: r.on_cpu,
-                })
-                .collect(),
-            lora: c.lora.map(|l| LoraConfig {
-                rank: l.rank,
-                alpha: l.alpha,
-                target_modules: l.target_modules,
-            }),
-            non_finite_policy,
-            reward_log: c.reward_log,
-            backend: c.backend,
-            resume_from_checkpoint: c.resume_from_checkpoint,
-            sample_grid_every: c.sample_grid_every,
-        })
+/// The inverse of [`job_config_to_wire`]: unknown keys and bad values are a [`ConvertError`].
+pub fn job_config_from_wire(field: &'static str, json: &str) -> Result<JobConfig, ConvertError> {
+    if json.is_empty() {
+        return Err(ConvertError::Missing(field));
     }
+    serde_json::from_str(json).map_err(|e| ConvertError::Invalid { field, reason: e.to_string() })
 }
 
 impl From<&WorkerInfo> for pb::WorkerInfo {
@@ -306,6 +196,8 @@ impl From<pb::WorkItem> for WorkItem {
 mod tests {
     use super::*;
 
+    use crate::config::{LoraConfig, NonFinitePolicy};
+
     #[test]
     fn job_config_round_trips_through_the_wire() {
         let c = JobConfig {
@@ -313,8 +205,14 @@ mod tests {
             non_finite_policy: NonFinitePolicy::DropGroup,
             ..JobConfig::default()
         };
-        let back = JobConfig::try_from(pb::JobConfig::from(&c)).unwrap();
+        let back = job_config_from_wire("config_json", &job_config_to_wire(&c)).unwrap();
         assert_eq!(back, c);
+        assert_eq!(
+            job_config_from_wire("config_json", ""),
+            Err(ConvertError::Missing("config_json"))
+        );
+        let e = job_config_from_wire("config_json", r#"{"use_ema": true}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `use_ema`"), "{e}");
     }
 
     #[test]

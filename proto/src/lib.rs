@@ -29,8 +29,8 @@ pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConf
 pub use ids::{JobId, WorkerId};
 pub use types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
 
-/// Version of the worker <-> coordinator protocol.
+/// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON.
 ///
 /// Bump it on any change a peer of the other version would misread. Zero means "unset" and is
 /// always rejected, so a client that forgot the field cannot slip through.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -116,11 +116,11 @@ async fn another_protocol_version_is_failed_precondition() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        err.message().contains("protocol version mismatch: worker speaks v2"),
-        "{}",
-        err.message()
+    let want = format!(
+        "protocol version mismatch: worker speaks v{}",
+        dancegrpo_proto::PROTOCOL_VERSION + 1
     );
+    assert!(err.message().contains(&want), "{}", err.message());
     // A missing sub-message is INVALID_ARGUMENT, not a crashed handler.
     let err = client
         .register_worker(pb::RegisterWorkerRequest {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dancegrpo_proto::convert::job_config_from_wire;
 use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
 use dancegrpo_proto::{JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, WorkerInfo, pb};
 use tokio::sync::{Mutex, watch};
@@ -118,9 +119,7 @@ impl Session {
             .await
             .map_err(|s| rejected("RegisterWorker", s))?
             .into_inner();
-        let config = JobConfig::try_from(
-            resp.config.ok_or_else(|| Error::BadReply("registration without a config".into()))?,
-        )?;
+        let config = job_config_from_wire("config_json", &resp.config_json)?;
         if let Some(a) = resp.assignment {
             self.assignment.send_replace(Some(RankAssignment::try_from(a)?));
         } else {

@@ -29,6 +29,15 @@ enum Command {
     Watch(WatchArgs),
     /// List the jobs in the coordinator's database.
     List(QueryArgs),
+    /// The job config's keys: `--print-defaults` writes every key at its default, documented.
+    Config(ConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// Write the default job config as TOML, each key with its documentation.
+    #[arg(long, required = true)]
+    print_defaults: bool,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +206,10 @@ async fn main() -> ExitCode {
         Command::Status(q) => cli::status(&q.addr, &q.job, q.json).await,
         Command::Watch(w) => cli::watch(&w.query.addr, &w.query.job, w.query.json, w.table).await,
         Command::List(q) => cli::list(&q.addr, q.json).await,
+        Command::Config(_) => {
+            print!("{}", dancegrpo_proto::JobConfig::defaults_toml());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
