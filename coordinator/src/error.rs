@@ -1,6 +1,7 @@
 //! The coordinator's error type and its single mapping to `tonic::Status`.
 
 use dancegrpo_proto::ConfigError;
+use dancegrpo_proto::Reason;
 use dancegrpo_proto::convert::ConvertError;
 
 /// Crate-wide result.
@@ -113,28 +114,38 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
 }
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            Error::ProtocolVersion { .. } => Status::failed_precondition(msg),
-            Error::WorkerGone { .. } => Status::failed_precondition(msg),
+impl Error {
+    /// The machine-readable reason a worker sees; the gRPC code follows from it
+    /// ([`Reason::code`]).
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::ProtocolVersion { .. } => Reason::ProtocolVersion,
+            Error::WorkerGone { .. } => Reason::WorkerGone,
             Error::InvalidRequest(_) | Error::Convert(_) | Error::Config(_) => {
-                Status::invalid_argument(msg)
+                Reason::InvalidRequest
             }
-            Error::WorldFull { .. } => Status::resource_exhausted(msg),
-            Error::Superseded { .. } => Status::aborted(msg),
-            Error::JobFailed(_) => Status::aborted(msg),
-            Error::NotReady(_) => Status::unavailable(msg),
-            Error::Timeout(_) => Status::deadline_exceeded(msg),
-            Error::Data { .. } => Status::failed_precondition(msg),
-            Error::DuplicateSlot { .. } => Status::already_exists(msg),
-            Error::UnknownWorker(_) | Error::UnknownJob(_) => Status::not_found(msg),
+            Error::WorldFull { .. } => Reason::WorldFull,
+            Error::Superseded { .. } => Reason::Superseded,
+            Error::JobFailed(_) => Reason::JobFailed,
+            Error::NotReady(_) => Reason::NotReady,
+            Error::Timeout(_) => Reason::Timeout,
+            Error::Data { .. } => Reason::BadData,
+            Error::DuplicateSlot { .. } => Reason::DuplicateSlot,
+            Error::UnknownWorker(_) => Reason::UnknownWorker,
+            Error::UnknownJob(_) => Reason::UnknownJob,
             Error::ConfigLoad(_) | Error::Db(_) | Error::Io { .. } | Error::Transport(_) => {
-                tracing::error!(cause = %msg, "internal error");
-                Status::internal(msg)
+                Reason::Internal
             }
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let reason = e.reason();
+        if reason == Reason::Internal {
+            tracing::error!(cause = %e, "internal error");
+        }
+        reason.status(e.to_string())
     }
 }

@@ -23,7 +23,7 @@ pub enum ConvertError {
 
 impl From<ConvertError> for tonic::Status {
     fn from(e: ConvertError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
+        crate::Reason::InvalidRequest.status(e.to_string())
     }
 }
 

@@ -22,11 +22,14 @@ pub mod config;
 pub mod convert;
 /// Typed ids.
 pub mod ids;
+/// Machine-readable reasons of refusals (`google.rpc.ErrorInfo`).
+pub mod reason;
 /// Domain types of the control plane.
 pub mod types;
 
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};
+pub use reason::Reason;
 pub use types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
 
 /// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON.

@@ -25,6 +25,8 @@ pub enum Error {
         message: String,
         /// Its status code.
         code: tonic::Code,
+        /// The coordinator's machine-readable reason; `None` for a failure of the transport.
+        reason: Option<dancegrpo_proto::Reason>,
     },
     /// A reply that does not make sense.
     #[error("bad reply from coordinator: {0}")]

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use dancegrpo_proto::convert::job_config_from_wire;
 use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
-use dancegrpo_proto::{JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, WorkerInfo, pb};
+use dancegrpo_proto::{
+    JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, Reason, WorkerInfo, pb,
+};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -48,6 +50,12 @@ pub struct Session {
     joined: Mutex<Joined>,
     assignment: watch::Sender<Option<RankAssignment>>,
     job_state: watch::Sender<JobState>,
+}
+
+/// A refusal that means the coordinator no longer knows this worker as registered (it
+/// restarted, declared the worker lost, or lost the job): registering again is the answer.
+pub(crate) fn forgotten(r: Reason) -> bool {
+    matches!(r, Reason::UnknownWorker | Reason::UnknownJob | Reason::WorkerGone | Reason::BadData)
 }
 
 fn is_transient(code: tonic::Code) -> bool {
@@ -167,10 +175,7 @@ impl Session {
             };
             match r {
                 Ok(()) => last_ok = Instant::now(),
-                Err(Error::Rejected { code, message, .. })
-                    if matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
-                        && !message.contains("protocol version") =>
-                {
+                Err(Error::Rejected { reason: Some(r), message, .. }) if forgotten(r) => {
                     // A worker on its way out does not come back in its own slot.
                     if stop.is_cancelled() {
                         return Ok(());
@@ -260,5 +265,6 @@ impl Session {
 
 /// A refused call as an [`Error`].
 pub fn rejected(rpc: &'static str, s: tonic::Status) -> Error {
-    Error::Rejected { rpc, message: s.message().to_string(), code: s.code() }
+    let reason = Reason::of(&s);
+    Error::Rejected { rpc, message: s.message().to_string(), code: s.code(), reason }
 }

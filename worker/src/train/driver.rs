@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dancegrpo_proto::{JobConfig, RankAssignment, WorkItem, pb};
+use dancegrpo_proto::{JobConfig, RankAssignment, Reason, WorkItem, pb};
 
 use crate::compute::ComputeThread;
 use crate::error::{Error, Result};
-use crate::session::{Session, rejected};
+use crate::session::{Session, forgotten, rejected};
 use crate::world::World;
 
 /// How long a worker keeps asking for advantages while other ranks are still rolling out.
@@ -31,22 +31,21 @@ pub enum Ended {
 /// A refusal that means "this world is over", not "this worker is broken".
 fn paused(e: &Error) -> Option<String> {
     match e {
-        Error::Rejected { code: tonic::Code::Aborted, message, .. }
-            if !message.starts_with("job failed") =>
-        {
-            Some(message.clone())
-        }
-        // Unavailable: a rank is gone; Unknown: the coordinator is unreachable (restarting).
+        // The world was re-formed, or a rank is gone.
         Error::Rejected {
-            code: tonic::Code::Unavailable | tonic::Code::Unknown, message, ..
+            reason: Some(Reason::Superseded | Reason::NotReady), message, ..
         } => Some(message.clone()),
         // The coordinator restarted or forgot this worker: the heartbeat loop registers again
         // and a new world forms.
+        Error::Rejected { reason: Some(r), message, .. } if forgotten(*r) => Some(message.clone()),
+        // No reason: the transport failed (Unavailable, or Unknown while the coordinator
+        // restarts).
         Error::Rejected {
-            code: tonic::Code::NotFound | tonic::Code::FailedPrecondition,
+            reason: None,
+            code: tonic::Code::Unavailable | tonic::Code::Unknown,
             message,
             ..
-        } if !message.contains("protocol version") => Some(message.clone()),
+        } => Some(message.clone()),
         Error::Dist(d) => Some(format!("a collective failed: {d}")),
         _ => None,
     }
@@ -264,5 +263,25 @@ async fn get_advantages(
                     && start.elapsed() < ADVANTAGES_PATIENCE => {}
             Err(s) => return Err(rejected("GetAdvantages", s)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paused_is_told_by_the_reason_not_by_the_message() {
+        let e = |s: tonic::Status| rejected("GetWork", s);
+        let superseded = e(Reason::Superseded.status("generation 1 was superseded"));
+        assert!(paused(&superseded).is_some());
+        // Same code (ABORTED), and a message that reads like the other: the reason decides.
+        assert!(paused(&e(Reason::JobFailed.status("generation superseded"))).is_none());
+        assert!(paused(&e(Reason::ProtocolVersion.status("unknown worker"))).is_none());
+        assert!(paused(&e(Reason::UnknownWorker.status("x"))).is_some());
+        assert!(paused(&e(Reason::NotReady.status("x"))).is_some());
+        // A transport failure carries no reason.
+        assert!(paused(&e(tonic::Status::unavailable("connection refused"))).is_some());
+        assert!(paused(&e(tonic::Status::aborted("superseded"))).is_none());
     }
 }
