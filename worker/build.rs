@@ -1,8 +1,8 @@
 //! Builds the c10d shim (`csrc/`) against the venv's torch headers, and gives the worker's
 //! binaries an rpath to the venv's `torch/lib`, so they run without `LD_LIBRARY_PATH`.
 //!
-//! torch is found the way torch-sys finds it: `LIBTORCH`, else the python on PATH (the project
-//! venv, see deploy/bootstrap.sh). Features add backends:
+//! torch is found once, the way torch-sys finds it: `LIBTORCH`, else the python on PATH (the
+//! project venv, see deploy/bootstrap.sh). Features add backends:
 //! - `cuda`: ProcessGroupNCCL, headers from the venv's `nvidia/*` wheels, links `torch_cuda`;
 //! - `npu`: ProcessGroupHCCL and the NPU device helpers, headers and `libtorch_npu` from the
 //!   torch-npu wheel (`TORCH_NPU_ROOT`, else the venv's installed `torch_npu`).
@@ -60,8 +60,20 @@ fn cuda_includes(torch: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// The `_GLIBCXX_USE_CXX11_ABI` value torch was built with, read off the library we link:
+/// `std::string` in its exported signatures mangles as `std::__cxx11::basic_string` under the
+/// new ABI only. Read from the binary because the other sources are not always there: torch's
+/// CMake config stopped stating the flag, and a `LIBTORCH` download comes without python.
+fn cxx11_abi(torch: &Path) -> &'static str {
+    let c10 = torch.join("lib/libc10.so");
+    let bytes = std::fs::read(&c10).unwrap_or_else(|e| {
+        panic!("reading {} to learn torch's C++ ABI: {e}", c10.display());
+    });
+    let needle = b"St7__cxx1112basic_string";
+    if bytes.windows(needle.len()).any(|w| w == needle) { "1" } else { "0" }
+}
+
 fn main() {
-    build_pickle_shim();
     for v in ["LIBTORCH", "PYTHON_SYS_EXECUTABLE", "VIRTUAL_ENV", "TORCH_NPU_ROOT"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -88,7 +100,7 @@ fn main() {
         // The Gloo declarations come from Debian's libgloo-dev headers; the implementation
         // that runs is the one inside libtorch_cpu. Debian's libgloo.so is never linked.
         .define("USE_C10D_GLOO", None)
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi(&torch))
         // torch's own headers are not ours to warn about.
         .flag("-isystem")
         .flag(torch.join("include").to_string_lossy().as_ref())
@@ -138,45 +150,4 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", npu_lib.display());
     }
     b.compile("dancegrpo_dist_shim");
-}
-
-/// Compiles `csrc/pickle.cpp`, the reader of PyTorch zip pickles (`HPS_v2.1_compressed.pt`),
-/// against the headers of the same torch that tch links. Self-contained on purpose: it only
-/// needs the torch directory and the C++ ABI flag torch was built with.
-fn build_pickle_shim() {
-    println!("cargo:rerun-if-changed=csrc/pickle.cpp");
-    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
-    let (torch_dir, cxx11_abi) = match std::env::var("LIBTORCH") {
-        Ok(l) => (PathBuf::from(l), std::env::var("LIBTORCH_CXX11_ABI").unwrap_or("1".into())),
-        Err(_) => {
-            let out = Command::new(&python)
-                .args([
-                    "-c",
-                    "import os, torch; print(os.path.dirname(torch.__file__)); \
-                     print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
-                ])
-                .output()
-                .expect("running python to locate torch for csrc/pickle.cpp");
-            assert!(
-                out.status.success(),
-                "python cannot import torch (needed for csrc/pickle.cpp)"
-            );
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let mut lines = text.lines();
-            let dir = PathBuf::from(lines.next().unwrap_or_default().trim());
-            (dir, lines.next().unwrap_or("1").trim().to_string())
-        }
-    };
-    let include = torch_dir.join("include");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/pickle.cpp")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
-        // The torch headers are noisy; their warnings are not ours to fix.
-        .warnings(false)
-        .flag("-w")
-        .compile("dg_pickle");
 }

@@ -25,6 +25,8 @@ pub mod flux;
 pub mod latents;
 /// Prompts file to text embeddings (`preprocess`).
 pub mod preprocess;
+/// The one reader of `torch.save` files: one tensor, or a state dict.
+pub mod pt;
 /// Rewards: the `Reward` trait, built-in rewards, HPS-v2.1, the multi-reward loss.
 pub mod reward;
 /// The DanceGRPO SDE sampler: schedule, step, log-prob, rollout, recomputation.

@@ -58,7 +58,7 @@ fn check_features(model: &ClipModel, g: &HashMap<String, Tensor>) {
 
 #[test]
 fn features_match_hpsv2_from_torch_pickle() {
-    // The `.pt` is a real `torch.save({'state_dict': ...})` zip pickle in fp16.
+    // The `.pt` is a real `torch.save({'state_dict': model.state_dict()})` file in fp16.
     check_features(&tiny_model("HPS_v2.1_compressed.pt"), &goldens());
 }
 

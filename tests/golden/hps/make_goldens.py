@@ -20,7 +20,7 @@ values in fp32.
 
 Files written:
 - tiny_hps/open_clip_config.json      model config (open_clip format)
-- tiny_hps/HPS_v2.1_compressed.pt      torch.save({'state_dict': sd}) (zip pickle, fp16)
+- tiny_hps/HPS_v2.1_compressed.pt      torch.save({'state_dict': model.state_dict()}) (zip, fp16)
 - tiny_hps/HPS_v2.1_compressed.safetensors   the same state dict as safetensors
 - tiny_hps/bpe_simple_vocab_16e6.txt.gz       the BPE vocabulary shipped in open-clip-torch
 - tiny_hps/prompts.txt, tiny_hps/images.safetensors   inputs in the `check hps-score` format
@@ -29,6 +29,7 @@ Files written:
 - tricky_prompts.json  the tricky prompts, in order
 - bad/list_root.pt, bad/int_entry.pt  malformed checkpoints for the loader's error paths
 """
+import copy
 import hashlib
 import importlib
 import json
@@ -127,7 +128,13 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "open_clip_config.json"), "w") as f:
         json.dump(CONFIG, f, indent=2)
-    torch.save({"state_dict": sd16}, os.path.join(OUT, "HPS_v2.1_compressed.pt"))
+    # Written the way real checkpoints are: `model.state_dict()`, an OrderedDict with
+    # `_metadata`, not a plain dict of our own.
+    sd16_module = copy.deepcopy(model).half().state_dict()
+    assert list(sd16_module) == list(sd16) and all(
+        torch.equal(sd16_module[k], sd16[k]) and sd16_module[k].dtype == sd16[k].dtype
+        for k in sd16)
+    torch.save({"state_dict": sd16_module}, os.path.join(OUT, "HPS_v2.1_compressed.pt"))
     save_file(sd16, os.path.join(OUT, "HPS_v2.1_compressed.safetensors"))
     # Malformed checkpoints for the loader's error paths: a list at the root, and a
     # non-tensor inside the state dict.

@@ -30,7 +30,7 @@ enum Command {
     /// One-shot checks against the Python reference.
     #[command(subcommand)]
     Check(dancegrpo_worker::check::CheckCommand),
-    /// Convert a PyTorch checkpoint (.pt/.bin zip pickle) to safetensors.
+    /// Convert a PyTorch checkpoint (a .pt/.bin `torch.save` file) to safetensors.
     Convert(dancegrpo_worker::check::hps::ConvertArgs),
 }
 

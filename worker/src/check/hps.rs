@@ -50,7 +50,7 @@ pub struct TokenizeArgs {
 /// `convert`: rewrite a PyTorch checkpoint as safetensors.
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// A PyTorch zip pickle: a flat state dict or `{'state_dict': ...}`
+    /// A `torch.save` file (zip or legacy format): a state dict, flat or `{'state_dict': ...}`
     /// (`open_clip_pytorch_model.bin`, `HPS_v2.1_compressed.pt`).
     #[arg(long)]
     pub input: PathBuf,

@@ -6,26 +6,24 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use super::pickle::read_pickle;
 use super::{ClipError, ClipModel};
 
-/// Reads a state dict from `path`: safetensors by extension, otherwise a PyTorch zip pickle
+/// Reads a state dict from `path`: safetensors by extension, otherwise a `torch.save` file
 /// (flat, or under `state_dict`). Tensors stay on the CPU in the file's dtype.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, ClipError> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    if is_safetensors {
-        if !path.is_file() {
-            return Err(ClipError::Read {
-                path: path.display().to_string(),
-                message: "no such file".into(),
-            });
-        }
+    if !path.is_file() {
+        return Err(ClipError::Read {
+            path: path.display().to_string(),
+            message: "no such file".into(),
+        });
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") {
         Tensor::read_safetensors(path).map_err(|e| ClipError::Read {
             path: path.display().to_string(),
             message: e.to_string(),
         })
     } else {
-        read_pickle(path, Some("state_dict"))
+        Ok(crate::pt::read_state_dict(path, Some("state_dict"))?)
     }
 }
 

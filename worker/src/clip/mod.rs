@@ -1,6 +1,7 @@
 //! open_clip CLIP towers in tch (the HPS-v2.1 reward model is open_clip ViT-H-14), their
-//! configuration, and strict loading of open_clip checkpoints: PyTorch zip pickles
-//! (`open_clip_pytorch_model.bin`, `HPS_v2.1_compressed.pt`) or safetensors.
+//! configuration, and strict loading of open_clip checkpoints: `torch.save` files
+//! (`open_clip_pytorch_model.bin`, `HPS_v2.1_compressed.pt`, read by [`crate::pt`]) or
+//! safetensors.
 
 /// The model configuration (open_clip's JSON format; ViT-H-14 preset).
 pub mod config;
@@ -8,8 +9,6 @@ pub mod config;
 pub mod load;
 /// The CLIP model: image and text towers.
 pub mod model;
-/// Reading PyTorch zip pickles through libtorch's unpickler (C++ shim).
-pub mod pickle;
 /// The shared residual transformer.
 pub mod transformer;
 
@@ -23,6 +22,9 @@ pub enum ClipError {
     /// A bad model configuration.
     #[error("open_clip config: {0}")]
     Config(String),
+    /// A `torch.save` file could not be read (the error names the file).
+    #[error(transparent)]
+    Pt(#[from] crate::pt::PtError),
     /// A weight file could not be read.
     #[error("reading {path}: {message}")]
     Read {

@@ -12,8 +12,6 @@
 pub mod cli;
 /// The prompts text file.
 pub mod prompts;
-/// Reads `torch.save` files of one tensor.
-pub mod pt;
 /// The DanceGRPO reference layout.
 pub mod reference;
 /// The project's own sharded layout.
@@ -72,7 +70,7 @@ pub enum DataError {
     },
     /// A `.pt` file problem.
     #[error(transparent)]
-    Pt(#[from] pt::PtError),
+    Pt(#[from] crate::pt::PtError),
     /// libtorch failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

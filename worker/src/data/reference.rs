@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tch::Kind;
 
-use super::{DataError, DatasetSpec, PromptDataset, PromptItem, pt};
+use super::{DataError, DatasetSpec, PromptDataset, PromptItem};
+use crate::pt;
 
 /// The index file's name.
 pub const INDEX: &str = "videos2caption.json";

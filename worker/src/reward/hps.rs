@@ -4,7 +4,7 @@
 //!
 //! Model directory layout (what HPSv2 / DanceGRPO download into `hps_ckpt/`):
 //! - `open_clip_pytorch_model.bin` (laion2B base) then `HPS_v2.1_compressed.pt` on top,
-//!   both PyTorch zip pickles, loaded in that order, each strictly; or `.safetensors` files
+//!   both `torch.save` files, loaded in that order, each strictly; or `.safetensors` files
 //!   of the same stems (what `dancegrpo-worker convert` writes), preferred when present;
 //! - `bpe_simple_vocab_16e6.txt.gz`, the tokenizer's BPE merges;
 //! - optionally `open_clip_config.json` (open_clip format); ViT-H-14 otherwise.
