@@ -31,7 +31,7 @@ use std::time::Instant;
 use dancegrpo_worker::flux::checkpoint::forward_backward_checkpointed;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{FluxInputs, LoadedFlux, Result, WeightPolicy, load_flux};
-use dancegrpo_worker::sampler::{Next, Schedule, sde_step};
+use dancegrpo_worker::sampler::{Next, SamplerError, Schedule, sde_step};
 use dancegrpo_worker::train::optim::clear_grad;
 use peer::{Peer, python};
 use tch::{Device, Kind, Tensor};
@@ -84,7 +84,8 @@ fn train_step(m: &LoadedFlux, t: &Tensors, checkpointed: bool, keep_grads: bool)
     let (x, nxt) = (&t["hidden_states"], &t["next"]);
     if checkpointed {
         let loss = forward_backward_checkpointed(&m.model, &inputs(t), |v| {
-            loss_of(&sde_step(v, x, &sched(), 0, 0.3, Next::Given(nxt))?.log_prob)
+            let step = sde_step(v, x, &sched(), 0, 0.3, Next::Given(nxt))?;
+            Ok::<_, SamplerError>(loss_of(&step.log_prob)?)
         });
         drop(loss.unwrap());
     } else {

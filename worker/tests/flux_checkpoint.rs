@@ -30,7 +30,7 @@ fn checkpointed_gradients_equal_plain_backward() {
     let (z, z_next) = (lat.select(1, 1), lat.select(1, 2));
     let old = g["log_probs"].select(1, 1);
     let adv = Tensor::from_slice(&[0.7f32, -1.3]);
-    let loss_of = |lp: &Tensor| -> dancegrpo_worker::flux::Result<Tensor> {
+    let loss_of = |lp: &Tensor| -> dancegrpo_worker::sampler::Result<Tensor> {
         Ok((-(&adv) * (lp - &old).exp()).mean(Kind::Float))
     };
 

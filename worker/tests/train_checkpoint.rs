@@ -12,8 +12,8 @@ use std::process::Command;
 use dancegrpo_worker::flux::lora::LoraSpec;
 use dancegrpo_worker::flux::{FluxInputs, LoadedFlux, ModelError, WeightPolicy, load_flux};
 use dancegrpo_worker::train::checkpoint::{
-    latest_checkpoint, load_lora_adapter, restore_named, save_lora_adapter, save_transformer,
-    write_checkpoint, write_safetensors,
+    CheckpointError, latest_checkpoint, load_lora_adapter, restore_named, save_lora_adapter,
+    save_transformer, write_checkpoint, write_safetensors,
 };
 use flux_common::{golden, golden_dir, seeded_normal};
 use tch::{Device, Kind, Tensor};
@@ -183,7 +183,7 @@ fn lora_adapter_errors() {
     let loaded = load_lora_adapter(dir).unwrap();
     let dst = vec![(key.clone(), Tensor::zeros([2, 16], (Kind::Float, Device::Cpu)))];
     let err = restore_named(&dst, &loaded.tensors, dir).unwrap_err();
-    assert!(matches!(err, ModelError::Shape { .. }));
+    assert!(matches!(err, CheckpointError::Weights(ModelError::Shape { .. })));
     let msg = err.to_string();
     assert!(msg.contains(&key) && msg.contains("[2, 16]") && msg.contains("[2, 8]"), "{msg}");
     let other = vec![("x".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))];
@@ -208,28 +208,29 @@ fn write_checkpoint_is_atomic() {
     let root = out.path();
     assert_eq!(latest_checkpoint(root), None);
 
-    let err = write_checkpoint(root, 7, |dir| {
+    let err = write_checkpoint(root, 7, |dir| -> Result<(), CheckpointError> {
         std::fs::write(dir.join("partial"), b"x").unwrap();
-        Err(ModelError::Input("disk full".into()))
+        Err(ModelError::Input("disk full".into()).into())
     })
     .unwrap_err();
     assert!(err.to_string().contains("disk full"));
     assert!(entries(root).is_empty(), "{:?}", entries(root));
 
-    let first = write_checkpoint(root, 7, |dir| {
-        std::fs::write(dir.join("old"), b"1").map_err(|e| ModelError::Input(e.to_string()))
+    let first = write_checkpoint(root, 7, |dir| -> Result<(), CheckpointError> {
+        Ok(std::fs::write(dir.join("old"), b"1").map_err(|e| ModelError::Input(e.to_string()))?)
     })
     .unwrap();
-    let again = write_checkpoint(root, 7, |dir| {
+    let again = write_checkpoint(root, 7, |dir| -> Result<(), CheckpointError> {
         std::fs::create_dir(dir.join("sub")).unwrap();
-        std::fs::write(dir.join("sub/new"), b"2").map_err(|e| ModelError::Input(e.to_string()))
+        Ok(std::fs::write(dir.join("sub/new"), b"2")
+            .map_err(|e| ModelError::Input(e.to_string()))?)
     })
     .unwrap();
     assert_eq!(first, again);
     assert_eq!(entries(&again), ["sub"]);
     assert_eq!(entries(root), ["checkpoint-7"]);
 
-    write_checkpoint(root, 12, |_| Ok(())).unwrap();
+    write_checkpoint::<CheckpointError, _>(root, 12, |_| Ok(())).unwrap();
     std::fs::create_dir(root.join(".checkpoint-40.tmp-99")).unwrap();
     std::fs::create_dir(root.join("checkpoint-30-0")).unwrap();
     std::fs::create_dir(root.join("checkpoint-+50")).unwrap();

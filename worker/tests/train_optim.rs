@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use dancegrpo_worker::flux::ModelError;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
-use dancegrpo_worker::train::optim::{AdamW, AdamWConfig};
+use dancegrpo_worker::train::checkpoint::CheckpointError;
+use dancegrpo_worker::train::optim::{AdamW, AdamWConfig, OptimError};
 use tch::{Kind, Tensor};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -183,7 +184,10 @@ fn load_rejects_mismatched_state() {
         AdamW::new(vec![p("a", &[4, 3]), p("b", &[6]), p("c", &[2, 3, 2])], AdamWConfig::default())
             .unwrap();
     let err = other.load(&path).unwrap_err();
-    assert!(matches!(err, ModelError::Shape { .. }), "{err}");
+    assert!(
+        matches!(err, OptimError::State(CheckpointError::Weights(ModelError::Shape { .. }))),
+        "{err}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("exp_avg.b") && msg.contains("[6]") && msg.contains("[5]"), "{msg}");
 

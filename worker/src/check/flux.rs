@@ -128,10 +128,10 @@ pub struct SdeStepArgs {
 }
 
 /// Runs one check command.
-pub fn run(cmd: FluxCheck) -> Result<()> {
+pub fn run(cmd: FluxCheck) -> anyhow::Result<()> {
     match cmd {
-        FluxCheck::FluxForward(a) => flux_forward(&a.common),
-        FluxCheck::VaeDecode(a) => vae_decode(&a),
+        FluxCheck::FluxForward(a) => Ok(flux_forward(&a.common)?),
+        FluxCheck::VaeDecode(a) => Ok(vae_decode(&a)?),
         FluxCheck::SdeStep(a) => sde(&a),
     }
 }
@@ -224,7 +224,7 @@ fn vae_decode(a: &VaeDecodeArgs) -> Result<()> {
     write(&c.out, &[("image", image.f_to_kind(Kind::Float)?), ("image_u8", to_uint8(&image)?)])
 }
 
-fn sde(a: &SdeStepArgs) -> Result<()> {
+fn sde(a: &SdeStepArgs) -> anyhow::Result<()> {
     let i = Inputs::read(&a.inputs, Device::Cpu)?;
     let sigmas = Vec::<f32>::try_from(&i.get("sigmas")?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
     let sched = Schedule::from_sigmas(sigmas)?;
@@ -232,12 +232,14 @@ fn sde(a: &SdeStepArgs) -> Result<()> {
         (Ok(n), _) => Next::Noise(n),
         (_, Ok(z)) => Next::Given(z),
         _ => {
-            return Err(ModelError::Input(format!("{} needs `noise` or `next`", i.path.display())));
+            return Err(
+                ModelError::Input(format!("{} needs `noise` or `next`", i.path.display())).into()
+            );
         }
     };
     let out = sde_step(i.get("v")?, i.get("x")?, &sched, a.step, a.eta, next)?;
-    write(
+    Ok(write(
         &a.out,
         &[("mean", out.mean), ("next", out.next), ("log_prob", out.log_prob), ("x0", out.x0)],
-    )
+    )?)
 }

@@ -27,7 +27,7 @@ impl CheckCommand {
     /// Runs the subcommand.
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            CheckCommand::Flux(c) => flux::run(c).map_err(anyhow::Error::from),
+            CheckCommand::Flux(c) => flux::run(c),
             CheckCommand::EncodePrompts(a) => text::encode_prompts(&a),
             CheckCommand::HpsScore(a) => hps::run_hps_score(&a),
             CheckCommand::Tokenize(a) => hps::run_tokenize(&a),

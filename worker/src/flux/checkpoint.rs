@@ -29,7 +29,7 @@
 
 use tch::Tensor;
 
-use super::error::Result;
+use super::error::{ModelError, Result};
 use super::model::{FluxInputs, FluxTransformer, Stem};
 
 fn leaf(t: &Tensor) -> Result<Tensor> {
@@ -49,79 +49,109 @@ fn grad_of(t: &Tensor) -> Result<Tensor> {
 /// Forward + backward of `loss_fn(velocity)` with per-block recomputation. Gradients are
 /// accumulated into the model's trainable variables exactly as `loss.backward()` would after a
 /// plain [`FluxTransformer::forward`]. Returns the (detached) loss.
-pub fn forward_backward_checkpointed<F>(
+/// `loss_fn`'s error comes back as it is, so the caller's own error type passes through.
+pub fn forward_backward_checkpointed<E, F>(
     model: &FluxTransformer,
     inputs: &FluxInputs<'_>,
     loss_fn: F,
-) -> Result<Tensor>
+) -> std::result::Result<Tensor, E>
 where
-    F: FnOnce(&Tensor) -> Result<Tensor>,
+    E: From<ModelError>,
+    F: FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
 {
-    let Stem { x, c, temb, rope } = model.stem(inputs)?;
-    let temb_leaf = leaf(&temb)?;
-    let t = c.size()[1];
+    let recorded = Recorded::forward(model, inputs)?;
+    let loss = loss_fn(&recorded.velocity)?;
+    Ok(recorded.backward(model, loss)?)
+}
 
-    // 2. Forward without a graph, keeping block inputs only.
-    let (double_inputs, single_inputs, h_out) = tch::no_grad(|| -> Result<_> {
-        let (mut xi, mut ci) = (x.f_detach()?, c.f_detach()?);
-        let mut double_inputs = Vec::with_capacity(model.double_blocks.len());
-        for blk in &model.double_blocks {
-            let (xo, co) = blk.forward(&xi, &ci, &temb_leaf, &rope)?;
-            double_inputs.push((xi, ci));
-            (xi, ci) = (xo, co);
+/// Steps 1 to 3 up to the loss: the velocity, and what the backward needs.
+struct Recorded {
+    stem: Stem,
+    temb_leaf: Tensor,
+    /// Text tokens.
+    t: i64,
+    double_inputs: Vec<(Tensor, Tensor)>,
+    single_inputs: Vec<Tensor>,
+    h_leaf: Tensor,
+    velocity: Tensor,
+}
+
+impl Recorded {
+    fn forward(model: &FluxTransformer, inputs: &FluxInputs<'_>) -> Result<Self> {
+        let stem = model.stem(inputs)?;
+        let Stem { x, c, temb, rope } = &stem;
+        let temb_leaf = leaf(temb)?;
+        let t = c.size()[1];
+
+        // 2. Forward without a graph, keeping block inputs only.
+        let (double_inputs, single_inputs, h_out) = tch::no_grad(|| -> Result<_> {
+            let (mut xi, mut ci) = (x.f_detach()?, c.f_detach()?);
+            let mut double_inputs = Vec::with_capacity(model.double_blocks.len());
+            for blk in &model.double_blocks {
+                let (xo, co) = blk.forward(&xi, &ci, &temb_leaf, rope)?;
+                double_inputs.push((xi, ci));
+                (xi, ci) = (xo, co);
+            }
+            let mut h = Tensor::f_cat(&[ci, xi], 1)?;
+            let mut single_inputs = Vec::with_capacity(model.single_blocks.len());
+            for blk in &model.single_blocks {
+                let ho = blk.forward(&h, &temb_leaf, rope)?;
+                single_inputs.push(h);
+                h = ho;
+            }
+            Ok((double_inputs, single_inputs, h))
+        })?;
+
+        // 3. Head and loss.
+        let h_leaf = leaf(&h_out)?;
+        drop(h_out);
+        let velocity = model.head(&h_leaf.f_narrow(1, t, h_leaf.size()[1] - t)?, &temb_leaf)?;
+        Ok(Self { stem, temb_leaf, t, double_inputs, single_inputs, h_leaf, velocity })
+    }
+
+    /// Steps 3 (the backward of `loss`) to 5. Returns the detached loss.
+    fn backward(self, model: &FluxTransformer, loss: Tensor) -> Result<Tensor> {
+        let Self { stem, temb_leaf, t, double_inputs, single_inputs, h_leaf, velocity } = self;
+        let Stem { x, c, temb, rope } = stem;
+        drop(velocity);
+        loss.f_backward()?;
+        let mut g = grad_of(&h_leaf)?;
+        drop(h_leaf);
+        // A loss that does not depend on the velocity here (a PPO ratio clipped on the side the
+        // advantage favours) sends zeros into the blocks: their recomputation and backward would
+        // only add zeros, so they are skipped.
+        if is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)? {
+            return Ok(loss.f_detach()?);
         }
-        let mut h = Tensor::f_cat(&[ci, xi], 1)?;
-        let mut single_inputs = Vec::with_capacity(model.single_blocks.len());
-        for blk in &model.single_blocks {
-            let ho = blk.forward(&h, &temb_leaf, &rope)?;
-            single_inputs.push(h);
-            h = ho;
+
+        // 4. Recompute each block with grad, newest first.
+        for (blk, h_in) in model.single_blocks.iter().zip(single_inputs).rev() {
+            let h_in = leaf(&h_in)?;
+            let out = blk.forward(&h_in, &temb_leaf, &rope)?;
+            out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
+            g = grad_of(&h_in)?;
         }
-        Ok((double_inputs, single_inputs, h))
-    })?;
+        let n = g.size()[1] - t;
+        let mut gc = g.f_narrow(1, 0, t)?;
+        let mut gx = g.f_narrow(1, t, n)?;
+        drop(g);
+        for (blk, (x_in, c_in)) in model.double_blocks.iter().zip(double_inputs).rev() {
+            let (x_in, c_in) = (leaf(&x_in)?, leaf(&c_in)?);
+            let (xo, co) = blk.forward(&x_in, &c_in, &temb_leaf, &rope)?;
+            let s = xo.f_mul(&gx)?.f_sum(xo.kind())? + co.f_mul(&gc)?.f_sum(co.kind())?;
+            s.f_backward()?;
+            gx = grad_of(&x_in)?;
+            gc = grad_of(&c_in)?;
+        }
 
-    // 3. Head and loss.
-    let h_leaf = leaf(&h_out)?;
-    drop(h_out);
-    let v = model.head(&h_leaf.f_narrow(1, t, h_leaf.size()[1] - t)?, &temb_leaf)?;
-    let loss = loss_fn(&v)?;
-    loss.f_backward()?;
-    let mut g = grad_of(&h_leaf)?;
-    drop(h_leaf);
-    // A loss that does not depend on the velocity here (a PPO ratio clipped on the side the
-    // advantage favours) sends zeros into the blocks: their recomputation and backward would
-    // only add zeros, so they are skipped.
-    if is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)? {
-        return Ok(loss.f_detach()?);
+        // 5. Through the stem.
+        let g_temb = grad_of(&temb_leaf)?;
+        let s = x.f_mul(&gx)?.f_sum(x.kind())?
+            + c.f_mul(&gc)?.f_sum(c.kind())?
+            + temb.f_mul(&g_temb)?.f_sum(temb.kind())?;
+        if s.requires_grad() {
+            s.f_backward()?;
+        }
+        Ok(loss.f_detach()?)
     }
-
-    // 4. Recompute each block with grad, newest first.
-    for (blk, h_in) in model.single_blocks.iter().zip(single_inputs).rev() {
-        let h_in = leaf(&h_in)?;
-        let out = blk.forward(&h_in, &temb_leaf, &rope)?;
-        out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
-        g = grad_of(&h_in)?;
-    }
-    let n = g.size()[1] - t;
-    let mut gc = g.f_narrow(1, 0, t)?;
-    let mut gx = g.f_narrow(1, t, n)?;
-    drop(g);
-    for (blk, (x_in, c_in)) in model.double_blocks.iter().zip(double_inputs).rev() {
-        let (x_in, c_in) = (leaf(&x_in)?, leaf(&c_in)?);
-        let (xo, co) = blk.forward(&x_in, &c_in, &temb_leaf, &rope)?;
-        let s = xo.f_mul(&gx)?.f_sum(xo.kind())? + co.f_mul(&gc)?.f_sum(co.kind())?;
-        s.f_backward()?;
-        gx = grad_of(&x_in)?;
-        gc = grad_of(&c_in)?;
-    }
-
-    // 5. Through the stem.
-    let g_temb = grad_of(&temb_leaf)?;
-    let s = x.f_mul(&gx)?.f_sum(x.kind())?
-        + c.f_mul(&gc)?.f_sum(c.kind())?
-        + temb.f_mul(&g_temb)?.f_sum(temb.kind())?;
-    if s.requires_grad() {
-        s.f_backward()?;
-    }
-    Ok(loss.f_detach()?)
 }

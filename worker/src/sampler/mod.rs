@@ -16,6 +16,23 @@ pub mod schedule;
 pub mod step;
 
 pub use noise::NoiseKey;
+
+/// What can go wrong in the sampler.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    /// Inputs of the wrong shape, length or value.
+    #[error("bad input: {0}")]
+    Input(String),
+    /// The transformer's forward failed.
+    #[error(transparent)]
+    Model(#[from] crate::flux::ModelError),
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The sampler's result.
+pub type Result<T, E = SamplerError> = std::result::Result<T, E>;
 pub use rollout::{Conditioning, Trajectory, recompute_log_prob, rollout};
 pub use schedule::Schedule;
 pub use step::{Next, StepOut, sde_step};

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use tch::{Kind, Tensor};
 
-use crate::flux::error::Result;
+use super::Result;
 
 /// Identifies one trajectory's noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

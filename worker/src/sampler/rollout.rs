@@ -6,8 +6,9 @@ use tch::{Kind, Tensor};
 use super::noise::NoiseKey;
 use super::schedule::Schedule;
 use super::step::{Next, sde_step};
+use super::{Result, SamplerError};
 use crate::flux::checkpoint::forward_backward_checkpointed;
-use crate::flux::error::{ModelError, Result};
+use crate::flux::error::ModelError;
 use crate::flux::{FluxInputs, FluxTransformer};
 
 /// The prompt side of the transformer call, constant over a trajectory.
@@ -37,19 +38,22 @@ pub struct Trajectory {
 }
 
 /// Calls `f` with the transformer inputs at `z` for step `i`; the model sees the quantised σ.
-fn with_inputs<T>(
+/// Generic over `f`'s error so that a caller's loss passes through unchanged.
+fn with_inputs<T, E: From<SamplerError>>(
     model: &FluxTransformer,
     cond: &Conditioning<'_>,
     z: &Tensor,
     sched: &Schedule,
     i: usize,
-    f: impl FnOnce(&FluxInputs<'_>) -> Result<T>,
-) -> Result<T> {
+    f: impl FnOnce(&FluxInputs<'_>) -> Result<T, E>,
+) -> Result<T, E> {
     let b = z.size()[0];
     // New tensors come from `z` (its device and f32), never from a tch::Device (NPU note).
-    let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
-    let t = row.f_full_like(sched.model_sigma(i) as f64)?;
-    let g = row.f_full_like(cond.guidance)?;
+    let timestep_and_guidance = || -> Result<(Tensor, Tensor)> {
+        let row = z.f_flatten(1, -1)?.f_narrow(1, 0, 1)?.f_reshape([b])?;
+        Ok((row.f_full_like(sched.model_sigma(i) as f64)?, row.f_full_like(cond.guidance)?))
+    };
+    let (t, g) = timestep_and_guidance()?;
     f(&FluxInputs {
         hidden_states: z,
         encoder_hidden_states: cond.encoder_hidden_states,
@@ -69,7 +73,7 @@ fn velocity(
     sched: &Schedule,
     i: usize,
 ) -> Result<Tensor> {
-    with_inputs(model, cond, z, sched, i, |inputs| model.forward(inputs))
+    with_inputs(model, cond, z, sched, i, |inputs| Ok(model.forward(inputs)?))
 }
 
 /// The first step's velocity of the last trajectory rolled out, kept for the next one.
@@ -166,7 +170,7 @@ pub fn rollout_with_noise(
     Ok(Trajectory {
         latents: Tensor::f_stack(&latents, 1)?,
         log_probs: Tensor::f_stack(&log_probs, 1)?,
-        x0: x0.ok_or_else(|| ModelError::Input("empty schedule".into()))?,
+        x0: x0.ok_or_else(|| SamplerError::Input("empty schedule".into()))?,
     })
 }
 
@@ -185,7 +189,7 @@ pub fn rollout(
     let n = cond.img_ids.size()[0];
     let c = model.config().in_channels;
     if keys.len() as i64 != cond.encoder_hidden_states.size()[0] {
-        return Err(ModelError::Input(format!(
+        return Err(SamplerError::Input(format!(
             "{} noise keys for a batch of {}",
             keys.len(),
             cond.encoder_hidden_states.size()[0]
@@ -220,9 +224,10 @@ pub fn recompute_log_prob(
 }
 
 /// Like [`recompute_log_prob`] followed by `loss_fn(log_prob).backward()`, but with activation
-/// checkpointing (see [`crate::flux::checkpoint`]). Returns the detached loss.
+/// checkpointing (see [`crate::flux::checkpoint`]). Returns the detached loss. `loss_fn`'s
+/// error comes back as it is.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_log_prob_checkpointed(
+pub fn backward_log_prob_checkpointed<E: From<SamplerError> + From<ModelError>>(
     model: &FluxTransformer,
     cond: &Conditioning<'_>,
     z: &Tensor,
@@ -230,11 +235,12 @@ pub fn backward_log_prob_checkpointed(
     sched: &Schedule,
     i: usize,
     eta: f64,
-    loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    loss_fn: impl FnOnce(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
     with_inputs(model, cond, z, sched, i, |inputs| {
         forward_backward_checkpointed(model, inputs, |v| {
-            loss_fn(&sde_step(v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
+            let step = sde_step(v, z, sched, i, eta, Next::Given(z_next)).map_err(E::from)?;
+            loss_fn(&step.log_prob)
         })
     })
 }

@@ -3,7 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::flux::error::{ModelError, Result};
+use super::{Result, SamplerError};
 
 /// σ_0 … σ_S and the quantised model timesteps of one rollout.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,7 +19,7 @@ impl Schedule {
     /// libtorch's own `linspace` (its halfway-symmetric formula decides the last bits).
     pub fn new(steps: usize, shift: f64) -> Result<Self> {
         if steps == 0 || shift.is_nan() || shift <= 0.0 {
-            return Err(ModelError::Input(format!(
+            return Err(SamplerError::Input(format!(
                 "schedule needs steps ≥ 1 and shift > 0 (got {steps}, {shift})"
             )));
         }
@@ -37,7 +37,7 @@ impl Schedule {
             && sigmas.iter().all(|s| s.is_finite() && (0.0..=1.0).contains(s))
             && sigmas.windows(2).all(|w| w[1] < w[0]);
         if !ok {
-            return Err(ModelError::Input(format!(
+            return Err(SamplerError::Input(format!(
                 "sigmas must be at least 2 strictly decreasing values in [0, 1], got {sigmas:?}"
             )));
         }
@@ -58,7 +58,7 @@ impl Schedule {
     /// Checks that step `i` exists.
     pub fn check_step(&self, i: usize) -> Result<()> {
         if i >= self.steps() {
-            return Err(ModelError::Input(format!(
+            return Err(SamplerError::Input(format!(
                 "step index {i} out of range (S = {})",
                 self.steps()
             )));

@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use super::schedule::Schedule;
-use crate::flux::error::{ModelError, Result};
+use super::{Result, SamplerError};
 
 /// How the next latent is obtained.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +46,7 @@ pub fn sde_step(
 ) -> Result<StepOut> {
     sched.check_step(i)?;
     if v.size() != x.size() || x.dim() < 2 {
-        return Err(ModelError::Input(format!(
+        return Err(SamplerError::Input(format!(
             "v {:?} and x {:?} must have the same [B, ...] shape",
             v.size(),
             x.size()
@@ -70,7 +70,7 @@ pub fn sde_step(
     let next = match next {
         Next::Noise(n) => {
             if n.size() != mean.size() {
-                return Err(ModelError::Input(format!(
+                return Err(SamplerError::Input(format!(
                     "noise {:?} must match latents {:?}",
                     n.size(),
                     mean.size()
@@ -80,7 +80,7 @@ pub fn sde_step(
         }
         Next::Given(z) => {
             if z.size() != mean.size() {
-                return Err(ModelError::Input(format!(
+                return Err(SamplerError::Input(format!(
                     "next latent {:?} must match {:?}",
                     z.size(),
                     mean.size()

@@ -17,9 +17,60 @@ use serde_json::{Value, json};
 use tch::{Kind, TchError, Tensor};
 
 use crate::flux::FluxConfig;
-use crate::flux::error::{ModelError, Result};
+use crate::flux::error::ModelError;
 use crate::flux::lora::LoraSpec;
 use crate::flux::weights::SafetensorsFile;
+
+/// What can go wrong writing or reading a checkpoint's files.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file or folder could not be written, read or renamed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file whose content is wrong (an adapter config, a safetensors header).
+    #[error("{}: {message}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A tensor whose dtype safetensors cannot store.
+    #[error("weight {key} in {}: unsupported dtype {dtype}", file.display())]
+    Dtype {
+        /// The tensor's name.
+        key: String,
+        /// Its dtype.
+        dtype: String,
+        /// The file being written.
+        file: PathBuf,
+    },
+    /// Stored weights that do not match the model's (missing, unexpected or mis-shaped keys,
+    /// named by the weights layer), or a weights file that cannot be read.
+    #[error(transparent)]
+    Weights(#[from] ModelError),
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] TchError),
+}
+
+impl CheckpointError {
+    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+
+    fn format(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Self::Format { path: path.into(), message: message.to_string() }
+    }
+}
+
+/// The checkpoint layer's result.
+pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
 /// The diffusers release whose layout [`save_transformer`] writes (the pinned reference).
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -95,7 +146,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     let error = RefCell::new(None);
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let dtype = dtype_of(t.kind()).ok_or_else(|| ModelError::Dtype {
+        let dtype = dtype_of(t.kind()).ok_or_else(|| CheckpointError::Dtype {
             key: name.clone(),
             dtype: format!("{:?}", t.kind()),
             file: path.to_path_buf(),
@@ -105,7 +156,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| ModelError::format(path, e))?;
+        .map_err(|e| CheckpointError::format(path, e))?;
     match error.into_inner() {
         Some(e) => {
             let _ = fs::remove_file(path);
@@ -116,12 +167,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::format(path, e))?;
-    fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+    let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::format(path, e))?;
+    fs::write(path, text + "\n").map_err(|e| CheckpointError::io(path, e))
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))
+    fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))
 }
 
 /// Saves the transformer as diffusers does: `dir/transformer/config.json` and one
@@ -130,7 +181,7 @@ fn create_dir(dir: &Path) -> Result<()> {
 pub fn save_transformer(dir: &Path, tensors: &[(String, Tensor)], cfg: &FluxConfig) -> Result<()> {
     let out = dir.join(TRANSFORMER_DIR);
     create_dir(&out)?;
-    let mut config = serde_json::to_value(cfg).map_err(|e| ModelError::format(&out, e))?;
+    let mut config = serde_json::to_value(cfg).map_err(|e| CheckpointError::format(&out, e))?;
     if let Value::Object(map) = &mut config {
         map.insert("_class_name".into(), json!("FluxTransformer2DModel"));
         map.insert("_diffusers_version".into(), json!(DIFFUSERS_VERSION));
@@ -196,9 +247,10 @@ pub struct LoraAdapterFile {
 /// targets, `fan_in_fan_out`) and checks every tensor's shape against `r`.
 pub fn load_lora_adapter(dir: &Path) -> Result<LoraAdapterFile> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|e| ModelError::format(&cfg_path, e))?;
-    let bad = |m: String| ModelError::format(&cfg_path, m);
+    let text = fs::read_to_string(&cfg_path).map_err(|e| CheckpointError::io(&cfg_path, e))?;
+    let cfg: Value =
+        serde_json::from_str(&text).map_err(|e| CheckpointError::format(&cfg_path, e))?;
+    let bad = |m: String| CheckpointError::format(&cfg_path, m);
     let peft_type = cfg.get("peft_type").and_then(Value::as_str);
     if peft_type != Some("LORA") {
         return Err(bad(format!("peft_type is {peft_type:?}, expected \"LORA\"")));
@@ -246,10 +298,12 @@ pub fn load_lora_adapter(dir: &Path) -> Result<LoraAdapterFile> {
         } else if module.ends_with(".lora_B") {
             size.len() == 2 && size[1] == rank
         } else {
-            return Err(ModelError::Unexpected { key: key.clone(), file: file.path().into() });
+            return Err(
+                ModelError::Unexpected { key: key.clone(), file: file.path().into() }.into()
+            );
         };
         if !rank_ok {
-            return Err(ModelError::format(
+            return Err(CheckpointError::format(
                 file.path(),
                 format!("{key} has shape {size:?}, which does not fit rank r = {rank}"),
             ));
@@ -269,10 +323,12 @@ pub fn restore_named(
     let missing: Vec<String> =
         dst.iter().map(|(k, _)| k).filter(|k| !src.contains_key(*k)).cloned().collect();
     if !missing.is_empty() {
-        return Err(ModelError::Missing { keys: missing, source_desc: file.display().to_string() });
+        return Err(
+            ModelError::Missing { keys: missing, source_desc: file.display().to_string() }.into()
+        );
     }
     if let Some(key) = src.keys().find(|k| !dst.iter().any(|(d, _)| d == *k)) {
-        return Err(ModelError::Unexpected { key: key.clone(), file: file.into() });
+        return Err(ModelError::Unexpected { key: key.clone(), file: file.into() }.into());
     }
     let _guard = tch::no_grad_guard();
     for (key, t) in dst {
@@ -283,7 +339,8 @@ pub fn restore_named(
                 expected: t.size(),
                 found: s.size(),
                 file: file.into(),
-            });
+            }
+            .into());
         }
         t.shallow_clone().f_copy_(s)?;
     }
@@ -293,20 +350,20 @@ pub fn restore_named(
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| ModelError::io(dir, e))
+    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(dir, e))
 }
 
 /// fsyncs every file under `dir`, then `dir`, so a rename that publishes it cannot expose
 /// files whose data is not yet on disk.
 fn sync_tree(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
-        let path = entry.map_err(|e| ModelError::io(dir, e))?.path();
+    for entry in fs::read_dir(dir).map_err(|e| CheckpointError::io(dir, e))? {
+        let path = entry.map_err(|e| CheckpointError::io(dir, e))?.path();
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
             fs::File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| ModelError::io(&path, e))?;
+                .map_err(|e| CheckpointError::io(&path, e))?;
         }
     }
     sync_dir(dir)
@@ -320,18 +377,20 @@ fn sync_tree(dir: &Path) -> Result<()> {
 /// Replacing takes two renames (Linux cannot rename a folder over a non-empty one): a crash
 /// between them leaves the old copy as `.checkpoint-<step>.old-<pid>` and no
 /// `checkpoint-<step>`, so [`latest_checkpoint`] falls back to the one before.
-pub fn write_checkpoint<F>(output_dir: &Path, step: u64, write: F) -> Result<PathBuf>
+/// `write`'s error comes back as it is, so the caller's own error type passes through.
+pub fn write_checkpoint<E, F>(output_dir: &Path, step: u64, write: F) -> Result<PathBuf, E>
 where
-    F: FnOnce(&Path) -> Result<()>,
+    E: From<CheckpointError>,
+    F: FnOnce(&Path) -> Result<(), E>,
 {
     create_dir(output_dir)?;
     let pid = std::process::id();
     let tmp = output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp-{pid}"));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
     }
-    fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    if let Err(e) = write(&tmp).and_then(|()| sync_tree(&tmp)) {
+    fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    if let Err(e) = write(&tmp).and_then(|()| Ok(sync_tree(&tmp)?)) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -339,12 +398,12 @@ where
     let old = output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.old-{pid}"));
     let replaced = dest.exists();
     if replaced {
-        fs::rename(&dest, &old).map_err(|e| ModelError::io(&dest, e))?;
+        fs::rename(&dest, &old).map_err(|e| CheckpointError::io(&dest, e))?;
     }
-    fs::rename(&tmp, &dest).map_err(|e| ModelError::io(&tmp, e))?;
+    fs::rename(&tmp, &dest).map_err(|e| CheckpointError::io(&tmp, e))?;
     sync_dir(output_dir)?;
     if replaced {
-        fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+        fs::remove_dir_all(&old).map_err(|e| CheckpointError::io(&old, e))?;
     }
     Ok(dest)
 }

@@ -28,9 +28,18 @@ pub use trainer::Trainer;
 /// Everything that can stop training on a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    /// The model (transformer, VAE, sampler).
+    /// The model (transformer, VAE).
     #[error(transparent)]
     Model(#[from] crate::flux::ModelError),
+    /// The sampler.
+    #[error(transparent)]
+    Sampler(#[from] crate::sampler::SamplerError),
+    /// The optimizer.
+    #[error(transparent)]
+    Optim(#[from] optim::OptimError),
+    /// A checkpoint's files.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     /// A reward could not be built.
     #[error(transparent)]
     Reward(#[from] crate::reward::RewardError),

@@ -17,9 +17,27 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::checkpoint::write_safetensors;
-use crate::flux::error::{ModelError, Result};
+use super::checkpoint::{CheckpointError, write_safetensors};
+use crate::flux::error::ModelError;
 use crate::flux::weights::SafetensorsFile;
+
+/// What can go wrong in the optimizer.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// A parameter AdamW cannot train (not f32, no gradient, listed twice), or a gradient
+    /// the shim could not drop.
+    #[error("bad input: {0}")]
+    Param(String),
+    /// The state file: writing it, or reading one that does not fit the parameters.
+    #[error(transparent)]
+    State(#[from] CheckpointError),
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The optimizer's result.
+pub type Result<T, E = OptimError> = std::result::Result<T, E>;
 
 /// AdamW's hyperparameters (torch's names; `betas = (beta1, beta2)`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,7 +115,7 @@ impl ParamState {
 pub fn clear_grad(t: &Tensor) -> Result<()> {
     // SAFETY: a live tensor; the shim only resets its grad field, under no other borrow.
     let r = unsafe { crate::dist::ffi::dg_clear_grad(t.as_ptr().cast_mut().cast()) };
-    crate::dist::ffi::check(r).map_err(ModelError::Input)
+    crate::dist::ffi::check(r).map_err(OptimError::Param)
 }
 
 /// AdamW over named trainable f32 tensors.
@@ -118,16 +136,16 @@ impl AdamW {
         let mut seen = std::collections::HashSet::new();
         for (name, p) in &params {
             if p.kind() != Kind::Float {
-                return Err(ModelError::Input(format!(
+                return Err(OptimError::Param(format!(
                     "parameter {name} is {:?}; AdamW keeps f32 master weights",
                     p.kind()
                 )));
             }
             if !p.requires_grad() {
-                return Err(ModelError::Input(format!("parameter {name} does not require grad")));
+                return Err(OptimError::Param(format!("parameter {name} does not require grad")));
             }
             if !seen.insert(name.as_str()) {
-                return Err(ModelError::Input(format!("parameter {name} is listed twice")));
+                return Err(OptimError::Param(format!("parameter {name} is listed twice")));
             }
         }
         let state = params.iter().map(|(_, p)| ParamState::new(p)).collect::<Result<_>>()?;
@@ -239,16 +257,24 @@ impl AdamW {
     /// Writes the state as safetensors: `exp_avg.<name>`, `exp_avg_sq.<name>` (f32, the
     /// parameter's shape), `step.<name>` and `steps_taken` (i64 scalars).
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_safetensors(path, &self.state_tensors()?)
+        Ok(write_safetensors(path, &self.state_tensors()?)?)
     }
 
     /// Restores a state written by [`Self::save`] for the same parameters. Every key must be
     /// present with the same shape, and the file must hold nothing else.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let file = SafetensorsFile::open(path)?;
         let expected: BTreeMap<String, Vec<i64>> =
             self.state_tensors()?.into_iter().map(|(k, t)| (k, t.size())).collect();
-        check_keys(&file, &expected)?;
+        Ok(self.read_state(path, &expected)?)
+    }
+
+    fn read_state(
+        &mut self,
+        path: &Path,
+        expected: &BTreeMap<String, Vec<i64>>,
+    ) -> Result<(), CheckpointError> {
+        let file = SafetensorsFile::open(path)?;
+        check_keys(&file, expected)?;
         let _guard = tch::no_grad_guard();
         for ((name, _), s) in self.params.iter().zip(&mut self.state) {
             s.exp_avg.f_copy_(&file.tensor(&format!("exp_avg.{name}"))?)?;
@@ -264,16 +290,16 @@ fn step_tensor(step: u64) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&[step as i64])?.f_reshape([] as [i64; 0])?)
 }
 
-fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64> {
+fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64, CheckpointError> {
     let v = file.tensor(key)?.f_int64_value(&[])?;
-    u64::try_from(v).map_err(|_| ModelError::format(file.path(), format!("{key} is {v}")))
+    Ok(u64::try_from(v).map_err(|_| ModelError::format(file.path(), format!("{key} is {v}")))?)
 }
 
 /// The file holds exactly `expected`'s keys with those shapes.
 pub(crate) fn check_keys(
     file: &SafetensorsFile,
     expected: &BTreeMap<String, Vec<i64>>,
-) -> Result<()> {
+) -> Result<(), ModelError> {
     let missing: Vec<String> =
         expected.keys().filter(|k| file.shape(k).is_none()).cloned().collect();
     if !missing.is_empty() {

@@ -107,19 +107,7 @@ pub fn accumulate(
             Ok(out.total.f_div_scalar(s.divisor)?)
         };
         let loss = if s.checkpointing {
-            let mut err = None;
-            let l =
-                backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, |lp| {
-                    loss_of(lp).map_err(|e| {
-                        let m = e.to_string();
-                        err = Some(e);
-                        crate::flux::ModelError::Input(m)
-                    })
-                });
-            match (l, err) {
-                (_, Some(e)) => return Err(e),
-                (l, None) => l?,
-            }
+            backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, loss_of)?
         } else {
             let lp = recompute_log_prob(model, cond, &z, &z_next, sched, k, s.eta)?;
             // The loss is back-propagated to the log-prob first, and from there through the

@@ -328,24 +328,13 @@ impl Trainer {
         step: u64,
         trainer_state_json: &str,
     ) -> Result<PathBuf, TrainError> {
-        let mut failure = None;
-        let written = checkpoint::write_checkpoint(Path::new(&self.cfg.output_dir), step, |tmp| {
-            let r = persist::save_policy(tmp, &self.policy, &self.cfg)
-                .and_then(|()| Ok(self.opt.save(&tmp.join(persist::OPTIMIZER))?))
-                .and_then(|()| {
-                    std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
-                        .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
-                });
-            r.map_err(|e| {
-                let m = crate::flux::ModelError::Input(e.to_string());
-                failure = Some(e);
-                m
-            })
-        });
-        let dir = match (written, failure) {
-            (_, Some(e)) => return Err(e),
-            (r, None) => r?,
-        };
+        let out = Path::new(&self.cfg.output_dir);
+        let dir = checkpoint::write_checkpoint(out, step, |tmp| -> Result<(), TrainError> {
+            persist::save_policy(tmp, &self.policy, &self.cfg)?;
+            self.opt.save(&tmp.join(persist::OPTIMIZER))?;
+            std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
+                .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
+        })?;
         tracing::info!(dir = %dir.display(), "checkpoint written");
         Ok(dir)
     }
