@@ -8,7 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dancegrpo_proto::advantage::group_advantages;
-use dancegrpo_proto::{JobConfig, NonFinitePolicy, WorkItem, pb};
+use dancegrpo_proto::{
+    Advantages, JobConfig, NonFinitePolicy, PhaseTimings, StepMetrics, TrajectoryAdvantage,
+    TrajectoryRewards, WorkItem,
+};
 
 use crate::schedule::{PromptSampler, plan_iteration, trajectory_seed};
 
@@ -32,8 +35,18 @@ pub enum IterationError {
 struct Slot {
     rank: u32,
     item: WorkItem,
-    rewards: Option<Vec<f64>>,
-    error: Option<String>,
+    /// The reported rewards (or the reward model's failure); `None` until reported.
+    outcome: Option<Result<Vec<f64>, String>>,
+}
+
+impl Slot {
+    /// The reported values; empty for a failure or nothing reported.
+    fn values(&self) -> &[f64] {
+        match &self.outcome {
+            Some(Ok(v)) => v,
+            _ => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -54,7 +67,7 @@ pub struct Iteration {
     slots: BTreeMap<(u64, u32), Slot>,
     groups: BTreeMap<u64, Group>,
     refill: BTreeMap<u32, Vec<WorkItem>>,
-    metrics: BTreeMap<u32, pb::StepMetrics>,
+    metrics: BTreeMap<u32, StepMetrics>,
     num_rewards: usize,
     num_generations: u32,
 }
@@ -90,7 +103,7 @@ impl Iteration {
             for it in items {
                 slots.insert(
                     (it.group_id, it.member_index),
-                    Slot { rank: rank as u32, item: *it, rewards: None, error: None },
+                    Slot { rank: rank as u32, item: *it, outcome: None },
                 );
                 groups.insert(it.group_id, Group { refills: 0, advantages: None });
             }
@@ -119,11 +132,11 @@ impl Iteration {
     pub fn report(
         &mut self,
         rank: u32,
-        rewards: Vec<(WorkItem, Vec<f64>, String)>,
+        rewards: Vec<TrajectoryRewards>,
         cfg: &JobConfig,
         sampler: &mut PromptSampler,
     ) -> Result<(), IterationError> {
-        for (item, values, error) in rewards {
+        for TrajectoryRewards { item, outcome } in rewards {
             let key = (item.group_id, item.member_index);
             let slot = self.slots.get_mut(&key).ok_or_else(|| {
                 IterationError::Invalid(format!(
@@ -138,17 +151,15 @@ impl Iteration {
                     self.index, item.group_id, item.member_index, item.prompt_index, item.seed
                 )));
             }
-            if error.is_empty() && values.len() != self.num_rewards {
+            // A failure carries no values to count.
+            let reported = outcome.as_ref().map_or(self.num_rewards, Vec::len);
+            if reported != self.num_rewards {
                 return Err(IterationError::Invalid(format!(
-                    "group {} member {}: {} rewards reported, the job has {}",
-                    item.group_id,
-                    item.member_index,
-                    values.len(),
-                    self.num_rewards
+                    "group {} member {}: {reported} rewards reported, the job has {}",
+                    item.group_id, item.member_index, self.num_rewards
                 )));
             }
-            slot.rewards = Some(values);
-            slot.error = (!error.is_empty()).then_some(error);
+            slot.outcome = Some(outcome);
         }
         self.settle(cfg, sampler)
     }
@@ -165,11 +176,10 @@ impl Iteration {
                 "iteration {} group {} member {} (prompt {}, rank {})",
                 self.index, it.group_id, it.member_index, it.prompt_index, s.rank
             );
-            if let Some(e) = &s.error {
+            if let Some(Err(e)) = &s.outcome {
                 return Some(format!("reward failed for {at}: {e}"));
             }
-            let values = s.rewards.as_deref().unwrap_or_default();
-            if let Some((k, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            if let Some((k, v)) = s.values().iter().enumerate().find(|(_, v)| !v.is_finite()) {
                 let name = cfg.rewards.get(k).map_or("?", |r| r.name.as_str());
                 return Some(format!("reward {name} is {v} for {at}"));
             }
@@ -186,7 +196,7 @@ impl Iteration {
             .groups
             .iter()
             .filter(|(g, st)| {
-                st.advantages.is_none() && self.members(**g).all(|s| s.rewards.is_some())
+                st.advantages.is_none() && self.members(**g).all(|s| s.outcome.is_some())
             })
             .map(|(g, _)| *g)
             .collect();
@@ -209,8 +219,7 @@ impl Iteration {
                 slot.item.prompt_index = prompt;
                 // A new seed per attempt: the same noise could well fail again.
                 slot.item.seed = trajectory_seed(cfg.seed, self.index, g, attempt);
-                slot.rewards = None;
-                slot.error = None;
+                slot.outcome = None;
                 self.refill.entry(slot.rank).or_default().push(slot.item);
                 // The rank's work list follows, so a rank restarted mid-iteration redoes the
                 // current trajectories.
@@ -227,7 +236,7 @@ impl Iteration {
 
     fn compute_advantages(&mut self, cfg: &JobConfig) -> Result<(), IterationError> {
         let rewards_of = |slots: Vec<&Slot>| -> Vec<Vec<f64>> {
-            slots.iter().map(|s| s.rewards.clone().unwrap_or_default()).collect()
+            slots.iter().map(|s| s.values().to_vec()).collect()
         };
         let fatal = |e: dancegrpo_proto::advantage::AdvantageError| {
             IterationError::Fatal(format!("advantages: {e}"))
@@ -238,7 +247,7 @@ impl Iteration {
                 .iter()
                 .filter(|(g, st)| {
                     st.advantages.is_none()
-                        && self.members(**g).all(|s| s.rewards.is_some())
+                        && self.members(**g).all(|s| s.outcome.is_some())
                         && self.problem(**g, cfg).is_none()
                 })
                 .map(|(g, _)| *g)
@@ -249,7 +258,7 @@ impl Iteration {
                         .map_err(fatal)?;
                 self.groups.get_mut(&g).expect("listed").advantages = Some(adv);
             }
-        } else if self.slots.values().all(|s| s.rewards.is_some())
+        } else if self.slots.values().all(|s| s.outcome.is_some())
             && self.groups.values().any(|g| g.advantages.is_none())
         {
             // Global normalisation over every trajectory of the iteration (the reference's
@@ -269,13 +278,9 @@ impl Iteration {
 
     /// `rank`'s answer to GetAdvantages, if it can be given now: refill work first (roll out,
     /// report, ask again), else the advantages once every group it holds members of is done.
-    pub fn advantages(&mut self, rank: u32) -> Option<pb::GetAdvantagesResponse> {
+    pub fn advantages(&mut self, rank: u32) -> Option<Advantages> {
         if let Some(refill) = self.refill.remove(&rank) {
-            return Some(pb::GetAdvantagesResponse {
-                iteration: self.index,
-                advantages: vec![],
-                refill: refill.iter().map(Into::into).collect(),
-            });
+            return Some(Advantages { iteration: self.index, advantages: vec![], refill });
         }
         let mine: Vec<&Slot> = self.slots.values().filter(|s| s.rank == rank).collect();
         let mut out = Vec::with_capacity(mine.len());
@@ -283,12 +288,9 @@ impl Iteration {
             let g = self.groups.get(&s.item.group_id)?;
             let adv = g.advantages.as_ref()?;
             let pos = self.members(s.item.group_id).position(|m| m.item == s.item)?;
-            out.push(pb::TrajectoryAdvantage {
-                item: Some((&s.item).into()),
-                advantages: adv[pos].clone(),
-            });
+            out.push(TrajectoryAdvantage { item: s.item, advantages: adv[pos].clone() });
         }
-        Some(pb::GetAdvantagesResponse { iteration: self.index, advantages: out, refill: vec![] })
+        Some(Advantages { iteration: self.index, advantages: out, refill: vec![] })
     }
 
     /// Whether `rank` has finished this iteration (reported its metrics).
@@ -297,7 +299,7 @@ impl Iteration {
     }
 
     /// Records `rank`'s step metrics; true once every rank has reported.
-    pub fn record_metrics(&mut self, rank: u32, m: pb::StepMetrics) -> bool {
+    pub fn record_metrics(&mut self, rank: u32, m: StepMetrics) -> bool {
         self.metrics.insert(rank, m);
         self.metrics.len() == self.plan.len()
     }
@@ -326,7 +328,11 @@ impl Iteration {
         let n = self.slots.len().max(1) as f64;
         (0..self.num_rewards)
             .map(|k| {
-                self.slots.values().filter_map(|s| s.rewards.as_ref()).map(|r| r[k]).sum::<f64>()
+                self.slots
+                    .values()
+                    .filter_map(|s| s.outcome.as_ref()?.as_ref().ok())
+                    .map(|r| r[k])
+                    .sum::<f64>()
                     / n
             })
             .collect()
@@ -334,28 +340,26 @@ impl Iteration {
 
     /// The ranks' metrics folded into one record: mean loss and ratios, the max ratio
     /// deviation and the slowest rank's timings (the one everybody waited for).
-    pub fn summary(&self) -> pb::StepMetrics {
+    pub fn summary(&self) -> StepMetrics {
         let n = self.metrics.len().max(1) as f64;
-        let ms: Vec<&pb::StepMetrics> = self.metrics.values().collect();
-        let mean = |f: fn(&pb::StepMetrics) -> f64| ms.iter().map(|m| f(m)).sum::<f64>() / n;
-        let max = |f: fn(&pb::StepMetrics) -> f64| ms.iter().map(|m| f(m)).fold(0.0, f64::max);
-        let t = |f: fn(&pb::PhaseTimings) -> f64| {
-            ms.iter().filter_map(|m| m.timings.as_ref()).map(f).fold(0.0, f64::max)
-        };
-        pb::StepMetrics {
+        let ms: Vec<&StepMetrics> = self.metrics.values().collect();
+        let mean = |f: fn(&StepMetrics) -> f64| ms.iter().map(|m| f(m)).sum::<f64>() / n;
+        let max = |f: fn(&StepMetrics) -> f64| ms.iter().map(|m| f(m)).fold(0.0, f64::max);
+        let t = |f: fn(&PhaseTimings) -> f64| ms.iter().map(|m| f(&m.timings)).fold(0.0, f64::max);
+        StepMetrics {
             iteration: self.index,
             loss: mean(|m| m.loss),
             grad_norm: mean(|m| m.grad_norm),
             ratio_dev_mean: mean(|m| m.ratio_dev_mean),
             ratio_dev_max: max(|m| m.ratio_dev_max),
             clip_fraction: mean(|m| m.clip_fraction),
-            timings: Some(pb::PhaseTimings {
+            timings: PhaseTimings {
                 rollout_s: t(|p| p.rollout_s),
                 decode_s: t(|p| p.decode_s),
                 reward_s: t(|p| p.reward_s),
                 train_s: t(|p| p.train_s),
                 communication_s: t(|p| p.communication_s),
-            }),
+            },
             rank: 0,
             weights_fingerprint: ms.first().map_or(0.0, |m| m.weights_fingerprint),
             optimizer_steps: ms.first().map_or(0, |m| m.optimizer_steps),
@@ -386,8 +390,11 @@ mod tests {
         it: &Iteration,
         rank: u32,
         f: impl Fn(&WorkItem) -> f64,
-    ) -> Vec<(WorkItem, Vec<f64>, String)> {
-        it.work(rank).iter().map(|w| (*w, vec![f(w)], String::new())).collect()
+    ) -> Vec<TrajectoryRewards> {
+        it.work(rank)
+            .iter()
+            .map(|w| TrajectoryRewards { item: *w, outcome: Ok(vec![f(w)]) })
+            .collect()
     }
 
     #[test]
@@ -452,7 +459,8 @@ mod tests {
         assert_ne!(refill.refill[0].seed, before[0].seed);
         assert_eq!(it.work(0)[0].prompt_index, refill.refill[0].prompt_index);
         // The stale trajectories are refused; the refilled ones are accepted.
-        let stale: Vec<_> = before.iter().map(|w| (*w, vec![1.0], String::new())).collect();
+        let stale: Vec<_> =
+            before.iter().map(|w| TrajectoryRewards { item: *w, outcome: Ok(vec![1.0]) }).collect();
         assert!(matches!(it.report(0, stale, &c, &mut s), Err(IterationError::Invalid(_))));
         it.report(0, rewards_for(&it, 0, |w| f64::from(w.member_index)), &c, &mut s).unwrap();
         assert_eq!(it.advantages(0).unwrap().advantages.len(), 4);
@@ -475,7 +483,7 @@ mod tests {
         let e = it.report(0, theirs, &c, &mut s).unwrap_err();
         assert!(e.to_string().contains("not its current work"), "{e}");
         let mut mine = rewards_for(&it, 0, |_| 1.0);
-        mine[1].2 = "HPS model: out of memory".into();
+        mine[1].outcome = Err("HPS model: out of memory".into());
         let e = it.report(0, mine, &c, &mut s).unwrap_err();
         assert!(e.to_string().contains("reward failed for iteration 0 group 0 member 1"), "{e}");
         assert!(e.to_string().contains("out of memory"), "{e}");
@@ -499,7 +507,7 @@ mod tests {
         let c = cfg(NonFinitePolicy::Fail);
         let mut s = PromptSampler::new(1, 10, Cursor::default());
         let mut it = Iteration::plan(0, 1, &c, 2, &mut s).unwrap();
-        let m = |f: f64| pb::StepMetrics { weights_fingerprint: f, ..Default::default() };
+        let m = |f: f64| StepMetrics { weights_fingerprint: f, ..Default::default() };
         assert!(!it.record_metrics(0, m(1.5)));
         assert!(it.record_metrics(1, m(1.5)));
         it.check_replicas().unwrap();

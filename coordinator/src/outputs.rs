@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use dancegrpo_proto::{JobConfig, pb};
+use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -126,8 +126,8 @@ pub fn dataset_len(cfg: &JobConfig) -> Result<u64> {
 }
 
 /// One iteration's line of `metrics.jsonl` (and the record the status API shows).
-pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &pb::StepMetrics) -> serde_json::Value {
-    let t = m.timings.unwrap_or_default();
+pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &StepMetrics) -> serde_json::Value {
+    let t = &m.timings;
     serde_json::json!({
         "iteration": step,
         "mean_rewards": mean_rewards,
@@ -148,12 +148,12 @@ pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &pb::StepMetrics) -> ser
 }
 
 /// Reads back [`metrics_json`]; `None` for iterations without metrics (resumed history).
-pub fn metrics_from_json(text: &str) -> Option<pb::StepMetrics> {
+pub fn metrics_from_json(text: &str) -> Option<StepMetrics> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
     let t = v.get("timings_s")?;
     let tf = |k: &str| t.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    Some(pb::StepMetrics {
+    Some(StepMetrics {
         iteration: v.get("iteration")?.as_u64()?,
         loss: f("loss"),
         grad_norm: f("grad_norm"),
@@ -161,13 +161,13 @@ pub fn metrics_from_json(text: &str) -> Option<pb::StepMetrics> {
         ratio_dev_max: f("ratio_dev_max"),
         clip_fraction: f("clip_fraction"),
         optimizer_steps: f("optimizer_steps") as u32,
-        timings: Some(pb::PhaseTimings {
+        timings: PhaseTimings {
             rollout_s: tf("rollout"),
             decode_s: tf("decode"),
             reward_s: tf("reward"),
             train_s: tf("train"),
             communication_s: tf("communication"),
-        }),
+        },
         ..Default::default()
     })
 }

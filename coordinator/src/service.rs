@@ -7,7 +7,7 @@ use std::sync::Arc;
 use dancegrpo_proto::convert::job_config_to_wire;
 use dancegrpo_proto::pb::coordinator_server::Coordinator;
 use dancegrpo_proto::pb::job_service_server::JobService;
-use dancegrpo_proto::{WorkItem, WorkerId, WorkerInfo, WorkerState, pb};
+use dancegrpo_proto::{StepMetrics, TrajectoryRewards, WorkerId, WorkerInfo, WorkerState, pb};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -80,20 +80,11 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::GetWorkRequest>,
     ) -> Result<Response<pb::GetWorkResponse>, Status> {
         let r = req.into_inner();
-        let a = self
+        let work = self
             .state
             .get_work(&WorkerId::from(r.worker_id), r.iteration, r.generation, r.checkpointed_step)
             .await?;
-        Ok(Response::new(pb::GetWorkResponse {
-            iteration: a.iteration,
-            items: a.items.iter().map(Into::into).collect(),
-            done: a.done,
-            restore: a.restore.map(|(step, dir)| pb::Restore {
-                step,
-                checkpoint_dir: dir.map(|d| d.display().to_string()).unwrap_or_default(),
-            }),
-            sample_grid: a.sample_grid,
-        }))
+        Ok(Response::new((&work).into()))
     }
 
     async fn report_rewards(
@@ -104,11 +95,9 @@ impl Coordinator for CoordinatorService {
         let rewards = r
             .rewards
             .into_iter()
-            .map(|t| {
-                let item = t.item.ok_or(Error::InvalidRequest("reward without `item`".into()))?;
-                Ok((WorkItem::from(item), t.rewards, t.error))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+            .map(TrajectoryRewards::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::from)?;
         self.state.report_rewards(
             &WorkerId::from(r.worker_id),
             r.iteration,
@@ -123,11 +112,11 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::GetAdvantagesRequest>,
     ) -> Result<Response<pb::GetAdvantagesResponse>, Status> {
         let r = req.into_inner();
-        let resp = self
+        let advantages = self
             .state
             .get_advantages(&WorkerId::from(r.worker_id), r.iteration, r.generation)
             .await?;
-        Ok(Response::new(resp))
+        Ok(Response::new((&advantages).into()))
     }
 
     async fn report_step_metrics(
@@ -136,6 +125,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ReportStepMetricsResponse>, Status> {
         let r = req.into_inner();
         let m = r.metrics.ok_or(Error::InvalidRequest("missing field `metrics`".into()))?;
+        let m = StepMetrics::try_from(m).map_err(Error::from)?;
         let (checkpoint, trainer_state_json) =
             self.state.report_step_metrics(&WorkerId::from(r.worker_id), r.generation, m)?;
         Ok(Response::new(pb::ReportStepMetricsResponse { checkpoint, trainer_state_json }))
@@ -180,7 +170,9 @@ fn status_to_pb(s: &JobSnapshot) -> pb::JobStatus {
             .map(|h| pb::IterationRecord {
                 iteration: h.iteration,
                 mean_rewards: h.mean_rewards.clone(),
-                metrics: crate::outputs::metrics_from_json(&h.metrics_json),
+                metrics: crate::outputs::metrics_from_json(&h.metrics_json)
+                    .as_ref()
+                    .map(Into::into),
             })
             .collect(),
         created_unix_ms: j.created_ms,

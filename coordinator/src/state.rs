@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, StoreAddress, WorkItem, WorkerId,
-    WorkerInfo, WorkerState, pb,
+    Advantages, JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, Restore, StepMetrics,
+    StoreAddress, TrajectoryRewards, Work, WorkerId, WorkerInfo, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,21 +26,6 @@ use crate::schedule::{Cursor, PromptSampler};
 /// How long one GetAdvantages call waits for the other ranks' rewards. It then answers
 /// DEADLINE_EXCEEDED and the worker asks again: shorter than any client's request timeout.
 const LONG_POLL: Duration = Duration::from_secs(20);
-
-/// What GetWork hands a worker.
-#[derive(Debug, Clone)]
-pub struct Assignment {
-    /// The iteration to run (0-based).
-    pub iteration: u64,
-    /// This rank's trajectories.
-    pub items: Vec<WorkItem>,
-    /// The job has no more iterations.
-    pub done: bool,
-    /// Load this state first: (step, checkpoint dir; `None` = the pretrained model).
-    pub restore: Option<(u64, Option<PathBuf>)>,
-    /// Write a grid of this iteration's samples.
-    pub sample_grid: bool,
-}
 
 /// The training side of the job: the prompt stream, the iteration in flight and the outputs.
 #[derive(Debug)]
@@ -580,15 +565,15 @@ impl CoordinatorState {
     }
 
     /// Step 1: `rank`'s work for the next iteration, planning it if it is the first ask.
-    /// `ready_for` is the step the worker's weights are at (`u64::MAX`: none). A rank that
+    /// `ready_for` is the step the worker's weights are at (`None`: none). A rank that
     /// finished the iteration in flight waits (long poll) until the others have too.
     pub async fn get_work(
         &self,
         id: &WorkerId,
-        ready_for: u64,
+        ready_for: Option<u64>,
         generation: u64,
         checkpointed_step: u64,
-    ) -> Result<Assignment> {
+    ) -> Result<Work> {
         let deadline = Instant::now() + LONG_POLL;
         loop {
             let mut changed = self.subscribe();
@@ -606,10 +591,10 @@ impl CoordinatorState {
     fn try_get_work(
         &self,
         id: &WorkerId,
-        ready_for: u64,
+        ready_for: Option<u64>,
         generation: u64,
         checkpointed_step: u64,
-    ) -> Result<Option<Assignment>> {
+    ) -> Result<Option<Work>> {
         let mut g = self.lock();
         // Ranks that are done may already have left: the end needs no complete world.
         let rank = Self::rank_of(&mut g, id, generation)?;
@@ -645,7 +630,7 @@ impl CoordinatorState {
                 drop(g);
                 self.notify();
             }
-            return Ok(Some(Assignment {
+            return Ok(Some(Work {
                 iteration: u64::from(cfg.max_train_steps),
                 items: vec![],
                 done: true,
@@ -659,7 +644,7 @@ impl CoordinatorState {
         // Weights at another step than the job's (this rank's metrics report was lost, say)
         // can be brought back alone only to a checkpoint: otherwise the world goes back to
         // the last one together.
-        if ready_for != job.step && job.step != 0 && job.step != job.checkpoint_step {
+        if ready_for != Some(job.step) && job.step != 0 && job.step != job.checkpoint_step {
             let at = job.step;
             let current = training.reform(db, job, *dataset_len, |generation, step| {
                 format!(
@@ -671,8 +656,10 @@ impl CoordinatorState {
             self.notify();
             return Err(Error::Superseded { requested: generation, current });
         }
-        let restore =
-            (ready_for != job.step).then(|| (job.step, training.checkpoint_dir(&cfg, job.step)));
+        let restore = (ready_for != Some(job.step)).then(|| Restore {
+            step: job.step,
+            checkpoint_dir: training.checkpoint_dir(&cfg, job.step),
+        });
         if training.iteration.is_none() {
             let it = Iteration::plan(job.step, job.generation, &cfg, world, &mut training.sampler)
                 .map_err(|e| Error::InvalidRequest(e.to_string()))?;
@@ -682,7 +669,7 @@ impl CoordinatorState {
         let it = training.iteration.as_ref().expect("planned above");
         let every = u64::from(cfg.sample_grid_every);
         let last = it.index + 1 == u64::from(cfg.max_train_steps);
-        Ok(Some(Assignment {
+        Ok(Some(Work {
             iteration: it.index,
             items: it.work(rank).to_vec(),
             done: false,
@@ -704,13 +691,13 @@ impl CoordinatorState {
         }
     }
 
-    /// Step 2: rewards of `rank`'s trajectories: `(item, one value per reward, error)`.
+    /// Step 2: rewards of `rank`'s trajectories.
     pub fn report_rewards(
         &self,
         id: &WorkerId,
         iteration: u64,
         generation: u64,
-        rewards: Vec<(WorkItem, Vec<f64>, String)>,
+        rewards: Vec<TrajectoryRewards>,
     ) -> Result<()> {
         let mut g = self.lock();
         let rank = Self::working_rank(&mut g, id, generation)?;
@@ -735,7 +722,7 @@ impl CoordinatorState {
         id: &WorkerId,
         iteration: u64,
         generation: u64,
-    ) -> Result<pb::GetAdvantagesResponse> {
+    ) -> Result<Advantages> {
         let deadline = Instant::now() + LONG_POLL;
         loop {
             // Subscribe before looking, so a change between the look and the wait is not lost.
@@ -763,7 +750,7 @@ impl CoordinatorState {
         &self,
         id: &WorkerId,
         generation: u64,
-        metrics: pb::StepMetrics,
+        metrics: StepMetrics,
     ) -> Result<(bool, String)> {
         let mut g = self.lock();
         let rank = Self::working_rank(&mut g, id, generation)?;
@@ -771,7 +758,7 @@ impl CoordinatorState {
         let cfg = job.config.clone();
         let it = Self::current(&mut training.iteration, metrics.iteration)?;
         let index = it.index;
-        let complete = it.record_metrics(rank, pb::StepMetrics { rank, ..metrics });
+        let complete = it.record_metrics(rank, StepMetrics { rank, ..metrics });
         let means = it.mean_rewards();
         let step = index + 1;
         let every = u64::from(cfg.checkpointing_steps);
@@ -961,10 +948,13 @@ mod tests {
     async fn roll_out_and_score(s: &CoordinatorState, ids: &[&WorkerId]) {
         let mut items = Vec::new();
         for id in ids {
-            items.push(s.get_work(id, 0, 1, 0).await.unwrap().items);
+            items.push(s.get_work(id, Some(0), 1, 0).await.unwrap().items);
         }
         for (id, items) in ids.iter().zip(items) {
-            let rewards = items.iter().map(|it| (*it, vec![it.member_index as f64], String::new()));
+            let rewards = items.iter().map(|it| TrajectoryRewards {
+                item: *it,
+                outcome: Ok(vec![it.member_index as f64]),
+            });
             s.report_rewards(id, 0, 1, rewards.collect()).unwrap();
         }
         for id in ids {
@@ -972,8 +962,8 @@ mod tests {
         }
     }
 
-    fn metrics() -> pb::StepMetrics {
-        pb::StepMetrics { iteration: 0, ..Default::default() }
+    fn metrics() -> StepMetrics {
+        StepMetrics { iteration: 0, ..Default::default() }
     }
 
     /// A world of two with one iteration to do, checkpointed at its end.
@@ -996,7 +986,7 @@ mod tests {
         // Rank 0 reports first and writes checkpoint 1 while rank 1 still trains.
         assert!(s.report_step_metrics(&a, 1, metrics()).unwrap().0, "rank 0 checkpoints");
         let (s0, a0) = (s.clone(), a.clone());
-        let rank0 = tokio::spawn(async move { s0.get_work(&a0, 1, 1, 1).await });
+        let rank0 = tokio::spawn(async move { s0.get_work(&a0, Some(1), 1, 1).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 0, "step 1 is not recorded yet");
         // Once it is, the same ask records the checkpoint.
@@ -1015,10 +1005,10 @@ mod tests {
         }
         // Rank 0 still writes the final checkpoint: rank 1 waits for it.
         let (s1, b1) = (s.clone(), b.clone());
-        let rank1 = tokio::spawn(async move { s1.get_work(&b1, 1, 1, 0).await });
+        let rank1 = tokio::spawn(async move { s1.get_work(&b1, Some(1), 1, 0).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!rank1.is_finished(), "rank 1 was let go before rank 0's checkpoint");
-        assert!(s.get_work(&a, 1, 1, 1).await.unwrap().done);
+        assert!(s.get_work(&a, Some(1), 1, 1).await.unwrap().done);
         assert!(rank1.await.unwrap().unwrap().done);
         let job = s.snapshot(None).unwrap().job;
         assert_eq!((job.step, job.checkpoint_step, job.state), (1, 1, JobState::Completed));
@@ -1039,8 +1029,8 @@ mod tests {
         }
         // Both trained iteration 1 (step 1, not checkpointed); rank 1's weights went since
         // (its driver restarted with none): it cannot be handed step 1 alone.
-        assert!(!s.get_work(&a, 1, 1, 0).await.unwrap().done);
-        let e = s.get_work(&b, u64::MAX, 1, 0).await.unwrap_err();
+        assert!(!s.get_work(&a, Some(1), 1, 0).await.unwrap().done);
+        let e = s.get_work(&b, None, 1, 0).await.unwrap_err();
         assert!(matches!(e, Error::Superseded { requested: 1, current: 2 }), "{e}");
         let job = s.snapshot(None).unwrap().job;
         assert_eq!((job.generation, job.step), (2, 0), "{}", job.message);
@@ -1051,8 +1041,8 @@ mod tests {
         );
         // The new world starts over from step 0: both ranks restore (fresh weights).
         for id in [&a, &b] {
-            let w = s.get_work(id, 1, 2, 0).await.unwrap();
-            assert_eq!((w.iteration, w.restore.map(|r| r.0)), (0, Some(0)));
+            let w = s.get_work(id, Some(1), 2, 0).await.unwrap();
+            assert_eq!((w.iteration, w.restore.map(|r| r.step)), (0, Some(0)));
         }
     }
 
@@ -1072,7 +1062,7 @@ mod tests {
 
         // Rank 0 is told the job is done and leaves before rank 1 has asked; a late
         // registration from the leaving process (or anyone in its slot) is refused.
-        assert!(s.get_work(&a.worker_id, 1, 1, 0).await.unwrap().done);
+        assert!(s.get_work(&a.worker_id, Some(1), 1, 0).await.unwrap().done);
         s.goodbye(&a.worker_id, "job completed").unwrap();
         let e = s.register(info(0), None).unwrap_err();
         assert!(
@@ -1083,7 +1073,7 @@ mod tests {
         assert_eq!((snap.job.generation, snap.job.step), (1, 1), "no re-formed world, no rewind");
 
         // Rank 1 finishes under the same generation and the job completes.
-        assert!(s.get_work(&b.worker_id, 1, 1, 0).await.unwrap().done);
+        assert!(s.get_work(&b.worker_id, Some(1), 1, 0).await.unwrap().done);
         assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Completed);
     }
 

@@ -3,7 +3,10 @@
 
 use crate::config::JobConfig;
 use crate::pb;
-use crate::types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
+use crate::types::{
+    Advantages, JobState, PhaseTimings, RankAssignment, Restore, StepMetrics, StoreAddress,
+    TrajectoryAdvantage, TrajectoryRewards, Work, WorkItem, WorkerInfo, WorkerState,
+};
 
 /// A wire message that does not make a valid domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,6 +195,178 @@ impl From<pb::WorkItem> for WorkItem {
     }
 }
 
+impl From<&Work> for pb::GetWorkResponse {
+    fn from(w: &Work) -> Self {
+        pb::GetWorkResponse {
+            iteration: w.iteration,
+            items: w.items.iter().map(Into::into).collect(),
+            done: w.done,
+            restore: w.restore.as_ref().map(|r| pb::Restore {
+                step: r.step,
+                checkpoint_dir: r
+                    .checkpoint_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+            }),
+            sample_grid: w.sample_grid,
+        }
+    }
+}
+
+impl From<pb::GetWorkResponse> for Work {
+    fn from(w: pb::GetWorkResponse) -> Self {
+        Work {
+            iteration: w.iteration,
+            items: w.items.into_iter().map(Into::into).collect(),
+            done: w.done,
+            restore: w.restore.map(|r| Restore {
+                step: r.step,
+                checkpoint_dir: (!r.checkpoint_dir.is_empty()).then(|| r.checkpoint_dir.into()),
+            }),
+            sample_grid: w.sample_grid,
+        }
+    }
+}
+
+/// What goes on the wire for a reward model failure that came without a message: the empty
+/// string there means "no error".
+const UNNAMED_REWARD_ERROR: &str = "the reward model failed without a message";
+
+impl From<&TrajectoryRewards> for pb::TrajectoryReward {
+    fn from(t: &TrajectoryRewards) -> Self {
+        let (rewards, error) = match &t.outcome {
+            Ok(values) => (values.clone(), String::new()),
+            Err(e) if e.is_empty() => (Vec::new(), UNNAMED_REWARD_ERROR.to_string()),
+            Err(e) => (Vec::new(), e.clone()),
+        };
+        pb::TrajectoryReward { item: Some((&t.item).into()), rewards, error }
+    }
+}
+
+impl TryFrom<pb::TrajectoryReward> for TrajectoryRewards {
+    type Error = ConvertError;
+
+    /// A set `error` wins over any values sent with it.
+    fn try_from(t: pb::TrajectoryReward) -> Result<Self, ConvertError> {
+        let item = t.item.ok_or(ConvertError::Missing("rewards.item"))?;
+        let outcome = if t.error.is_empty() { Ok(t.rewards) } else { Err(t.error) };
+        Ok(TrajectoryRewards { item: item.into(), outcome })
+    }
+}
+
+impl From<&TrajectoryAdvantage> for pb::TrajectoryAdvantage {
+    fn from(t: &TrajectoryAdvantage) -> Self {
+        pb::TrajectoryAdvantage { item: Some((&t.item).into()), advantages: t.advantages.clone() }
+    }
+}
+
+impl TryFrom<pb::TrajectoryAdvantage> for TrajectoryAdvantage {
+    type Error = ConvertError;
+
+    fn try_from(t: pb::TrajectoryAdvantage) -> Result<Self, ConvertError> {
+        let item = t.item.ok_or(ConvertError::Missing("advantages.item"))?;
+        Ok(TrajectoryAdvantage { item: item.into(), advantages: t.advantages })
+    }
+}
+
+impl From<&Advantages> for pb::GetAdvantagesResponse {
+    fn from(a: &Advantages) -> Self {
+        pb::GetAdvantagesResponse {
+            iteration: a.iteration,
+            advantages: a.advantages.iter().map(Into::into).collect(),
+            refill: a.refill.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::GetAdvantagesResponse> for Advantages {
+    type Error = ConvertError;
+
+    fn try_from(a: pb::GetAdvantagesResponse) -> Result<Self, ConvertError> {
+        if !a.refill.is_empty() && !a.advantages.is_empty() {
+            return Err(ConvertError::Invalid {
+                field: "refill",
+                reason: format!(
+                    "{} refill items sent with {} advantages: refill work comes alone",
+                    a.refill.len(),
+                    a.advantages.len()
+                ),
+            });
+        }
+        Ok(Advantages {
+            iteration: a.iteration,
+            advantages: a
+                .advantages
+                .into_iter()
+                .map(TrajectoryAdvantage::try_from)
+                .collect::<Result<_, _>>()?,
+            refill: a.refill.into_iter().map(Into::into).collect(),
+        })
+    }
+}
+
+impl From<&PhaseTimings> for pb::PhaseTimings {
+    fn from(t: &PhaseTimings) -> Self {
+        pb::PhaseTimings {
+            rollout_s: t.rollout_s,
+            decode_s: t.decode_s,
+            reward_s: t.reward_s,
+            train_s: t.train_s,
+            communication_s: t.communication_s,
+        }
+    }
+}
+
+impl From<pb::PhaseTimings> for PhaseTimings {
+    fn from(t: pb::PhaseTimings) -> Self {
+        PhaseTimings {
+            rollout_s: t.rollout_s,
+            decode_s: t.decode_s,
+            reward_s: t.reward_s,
+            train_s: t.train_s,
+            communication_s: t.communication_s,
+        }
+    }
+}
+
+impl From<&StepMetrics> for pb::StepMetrics {
+    fn from(m: &StepMetrics) -> Self {
+        pb::StepMetrics {
+            iteration: m.iteration,
+            loss: m.loss,
+            grad_norm: m.grad_norm,
+            ratio_dev_mean: m.ratio_dev_mean,
+            ratio_dev_max: m.ratio_dev_max,
+            clip_fraction: m.clip_fraction,
+            timings: Some((&m.timings).into()),
+            rank: m.rank,
+            weights_fingerprint: m.weights_fingerprint,
+            optimizer_steps: m.optimizer_steps,
+        }
+    }
+}
+
+impl TryFrom<pb::StepMetrics> for StepMetrics {
+    type Error = ConvertError;
+
+    fn try_from(m: pb::StepMetrics) -> Result<Self, ConvertError> {
+        let timings = m.timings.ok_or(ConvertError::Missing("metrics.timings"))?;
+        Ok(StepMetrics {
+            iteration: m.iteration,
+            loss: m.loss,
+            grad_norm: m.grad_norm,
+            ratio_dev_mean: m.ratio_dev_mean,
+            ratio_dev_max: m.ratio_dev_max,
+            clip_fraction: m.clip_fraction,
+            timings: timings.into(),
+            rank: m.rank,
+            weights_fingerprint: m.weights_fingerprint,
+            optimizer_steps: m.optimizer_steps,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +402,98 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("rank 3 outside world size 2"), "{e}");
+    }
+
+    fn item(group_id: u64, member_index: u32) -> WorkItem {
+        WorkItem { iteration: 3, prompt_index: 17, group_id, member_index, seed: 99 }
+    }
+
+    #[test]
+    fn work_round_trips_and_an_empty_checkpoint_dir_is_none() {
+        let w = Work {
+            iteration: 3,
+            items: vec![item(0, 0), item(0, 1)],
+            done: false,
+            restore: Some(Restore { step: 2, checkpoint_dir: Some("/out/checkpoint-2".into()) }),
+            sample_grid: true,
+        };
+        assert_eq!(Work::from(pb::GetWorkResponse::from(&w)), w);
+        let fresh = Work { restore: Some(Restore { step: 0, checkpoint_dir: None }), ..w };
+        let wire = pb::GetWorkResponse::from(&fresh);
+        assert_eq!(wire.restore.as_ref().unwrap().checkpoint_dir, "");
+        assert_eq!(Work::from(wire), fresh);
+    }
+
+    #[test]
+    fn rewards_round_trip_and_an_error_is_never_the_empty_string() {
+        for outcome in [Ok(vec![0.5, f64::INFINITY]), Ok(vec![]), Err("HPS: out of memory".into())]
+        {
+            let t = TrajectoryRewards { item: item(1, 2), outcome };
+            let back = TrajectoryRewards::try_from(pb::TrajectoryReward::from(&t)).unwrap();
+            assert_eq!(back, t);
+        }
+        // A failure without a message still travels as a failure.
+        let t = TrajectoryRewards { item: item(1, 2), outcome: Err(String::new()) };
+        let wire = pb::TrajectoryReward::from(&t);
+        assert_eq!(wire.error, UNNAMED_REWARD_ERROR);
+        assert!(TrajectoryRewards::try_from(wire).unwrap().outcome.is_err());
+        // The error wins over values sent with it.
+        let wire = pb::TrajectoryReward {
+            item: Some((&item(0, 0)).into()),
+            rewards: vec![1.0],
+            error: "boom".into(),
+        };
+        assert_eq!(TrajectoryRewards::try_from(wire).unwrap().outcome, Err("boom".to_string()));
+        let e = TrajectoryRewards::try_from(pb::TrajectoryReward::default()).unwrap_err();
+        assert_eq!(e, ConvertError::Missing("rewards.item"));
+    }
+
+    #[test]
+    fn advantages_round_trip_and_bad_answers_name_the_field() {
+        let a = Advantages {
+            iteration: 3,
+            advantages: vec![TrajectoryAdvantage { item: item(0, 1), advantages: vec![-1.0, 0.5] }],
+            refill: vec![],
+        };
+        assert_eq!(Advantages::try_from(pb::GetAdvantagesResponse::from(&a)).unwrap(), a);
+        let refill = Advantages { iteration: 3, advantages: vec![], refill: vec![item(2, 0)] };
+        assert_eq!(Advantages::try_from(pb::GetAdvantagesResponse::from(&refill)).unwrap(), refill);
+
+        // An advantage without its trajectory is refused, not taken for group 0 member 0.
+        let mut wire = pb::GetAdvantagesResponse::from(&a);
+        wire.advantages[0].item = None;
+        let e = Advantages::try_from(wire).unwrap_err();
+        assert_eq!(e, ConvertError::Missing("advantages.item"));
+        let both = Advantages { refill: vec![item(2, 0)], ..a };
+        let e = Advantages::try_from(pb::GetAdvantagesResponse::from(&both)).unwrap_err();
+        assert!(matches!(e, ConvertError::Invalid { field: "refill", .. }), "{e}");
+        assert!(e.to_string().contains("1 refill items sent with 1 advantages"), "{e}");
+    }
+
+    #[test]
+    fn step_metrics_round_trip_and_need_their_timings() {
+        let m = StepMetrics {
+            iteration: 4,
+            loss: 0.25,
+            grad_norm: 1.5,
+            ratio_dev_mean: 1e-4,
+            ratio_dev_max: 3e-3,
+            clip_fraction: 0.125,
+            timings: PhaseTimings {
+                rollout_s: 1.0,
+                decode_s: 2.0,
+                reward_s: 3.0,
+                train_s: 4.0,
+                communication_s: 5.0,
+            },
+            rank: 1,
+            weights_fingerprint: -12.75,
+            optimizer_steps: 2,
+        };
+        assert_eq!(StepMetrics::try_from(pb::StepMetrics::from(&m)).unwrap(), m);
+        let wire = pb::StepMetrics { timings: None, ..pb::StepMetrics::from(&m) };
+        let e = StepMetrics::try_from(wire).unwrap_err();
+        assert_eq!(e, ConvertError::Missing("metrics.timings"));
+        assert_eq!(e.to_string(), "missing field `metrics.timings`");
     }
 }

@@ -30,10 +30,14 @@ pub mod types;
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};
 pub use reason::Reason;
-pub use types::{JobState, RankAssignment, StoreAddress, WorkItem, WorkerInfo, WorkerState};
+pub use types::{
+    Advantages, JobState, PhaseTimings, RankAssignment, Restore, StepMetrics, StoreAddress,
+    TrajectoryAdvantage, TrajectoryRewards, Work, WorkItem, WorkerInfo, WorkerState,
+};
 
-/// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON.
+/// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON. 3:
+/// `GetWorkRequest.iteration` is absent for weights that match no step (it was `u64::MAX`).
 ///
 /// Bump it on any change a peer of the other version would misread. Zero means "unset" and is
 /// always rejected, so a client that forgot the field cannot slip through.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

@@ -2,6 +2,7 @@
 //! the edge ([`crate::convert`]).
 
 use std::fmt;
+use std::path::PathBuf;
 
 /// A worker process as it describes itself when it registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,4 +160,101 @@ pub struct WorkItem {
     pub member_index: u32,
     /// Seed of this trajectory's SDE noise.
     pub seed: u64,
+}
+
+/// Where a worker restores its weights and optimizer state from before it works: the job
+/// continues from `step` (after a resume, or a world re-formed around a lost worker).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restore {
+    /// The step the job continues from.
+    pub step: u64,
+    /// The checkpoint of `step`; `None` for the pretrained model (step 0).
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+/// The answer to GetWork: step 1 of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Work {
+    /// The iteration to run (0-based).
+    pub iteration: u64,
+    /// This rank's trajectories.
+    pub items: Vec<WorkItem>,
+    /// The job has no more iterations.
+    pub done: bool,
+    /// Load this state first (the worker's weights are not at `iteration`).
+    pub restore: Option<Restore>,
+    /// Write a grid of this iteration's samples.
+    pub sample_grid: bool,
+}
+
+/// One scored trajectory: step 2 of the protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrajectoryRewards {
+    /// The trajectory.
+    pub item: WorkItem,
+    /// One value per configured reward, in config order (NaN/Inf as they came), or why the
+    /// reward model failed for this trajectory.
+    pub outcome: Result<Vec<f64>, String>,
+}
+
+/// One trajectory's advantages: step 3 of the protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrajectoryAdvantage {
+    /// The trajectory.
+    pub item: WorkItem,
+    /// One clamped, group-normalised advantage per reward.
+    pub advantages: Vec<f64>,
+}
+
+/// The answer to GetAdvantages: this rank's advantages, or refill work to do first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Advantages {
+    /// The iteration they belong to.
+    pub iteration: u64,
+    /// One per trajectory of the rank; empty while `refill` is not.
+    pub advantages: Vec<TrajectoryAdvantage>,
+    /// Replacement trajectories (a fresh prompt for a group whose rewards were not finite)
+    /// to roll out and report before asking again.
+    pub refill: Vec<WorkItem>,
+}
+
+/// Seconds spent per phase of an iteration.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimings {
+    /// Denoising rollouts.
+    pub rollout_s: f64,
+    /// VAE decoding.
+    pub decode_s: f64,
+    /// Reward models.
+    pub reward_s: f64,
+    /// The update, less its communication.
+    pub train_s: f64,
+    /// Gradient all-reduces.
+    pub communication_s: f64,
+}
+
+/// One rank's account of an iteration's update: step 5 of the protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepMetrics {
+    /// The iteration (0-based).
+    pub iteration: u64,
+    /// Sum of the transition losses, each divided by its accumulation window's size.
+    pub loss: f64,
+    /// Mean pre-clip global gradient norm over the optimizer steps.
+    pub grad_norm: f64,
+    /// Mean |ratio - 1| over the transitions.
+    pub ratio_dev_mean: f64,
+    /// Largest |ratio - 1|.
+    pub ratio_dev_max: f64,
+    /// Fraction of transitions whose ratio left `[1 - clip_range, 1 + clip_range]`.
+    pub clip_fraction: f64,
+    /// Where the time went.
+    pub timings: PhaseTimings,
+    /// The reporting rank.
+    pub rank: u32,
+    /// Sum of every trainable weight (f64): equal on all ranks when they hold identical
+    /// weights.
+    pub weights_fingerprint: f64,
+    /// Optimizer steps taken this iteration.
+    pub optimizer_steps: u32,
 }

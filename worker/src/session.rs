@@ -1,4 +1,6 @@
-//! The worker's control-plane session: connect (with backoff), register, heartbeat, goodbye.
+//! The worker's control-plane session: connect (with backoff), register, heartbeat, goodbye,
+//! and the step RPCs. This is the worker's gRPC edge: the only place that builds requests and
+//! reads replies, converting them to and from the domain types.
 //!
 //! Heartbeats run on their own task on the async runtime, independent of the compute thread.
 //! If the coordinator forgets us (it restarted, or declared us lost), the session registers
@@ -10,7 +12,8 @@ use std::time::{Duration, Instant};
 use dancegrpo_proto::convert::job_config_from_wire;
 use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
 use dancegrpo_proto::{
-    JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, Reason, WorkerInfo, pb,
+    Advantages, JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, Reason, StepMetrics,
+    TrajectoryRewards, Work, WorkerInfo, pb,
 };
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
@@ -229,9 +232,76 @@ impl Session {
         self.joined.lock().await.worker_id.clone()
     }
 
-    /// A client for the step RPCs.
-    pub fn client(&self) -> CoordinatorClient<Channel> {
-        self.client.clone()
+    /// Step 1: the work of the next iteration for weights at step `ready_for` (`None`: an
+    /// interrupted update left them at no step). One call: the coordinator's long poll may run
+    /// out (DEADLINE_EXCEEDED) while other ranks finish, and the caller asks again.
+    pub async fn get_work(
+        &self,
+        ready_for: Option<u64>,
+        generation: u64,
+        checkpointed_step: u64,
+    ) -> Result<Work> {
+        let req = pb::GetWorkRequest {
+            worker_id: self.worker_id().await,
+            iteration: ready_for,
+            generation,
+            checkpointed_step,
+        };
+        let resp = self.client.clone().get_work(req).await.map_err(|s| rejected("GetWork", s))?;
+        Ok(Work::from(resp.into_inner()))
+    }
+
+    /// Step 2: the rewards of this rank's trajectories of `iteration`.
+    pub async fn report_rewards(
+        &self,
+        iteration: u64,
+        generation: u64,
+        rewards: &[TrajectoryRewards],
+    ) -> Result<()> {
+        let req = pb::ReportRewardsRequest {
+            worker_id: self.worker_id().await,
+            iteration,
+            rewards: rewards.iter().map(Into::into).collect(),
+            generation,
+        };
+        self.client.clone().report_rewards(req).await.map_err(|s| rejected("ReportRewards", s))?;
+        Ok(())
+    }
+
+    /// Step 3: this rank's advantages of `iteration`, or refill work to do first. One call:
+    /// the long poll may run out (DEADLINE_EXCEEDED) while other ranks still roll out.
+    pub async fn get_advantages(&self, iteration: u64, generation: u64) -> Result<Advantages> {
+        let req =
+            pb::GetAdvantagesRequest { worker_id: self.worker_id().await, iteration, generation };
+        let resp = self
+            .client
+            .clone()
+            .get_advantages(req)
+            .await
+            .map_err(|s| rejected("GetAdvantages", s))?;
+        Ok(Advantages::try_from(resp.into_inner())?)
+    }
+
+    /// Step 5: this rank's metrics. Returns the trainer state to write into
+    /// `checkpoint-<iteration + 1>` when the coordinator asks for that checkpoint now.
+    pub async fn report_step_metrics(
+        &self,
+        generation: u64,
+        metrics: &StepMetrics,
+    ) -> Result<Option<String>> {
+        let req = pb::ReportStepMetricsRequest {
+            worker_id: self.worker_id().await,
+            metrics: Some(metrics.into()),
+            generation,
+        };
+        let resp = self
+            .client
+            .clone()
+            .report_step_metrics(req)
+            .await
+            .map_err(|s| rejected("ReportStepMetrics", s))?
+            .into_inner();
+        Ok(resp.checkpoint.then_some(resp.trainer_state_json))
     }
 
     /// Asks the coordinator to re-form the world after a failed collective or rendezvous of

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use dancegrpo_proto::{JobConfig, RankAssignment, WorkItem, pb};
+use dancegrpo_proto::{JobConfig, RankAssignment, StepMetrics, WorkItem};
 use tch::{Kind, Tensor};
 
 use crate::device::Device;
@@ -71,7 +71,7 @@ impl World {
         iteration: u64,
         work: &[WorkItem],
         advantages: &BTreeMap<(u64, u32), Vec<f64>>,
-    ) -> Result<pb::StepMetrics, TrainError> {
+    ) -> Result<StepMetrics, TrainError> {
         let trainer =
             self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
         trainer.train(iteration, work, advantages, self.group.as_mut())

@@ -4,15 +4,14 @@
 //! on the compute thread; this task only talks and waits.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dancegrpo_proto::{JobConfig, RankAssignment, Reason, WorkItem, pb};
+use dancegrpo_proto::{Advantages, JobConfig, RankAssignment, Reason, WorkItem};
 
 use crate::compute::ComputeThread;
 use crate::error::{Error, Result};
-use crate::session::{Session, forgotten, rejected};
+use crate::session::{Session, forgotten};
 use crate::world::World;
 
 /// How long a worker keeps asking for advantages while other ranks are still rolling out.
@@ -89,7 +88,6 @@ async fn iterate(
     cfg: &JobConfig,
 ) -> Result<()> {
     let generation = a.generation;
-    let mut client = session.client();
     let mut checkpointed: u64 = 0;
     {
         let cfg = cfg.clone();
@@ -104,19 +102,11 @@ async fn iterate(
             .await?
             .map_err(compute_err)?;
         let work = loop {
-            let r = client
-                .get_work(pb::GetWorkRequest {
-                    worker_id: session.worker_id().await,
-                    iteration: ready_for,
-                    generation,
-                    checkpointed_step: checkpointed,
-                })
-                .await;
-            match r {
-                Ok(w) => break w.into_inner(),
+            match session.get_work(ready_for, generation, checkpointed).await {
+                Ok(w) => break w,
                 // The coordinator's long poll ran out while other ranks finish: ask again.
-                Err(s) if s.code() == tonic::Code::DeadlineExceeded => {}
-                Err(s) => return Err(rejected("GetWork", s)),
+                Err(Error::Rejected { code: tonic::Code::DeadlineExceeded, .. }) => {}
+                Err(e) => return Err(e),
             }
         };
         if work.done {
@@ -125,45 +115,28 @@ async fn iterate(
         }
         let iteration = work.iteration;
         if let Some(r) = work.restore {
-            let dir = (!r.checkpoint_dir.is_empty()).then(|| PathBuf::from(&r.checkpoint_dir));
             compute
                 .run(move |w: &mut World| {
-                    w.loaded_trainer().and_then(|t| t.restore(r.step, dir.as_deref()))
+                    w.loaded_trainer().and_then(|t| t.restore(r.step, r.checkpoint_dir.as_deref()))
                 })
                 .await?
                 .map_err(compute_err)?;
         }
-        let items: Vec<WorkItem> = work.items.into_iter().map(WorkItem::from).collect();
+        let items = work.items;
         let mut order = items.clone();
         let started = Instant::now();
         let mut scored = rollout(compute, items).await?;
         let mut advantages = BTreeMap::new();
         loop {
-            client
-                .report_rewards(pb::ReportRewardsRequest {
-                    worker_id: session.worker_id().await,
-                    iteration,
-                    generation,
-                    rewards: scored
-                        .iter()
-                        .map(|(it, r, e)| pb::TrajectoryReward {
-                            item: Some(it.into()),
-                            rewards: r.clone(),
-                            error: e.clone(),
-                        })
-                        .collect(),
-                })
-                .await
-                .map_err(|s| rejected("ReportRewards", s))?;
+            session.report_rewards(iteration, generation, &scored).await?;
             let resp = get_advantages(session, iteration, generation).await?;
             if resp.refill.is_empty() {
                 for t in resp.advantages {
-                    let item = WorkItem::from(t.item.unwrap_or_default());
-                    advantages.insert((item.group_id, item.member_index), t.advantages);
+                    advantages.insert((t.item.group_id, t.item.member_index), t.advantages);
                 }
                 break;
             }
-            let refill: Vec<WorkItem> = resp.refill.into_iter().map(WorkItem::from).collect();
+            let refill = resp.refill;
             tracing::warn!(n = refill.len(), "rolling out a refilled group");
             for r in &refill {
                 if let Some(o) = order
@@ -194,7 +167,7 @@ async fn iterate(
                 .await?
                 .map_err(compute_err)?;
         }
-        let t = metrics.timings.unwrap_or_default();
+        let t = metrics.timings;
         tracing::info!(
             iteration = iteration + 1,
             loss = metrics.loss,
@@ -208,18 +181,8 @@ async fn iterate(
             total_s = started.elapsed().as_secs_f64(),
             "iteration done"
         );
-        let done = client
-            .report_step_metrics(pb::ReportStepMetricsRequest {
-                worker_id: session.worker_id().await,
-                metrics: Some(metrics),
-                generation,
-            })
-            .await
-            .map_err(|s| rejected("ReportStepMetrics", s))?
-            .into_inner();
-        if done.checkpoint {
+        if let Some(state) = session.report_step_metrics(generation, &metrics).await? {
             let step = iteration + 1;
-            let state = done.trainer_state_json;
             compute
                 .run(move |w: &mut World| w.loaded_trainer()?.save_checkpoint(step, &state))
                 .await?
@@ -241,27 +204,14 @@ async fn rollout(
 
 /// GetAdvantages, asked again while the coordinator's long poll runs out (other ranks are
 /// still rolling out), up to [`ADVANTAGES_PATIENCE`].
-async fn get_advantages(
-    session: &Session,
-    iteration: u64,
-    generation: u64,
-) -> Result<pb::GetAdvantagesResponse> {
+async fn get_advantages(session: &Session, iteration: u64, generation: u64) -> Result<Advantages> {
     let start = Instant::now();
     loop {
-        let r = session
-            .client()
-            .get_advantages(pb::GetAdvantagesRequest {
-                worker_id: session.worker_id().await,
-                iteration,
-                generation,
-            })
-            .await;
-        match r {
-            Ok(resp) => return Ok(resp.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::DeadlineExceeded
-                    && start.elapsed() < ADVANTAGES_PATIENCE => {}
-            Err(s) => return Err(rejected("GetAdvantages", s)),
+        match session.get_advantages(iteration, generation).await {
+            Ok(a) => return Ok(a),
+            Err(Error::Rejected { code: tonic::Code::DeadlineExceeded, .. })
+                if start.elapsed() < ADVANTAGES_PATIENCE => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -269,6 +219,7 @@ async fn get_advantages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::rejected;
 
     #[test]
     fn paused_is_told_by_the_reason_not_by_the_message() {

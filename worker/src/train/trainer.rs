@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dancegrpo_proto::{JobConfig, WorkItem, pb};
+use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics, TrajectoryRewards, WorkItem};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
@@ -35,8 +35,8 @@ struct Rollout {
     log_probs: Tensor,
 }
 
-/// Rewards of a batch of trajectories, as reported: `(item, one value per reward, error)`.
-pub type Scored = Vec<(WorkItem, Vec<f64>, String)>;
+/// Rewards of a batch of trajectories, as reported.
+pub type Scored = Vec<TrajectoryRewards>;
 
 /// The trainer of one rank.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ pub struct Trainer {
     memo: FirstStepMemo,
     /// This iteration's images (uint8 `[H, W, 3]`) and first reward, for the sample grid.
     images: Vec<(Tensor, f64)>,
-    timings: pb::PhaseTimings,
+    timings: PhaseTimings,
 }
 
 /// The dataset directory of `data_json_path` (a manifest, an index or their folder).
@@ -101,13 +101,13 @@ impl Trainer {
             rollouts: BTreeMap::new(),
             memo: FirstStepMemo::default(),
             images: Vec::new(),
-            timings: pb::PhaseTimings::default(),
+            timings: PhaseTimings::default(),
         })
     }
 
-    /// The step the weights are at, as GetWork wants it (`u64::MAX`: none).
-    pub fn ready_for(&self) -> u64 {
-        self.step.unwrap_or(u64::MAX)
+    /// The step the weights are at, as GetWork wants it (`None` after an interrupted update).
+    pub fn ready_for(&self) -> Option<u64> {
+        self.step
     }
 
     /// Goes back to the state after `step` iterations: the pretrained weights for 0, else the
@@ -186,11 +186,11 @@ impl Trainer {
             self.timings.rollout_s += (t1 - t0).as_secs_f64();
             self.timings.decode_s += (t2 - t1).as_secs_f64();
             self.timings.reward_s += (t3 - t2).as_secs_f64();
-            let (values, error) = match scored {
-                Ok(mut v) => (v.pop().unwrap_or_default(), String::new()),
-                Err(e) => (Vec::new(), e.to_string()),
+            let outcome = match scored {
+                Ok(mut v) => Ok(v.pop().unwrap_or_default()),
+                Err(e) => Err(e.to_string()),
             };
-            let first = values.first().copied().unwrap_or(f64::NAN);
+            let first = outcome.as_ref().ok().and_then(|v| v.first()).copied().unwrap_or(f64::NAN);
             self.images.push((image.f_squeeze_dim(0)?.f_to_device(tch::Device::Cpu)?, first));
             self.rollouts.insert(
                 (item.group_id, item.member_index),
@@ -203,7 +203,7 @@ impl Trainer {
                     log_probs: traj.log_probs,
                 },
             );
-            out.push((*item, values, error));
+            out.push(TrajectoryRewards { item: *item, outcome });
         }
         Ok(out)
     }
@@ -216,7 +216,7 @@ impl Trainer {
         work: &[WorkItem],
         advantages: &BTreeMap<(u64, u32), Vec<f64>>,
         mut group: Option<&mut ProcessGroup>,
-    ) -> Result<pb::StepMetrics, TrainError> {
+    ) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
         let transitions = self.sched.steps() - 1;
         let count = self.cfg.train_timesteps();
@@ -297,14 +297,14 @@ impl Trainer {
             "update done"
         );
         let n = stats.transitions.max(1) as f64;
-        let metrics = pb::StepMetrics {
+        let metrics = StepMetrics {
             iteration,
             loss: stats.loss,
             grad_norm: stats.grad_norm_sum / f64::from(stats.optimizer_steps.max(1)),
             ratio_dev_mean: stats.ratio_dev_sum / n,
             ratio_dev_max: stats.ratio_dev_max,
             clip_fraction: stats.clipped as f64 / n,
-            timings: Some(std::mem::take(&mut self.timings)),
+            timings: std::mem::take(&mut self.timings),
             rank: 0,
             weights_fingerprint: self.fingerprint()?,
             optimizer_steps: stats.optimizer_steps,
