@@ -64,7 +64,7 @@ impl CheckpointError {
         Self::Io { path: path.into(), source }
     }
 
-    fn format(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+    pub(crate) fn format(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
         Self::Format { path: path.into(), message: message.to_string() }
     }
 }

@@ -292,7 +292,7 @@ fn step_tensor(step: u64) -> Result<Tensor> {
 
 fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64, CheckpointError> {
     let v = file.tensor(key)?.f_int64_value(&[])?;
-    Ok(u64::try_from(v).map_err(|_| ModelError::format(file.path(), format!("{key} is {v}")))?)
+    u64::try_from(v).map_err(|_| CheckpointError::format(file.path(), format!("{key} is {v}")))
 }
 
 /// The file holds exactly `expected`'s keys with those shapes.
