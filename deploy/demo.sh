@@ -19,6 +19,10 @@ echo "== preprocessing deploy/demo/prompts.txt"
   --prompts deploy/demo/prompts.txt --out "$OUT/data" --max-sequence-length 16 --quiet
 
 export MASTER_ADDR=127.0.0.1 NNODES=1 NPUS_PER_NODE=2
+# The job's token: the coordinator, the workers and the status commands all read this file, so
+# nobody else on the machine can act as a worker or change the job.
+(umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > "$OUT/token")
+export DANCEGRPO_AUTH_TOKEN_FILE="$OUT/token"
 # Each worker uses one core; libtorch would otherwise start a thread per core in each.
 export OMP_NUM_THREADS=1
 # A free port for the c10d store that rank 0 hosts.

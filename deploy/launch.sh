@@ -28,6 +28,18 @@ for b in dancegrpo-coordinator dancegrpo-worker; do
   [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b not found; build with: cargo build --release (add --features npu or cuda)"
 done
 
+# Every node's processes need the job's token (DANCEGRPO_AUTH_TOKEN_FILE, a file all nodes can
+# read, or DANCEGRPO_AUTH_TOKEN); a coordinator on a non-loopback address refuses to start
+# without one, and the workers of the other nodes would only wait for it.
+case "$MASTER_ADDR" in
+  localhost | 127.* | ::1) ;;
+  *)
+    [[ -n "${DANCEGRPO_AUTH_TOKEN_FILE:-}${DANCEGRPO_AUTH_TOKEN:-}" ]] ||
+      die "MASTER_ADDR=$MASTER_ADDR is reachable from the network: give every node the job's token, e.g.
+  openssl rand -hex 32 > /shared/dancegrpo.token && export DANCEGRPO_AUTH_TOKEN_FILE=/shared/dancegrpo.token"
+    ;;
+esac
+
 count_devices() { local IFS=,; local a=($1); echo "${#a[@]}"; }
 
 case "$DEVICE" in

@@ -3,16 +3,35 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use dancegrpo_proto::pb;
 use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+use dancegrpo_proto::{AuthToken, ClientAuth, pb};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::state::now_ms;
 
+/// The coordinator a command talks to, and the job token it shows.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `host:port` or a URI.
+    pub addr: String,
+    /// The job's auth token, when the coordinator has one.
+    pub token: Option<AuthToken>,
+}
+
+/// A job API client that sends the job token with every call.
+pub type Client = JobServiceClient<InterceptedService<Channel, ClientAuth>>;
+
+/// The message of a refused call; a missing or wrong token says how to give one.
+fn refused(rpc: &str, e: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{rpc} failed: {}", e.message())
+}
+
 /// Connects to a coordinator, failing with a message that names the address.
-pub async fn connect(addr: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+    let addr = &target.addr;
     let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let channel = Endpoint::from_shared(uri.clone())
         .map_err(|e| anyhow::anyhow!("bad coordinator address {addr:?}: {e}"))?
@@ -20,7 +39,7 @@ pub async fn connect(addr: &str) -> anyhow::Result<JobServiceClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach coordinator at {uri}: {e}"))?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::with_interceptor(channel, ClientAuth::new(target.token.clone())))
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -202,12 +221,12 @@ pub fn iteration_row(h: &pb::IterationRecord) -> String {
 }
 
 /// `status`: one snapshot.
-pub async fn status(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<()> {
-    let mut c = connect(addr).await?;
+pub async fn status(target: &Target, job_id: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(target).await?;
     let s = c
         .get_job_status(pb::GetJobStatusRequest { job_id: job_id.into() })
         .await
-        .map_err(|e| anyhow::anyhow!("GetJobStatus failed: {}", e.message()))?
+        .map_err(|e| refused("GetJobStatus", &e))?
         .into_inner()
         .status
         .ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
@@ -220,12 +239,17 @@ pub async fn status(addr: &str, job_id: &str, as_json: bool) -> anyhow::Result<(
 }
 
 /// `watch`: follows the status until the job ends or the user interrupts.
-pub async fn watch(addr: &str, job_id: &str, as_json: bool, table: bool) -> anyhow::Result<()> {
-    let mut c = connect(addr).await?;
+pub async fn watch(
+    target: &Target,
+    job_id: &str,
+    as_json: bool,
+    table: bool,
+) -> anyhow::Result<()> {
+    let mut c = connect(target).await?;
     let mut stream = c
         .watch_job(pb::WatchJobRequest { job_id: job_id.into() })
         .await
-        .map_err(|e| anyhow::anyhow!("WatchJob failed: {}", e.message()))?
+        .map_err(|e| refused("WatchJob", &e))?
         .into_inner();
     let mut shown = 0u64;
     let mut last_state = i32::MIN;
@@ -276,12 +300,12 @@ fn job_bar() -> ProgressBar {
 }
 
 /// `list`: every job in the coordinator's database.
-pub async fn list(addr: &str, as_json: bool) -> anyhow::Result<()> {
-    let mut c = connect(addr).await?;
+pub async fn list(target: &Target, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(target).await?;
     let jobs = c
         .list_jobs(pb::ListJobsRequest {})
         .await
-        .map_err(|e| anyhow::anyhow!("ListJobs failed: {}", e.message()))?
+        .map_err(|e| refused("ListJobs", &e))?
         .into_inner()
         .jobs;
     if as_json {

@@ -17,8 +17,17 @@ use dancegrpo_proto::{ConfigError, JobConfig};
 use crate::error::{Error, Result};
 
 /// Environment variables with the `DANCEGRPO_` prefix that configure processes, not the job.
-const PROCESS_ENV: &[&str] =
-    &["venv", "ref_venv", "log", "log_format", "device", "coordinator", "bin_dir"];
+const PROCESS_ENV: &[&str] = &[
+    "venv",
+    "ref_venv",
+    "log",
+    "log_format",
+    "device",
+    "coordinator",
+    "bin_dir",
+    "auth_token",
+    "auth_token_file",
+];
 
 /// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,
 /// `data_dancegrpo.json`), so users migrating from it can point at what they have.

@@ -229,7 +229,7 @@ impl Db {
             params![
                 job.as_str(),
                 it.iteration as i64,
-                serde_json::to_string(&it.mean_rewards).expect("floats serialize"),
+                floats_to_json(&it.mean_rewards),
                 it.metrics_json,
                 it.cursor_json
             ],
@@ -256,7 +256,7 @@ impl Db {
             let rewards: String = r.get(1)?;
             Ok(IterationRecord {
                 iteration: r.get::<_, i64>(0)? as u64,
-                mean_rewards: serde_json::from_str(&rewards).map_err(|e| {
+                mean_rewards: floats_from_json(&rewards).map_err(|e| {
                     rusqlite::Error::FromSqlConversionFailure(
                         1,
                         rusqlite::types::Type::Text,
@@ -269,6 +269,31 @@ impl Db {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// Floats as JSON that reads back as written. JSON has no NaN or Inf (serde_json writes them as
+/// `null`, which no f64 reads), so those are written as the strings `"NaN"`, `"inf"`, `"-inf"`.
+fn floats_to_json(v: &[f64]) -> String {
+    let items: Vec<serde_json::Value> =
+        v.iter().map(|x| if x.is_finite() { (*x).into() } else { x.to_string().into() }).collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// The inverse of [`floats_to_json`]; a `null` (what earlier releases wrote for a NaN) reads as
+/// NaN, so such a database still opens.
+fn floats_from_json(text: &str) -> std::result::Result<Vec<f64>, String> {
+    use serde_json::Value;
+    let items: Vec<Value> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    items
+        .iter()
+        .map(|v| match v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.parse().ok().filter(|x: &f64| !x.is_finite()),
+            Value::Null => Some(f64::NAN),
+            _ => None,
+        })
+        .map(|x| x.ok_or_else(|| format!("not a float list: {text}")))
+        .collect()
 }
 
 fn bad_enum(col: usize, v: &str) -> rusqlite::Error {
@@ -352,5 +377,17 @@ mod tests {
         assert_eq!(db.workers(job.id.as_str()).unwrap(), vec![w]);
         assert_eq!(db.iterations(job.id.as_str()).unwrap()[0].mean_rewards, vec![0.5]);
         assert!(db.find_active_job("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn every_float_reads_back_as_written() {
+        let v = [0.5, -0.0, f64::INFINITY, f64::NEG_INFINITY, 1e-300];
+        let back = floats_from_json(&floats_to_json(&v)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{v:?}"));
+        assert!(floats_from_json(&floats_to_json(&[f64::NAN])).unwrap()[0].is_nan());
+        // What earlier releases wrote for a NaN.
+        assert!(floats_from_json("[0.5,null]").unwrap()[1].is_nan());
+        assert!(floats_from_json("[\"0.5\"]").is_err(), "a finite float is a number");
+        assert!(floats_from_json("[{}]").is_err());
     }
 }

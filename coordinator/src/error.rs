@@ -67,6 +67,9 @@ pub enum Error {
         /// Its state.
         state: dancegrpo_proto::WorkerState,
     },
+    /// A call naming a worker without that worker's session secret.
+    #[error("permission denied: this call does not hold the session of worker {0}")]
+    PermissionDenied(String),
     /// Unknown job id.
     #[error("unknown job {0}")]
     UnknownJob(String),
@@ -133,6 +136,7 @@ impl Error {
             Error::DuplicateSlot { .. } => Reason::DuplicateSlot,
             Error::UnknownWorker(_) => Reason::UnknownWorker,
             Error::UnknownJob(_) => Reason::UnknownJob,
+            Error::PermissionDenied(_) => Reason::PermissionDenied,
             Error::ConfigLoad(_) | Error::Db(_) | Error::Io { .. } | Error::Transport(_) => {
                 Reason::Internal
             }

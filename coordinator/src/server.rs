@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use dancegrpo_proto::pb;
+use dancegrpo_proto::{AuthToken, ServerAuth, pb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
@@ -22,12 +23,37 @@ pub async fn bind(settings: &CoordinatorSettings) -> Result<TcpListener> {
     })
 }
 
-/// Serves the job on `listener` until `shutdown` is cancelled.
+/// Refuses to serve a non-loopback address to anyone who can reach it: without a token, only
+/// loopback (or `insecure`, said out loud) is allowed.
+pub fn check_exposure(
+    listen: std::net::SocketAddr,
+    token: Option<&AuthToken>,
+    insecure: bool,
+) -> Result<()> {
+    match (token, listen.ip().is_loopback(), insecure) {
+        (Some(_), _, _) | (None, true, _) => Ok(()),
+        (None, false, true) => {
+            tracing::warn!(%listen, "no auth token (--insecure): anyone who can reach this port \
+                can act as any worker and change the job");
+            Ok(())
+        }
+        (None, false, false) => Err(Error::InvalidRequest(format!(
+            "refusing to listen on {listen} without an auth token: anyone who can reach it \
+             could act as a worker. Give the job a token with --auth-token-file FILE or \
+             DANCEGRPO_AUTH_TOKEN (the workers and the CLI need the same), or pass --insecure"
+        ))),
+    }
+}
+
+/// Serves the job on `listener` until `shutdown` is cancelled. With a `token`, every call but
+/// gRPC health must carry it (reflection included: it describes the job's API).
 pub async fn run(
     listener: TcpListener,
     state: Arc<CoordinatorState>,
+    token: Option<AuthToken>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let auth = ServerAuth::new(token.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let svc = CoordinatorService::new(state.clone());
     health_reporter
@@ -65,12 +91,15 @@ pub async fn run(
         .local_addr()
         .map_err(|source| Error::Io { context: "listener has no address".into(), source })?;
     tracing::info!(%addr, job_id = %state.job_id(), world_size = state.settings().topology.world_size,
-        "coordinator listening");
+        auth = if token.is_some() { "token" } else { "none" }, "coordinator listening");
     let result = Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(svc.clone()))
-        .add_service(pb::job_service_server::JobServiceServer::new(svc))
+        .add_service(InterceptedService::new(reflection, auth.clone()))
+        .add_service(pb::coordinator_server::CoordinatorServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(pb::job_service_server::JobServiceServer::with_interceptor(svc, auth))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();

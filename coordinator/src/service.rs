@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dancegrpo_proto::convert::job_config_to_wire;
+use dancegrpo_proto::convert::{clean_text, job_config_to_wire};
 use dancegrpo_proto::pb::coordinator_server::Coordinator;
 use dancegrpo_proto::pb::job_service_server::JobService;
 use dancegrpo_proto::{StepMetrics, TrajectoryRewards, WorkerId, WorkerInfo, WorkerState, pb};
@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::db::{JobRecord, WorkerRecord};
 use crate::error::Error;
-use crate::state::{CoordinatorState, JobSnapshot};
+use crate::state::{Caller, CoordinatorState, JobSnapshot};
 
 /// Implements both services over one shared state.
 #[derive(Debug, Clone)]
@@ -26,6 +26,11 @@ impl CoordinatorService {
     pub fn new(state: Arc<CoordinatorState>) -> Self {
         Self { state }
     }
+}
+
+/// Who a request claims to be, from its `worker_id` and `session_secret`.
+fn caller(worker_id: String, session_secret: String) -> Caller {
+    Caller { id: WorkerId::from(worker_id), secret: session_secret }
 }
 
 #[tonic::async_trait]
@@ -44,6 +49,7 @@ impl Coordinator for CoordinatorService {
         let reg = self.state.register(info, peer)?;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: reg.worker_id.into(),
+            session_secret: reg.secret.expose().to_string(),
             job_id: reg.job_id.into(),
             config_json: job_config_to_wire(&reg.config),
             heartbeat_interval_ms: reg.heartbeat_interval.as_millis() as u64,
@@ -59,7 +65,7 @@ impl Coordinator for CoordinatorService {
         CoordinatorState::check_protocol(req.protocol_version)?;
         let state = WorkerState::try_from(req.state()).map_err(Error::from)?;
         let (assignment, job_state) =
-            self.state.heartbeat(&WorkerId::from(req.worker_id), state)?;
+            self.state.heartbeat(&caller(req.worker_id, req.session_secret), state)?;
         Ok(Response::new(pb::HeartbeatResponse {
             assignment: assignment.as_ref().map(Into::into),
             job_state: pb::JobState::from(job_state) as i32,
@@ -71,7 +77,8 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::GoodbyeRequest>,
     ) -> Result<Response<pb::GoodbyeResponse>, Status> {
         let req = req.into_inner();
-        self.state.goodbye(&WorkerId::from(req.worker_id), &req.reason)?;
+        let who = caller(req.worker_id, req.session_secret);
+        self.state.goodbye(&who, &clean_text(&req.reason))?;
         Ok(Response::new(pb::GoodbyeResponse {}))
     }
 
@@ -82,7 +89,12 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let work = self
             .state
-            .get_work(&WorkerId::from(r.worker_id), r.iteration, r.generation, r.checkpointed_step)
+            .get_work(
+                &caller(r.worker_id, r.session_secret),
+                r.iteration,
+                r.generation,
+                r.checkpointed_step,
+            )
             .await?;
         Ok(Response::new((&work).into()))
     }
@@ -99,7 +111,7 @@ impl Coordinator for CoordinatorService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::from)?;
         self.state.report_rewards(
-            &WorkerId::from(r.worker_id),
+            &caller(r.worker_id, r.session_secret),
             r.iteration,
             r.generation,
             rewards,
@@ -114,7 +126,7 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let advantages = self
             .state
-            .get_advantages(&WorkerId::from(r.worker_id), r.iteration, r.generation)
+            .get_advantages(&caller(r.worker_id, r.session_secret), r.iteration, r.generation)
             .await?;
         Ok(Response::new((&advantages).into()))
     }
@@ -126,8 +138,9 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let m = r.metrics.ok_or(Error::InvalidRequest("missing field `metrics`".into()))?;
         let m = StepMetrics::try_from(m).map_err(Error::from)?;
+        let who = caller(r.worker_id, r.session_secret);
         let (checkpoint, trainer_state_json) =
-            self.state.report_step_metrics(&WorkerId::from(r.worker_id), r.generation, m)?;
+            self.state.report_step_metrics(&who, r.generation, m)?;
         Ok(Response::new(pb::ReportStepMetricsResponse { checkpoint, trainer_state_json }))
     }
 
@@ -136,8 +149,8 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::ReformWorldRequest>,
     ) -> Result<Response<pb::ReformWorldResponse>, Status> {
         let r = req.into_inner();
-        let generation =
-            self.state.reform(&WorkerId::from(r.worker_id), r.generation, &r.reason)?;
+        let who = caller(r.worker_id, r.session_secret);
+        let generation = self.state.reform(&who, r.generation, &clean_text(&r.reason))?;
         Ok(Response::new(pb::ReformWorldResponse { generation }))
     }
 }

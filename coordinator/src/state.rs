@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    Advantages, JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, Restore, StepMetrics,
-    StoreAddress, TrajectoryRewards, Work, WorkerId, WorkerInfo, WorkerState,
+    Advantages, JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, Restore,
+    SessionSecret, StepMetrics, StoreAddress, TrajectoryRewards, Work, WorkerId, WorkerInfo,
+    WorkerState,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -104,6 +105,8 @@ impl Training {
 pub struct Registration {
     /// Its id, to quote in heartbeats.
     pub worker_id: WorkerId,
+    /// The secret its later calls carry.
+    pub secret: SessionSecret,
     /// The job it joined.
     pub job_id: JobId,
     /// The job config.
@@ -112,6 +115,13 @@ pub struct Registration {
     pub heartbeat_interval: Duration,
     /// Present if this registration completed the world.
     pub assignment: Option<RankAssignment>,
+}
+
+impl Registration {
+    /// The credentials this registration's later calls carry.
+    pub fn caller(&self) -> Caller {
+        Caller { id: self.worker_id.clone(), secret: self.secret.expose().to_string() }
+    }
 }
 
 /// A consistent view of one job, for the status API.
@@ -125,9 +135,21 @@ pub struct JobSnapshot {
     pub history: Vec<IterationRecord>,
 }
 
+/// Who a worker's call claims to be: a worker id and the session secret of its registration.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The id it names.
+    pub id: WorkerId,
+    /// The secret it holds (checked in constant time, never logged).
+    pub secret: String,
+}
+
 #[derive(Debug)]
 struct Worker {
     rec: WorkerRecord,
+    /// The session secret of this registration; `None` for a record of a previous
+    /// coordinator process, whose sessions ended with it.
+    secret: Option<SessionSecret>,
     last_seen: Instant,
     /// The address rank 0 is reachable at, from the peer address of its registration.
     reachable_host: String,
@@ -174,7 +196,12 @@ impl CoordinatorState {
                         db.put_worker(&job.id, &rec)?;
                     }
                     let reachable_host = rec.info.host.clone();
-                    workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
+                    workers.push(Worker {
+                        rec,
+                        secret: None,
+                        last_seen: Instant::now(),
+                        reachable_host,
+                    });
                 }
                 job.config = settings.job.clone();
                 job.world_size = settings.topology.world_size;
@@ -353,7 +380,13 @@ impl CoordinatorState {
         tracing::info!(worker_id = %worker_id, host = %info.host, node_rank = info.node_rank,
             local_rank = info.local_rank, device = %info.device, "worker registered");
         let reachable_host = peer_host.unwrap_or_else(|| info.host.clone());
-        workers.push(Worker { rec, last_seen: Instant::now(), reachable_host });
+        let secret = SessionSecret::new();
+        workers.push(Worker {
+            rec,
+            secret: Some(secret.clone()),
+            last_seen: Instant::now(),
+            reachable_host,
+        });
         if formed {
             let rank = inherited.unwrap_or_default();
             training.reform(db, job, *dataset_len, |generation, _| {
@@ -373,6 +406,7 @@ impl CoordinatorState {
         let assignment = Self::assignment_of(&self.settings, job, workers, &worker_id);
         let reg = Registration {
             worker_id,
+            secret,
             job_id: job.id.clone(),
             config: job.config.clone(),
             heartbeat_interval: self.settings.heartbeat_interval,
@@ -428,11 +462,20 @@ impl CoordinatorState {
         })
     }
 
-    fn find<'a>(workers: &'a mut [Worker], id: &WorkerId) -> Result<&'a mut Worker> {
+    /// The live worker `who` claims to be. Its session secret is checked before anything else
+    /// is said about it: a caller without the secret learns only that it is refused.
+    fn find<'a>(workers: &'a mut [Worker], who: &Caller) -> Result<&'a mut Worker> {
+        let id = &who.id;
         let w = workers
             .iter_mut()
             .find(|w| &w.rec.id == id)
             .ok_or_else(|| Error::UnknownWorker(id.to_string()))?;
+        match &w.secret {
+            Some(s) if s.matches(&who.secret) => {}
+            // Registered with a previous coordinator process: that session ended with it.
+            None => return Err(Error::WorkerGone { id: id.to_string(), state: w.rec.state }),
+            Some(_) => return Err(Error::PermissionDenied(id.to_string())),
+        }
         if !w.rec.state.is_live() {
             return Err(Error::WorkerGone { id: id.to_string(), state: w.rec.state });
         }
@@ -443,12 +486,12 @@ impl CoordinatorState {
     /// the job state.
     pub fn heartbeat(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         reported: WorkerState,
     ) -> Result<(Option<RankAssignment>, JobState)> {
         let mut g = self.lock();
         let Inner { db, job, workers, .. } = &mut *g;
-        let w = Self::find(workers, id)?;
+        let w = Self::find(workers, who)?;
         w.last_seen = Instant::now();
         w.rec.last_heartbeat_ms = now_ms();
         let mut changed = false;
@@ -457,7 +500,7 @@ impl CoordinatorState {
             db.put_worker(&job.id, &w.rec)?;
             changed = true;
         }
-        let out = (Self::assignment_of(&self.settings, job, workers, id), job.state);
+        let out = (Self::assignment_of(&self.settings, job, workers, &who.id), job.state);
         drop(g);
         if changed {
             self.notify();
@@ -466,13 +509,14 @@ impl CoordinatorState {
     }
 
     /// A clean exit.
-    pub fn goodbye(&self, id: &WorkerId, reason: &str) -> Result<()> {
+    pub fn goodbye(&self, who: &Caller, reason: &str) -> Result<()> {
         let mut g = self.lock();
         let Inner { db, job, workers, .. } = &mut *g;
-        let w = Self::find(workers, id)?;
+        let w = Self::find(workers, who)?;
         w.rec.state = WorkerState::Stopped;
         w.rec.last_heartbeat_ms = now_ms();
         db.put_worker(&job.id, &w.rec)?;
+        let id = &who.id;
         tracing::info!(worker_id = %id, reason, "worker stopped");
         job.message = match w.rec.rank {
             Some(r) => format!("rank {r} stopped: {reason}"),
@@ -520,8 +564,8 @@ impl CoordinatorState {
 
     /// The rank of a live worker in the current generation of a complete world, or why it
     /// cannot work now.
-    fn working_rank(inner: &mut Inner, id: &WorkerId, generation: u64) -> Result<u32> {
-        let rank = Self::rank_of(inner, id, generation)?;
+    fn working_rank(inner: &mut Inner, who: &Caller, generation: u64) -> Result<u32> {
+        let rank = Self::rank_of(inner, who, generation)?;
         let Inner { job, workers, .. } = inner;
         // A lost rank stalls every collective: say so instead of letting callers wait.
         for r in 0..job.world_size {
@@ -536,12 +580,12 @@ impl CoordinatorState {
     }
 
     /// The rank of a live worker in the current generation.
-    fn rank_of(inner: &mut Inner, id: &WorkerId, generation: u64) -> Result<u32> {
+    fn rank_of(inner: &mut Inner, who: &Caller, generation: u64) -> Result<u32> {
         let Inner { job, workers, .. } = inner;
         if job.state == JobState::Failed {
             return Err(Error::JobFailed(job.message.clone()));
         }
-        let w = Self::find(workers, id)?;
+        let w = Self::find(workers, who)?;
         let rank = w
             .rec
             .rank
@@ -569,7 +613,7 @@ impl CoordinatorState {
     /// finished the iteration in flight waits (long poll) until the others have too.
     pub async fn get_work(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         ready_for: Option<u64>,
         generation: u64,
         checkpointed_step: u64,
@@ -577,7 +621,7 @@ impl CoordinatorState {
         let deadline = Instant::now() + LONG_POLL;
         loop {
             let mut changed = self.subscribe();
-            if let Some(a) = self.try_get_work(id, ready_for, generation, checkpointed_step)? {
+            if let Some(a) = self.try_get_work(who, ready_for, generation, checkpointed_step)? {
                 return Ok(a);
             }
             if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
@@ -590,16 +634,16 @@ impl CoordinatorState {
 
     fn try_get_work(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         ready_for: Option<u64>,
         generation: u64,
         checkpointed_step: u64,
     ) -> Result<Option<Work>> {
         let mut g = self.lock();
         // Ranks that are done may already have left: the end needs no complete world.
-        let rank = Self::rank_of(&mut g, id, generation)?;
+        let rank = Self::rank_of(&mut g, who, generation)?;
         if g.job.step < u64::from(g.job.config.max_train_steps) {
-            Self::working_rank(&mut g, id, generation)?;
+            Self::working_rank(&mut g, who, generation)?;
         }
         let world = g.job.world_size;
         let Inner { db, job, training, dataset_len, .. } = &mut *g;
@@ -694,13 +738,13 @@ impl CoordinatorState {
     /// Step 2: rewards of `rank`'s trajectories.
     pub fn report_rewards(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         iteration: u64,
         generation: u64,
         rewards: Vec<TrajectoryRewards>,
     ) -> Result<()> {
         let mut g = self.lock();
-        let rank = Self::working_rank(&mut g, id, generation)?;
+        let rank = Self::working_rank(&mut g, who, generation)?;
         let Inner { job, training, .. } = &mut *g;
         let Training { iteration: slot, sampler, .. } = training;
         let it = Self::current(slot, iteration)?;
@@ -719,7 +763,7 @@ impl CoordinatorState {
     /// members of is complete.
     pub async fn get_advantages(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         iteration: u64,
         generation: u64,
     ) -> Result<Advantages> {
@@ -729,7 +773,7 @@ impl CoordinatorState {
             let mut changed = self.subscribe();
             {
                 let mut g = self.lock();
-                let rank = Self::working_rank(&mut g, id, generation)?;
+                let rank = Self::working_rank(&mut g, who, generation)?;
                 let it = Self::current(&mut g.training.iteration, iteration)?;
                 if let Some(resp) = it.advantages(rank) {
                     return Ok(resp);
@@ -748,12 +792,12 @@ impl CoordinatorState {
     /// answers whether rank 0 writes a checkpoint now, with the state that goes in it.
     pub fn report_step_metrics(
         &self,
-        id: &WorkerId,
+        who: &Caller,
         generation: u64,
         metrics: StepMetrics,
     ) -> Result<(bool, String)> {
         let mut g = self.lock();
-        let rank = Self::working_rank(&mut g, id, generation)?;
+        let rank = Self::working_rank(&mut g, who, generation)?;
         let Inner { db, job, training, .. } = &mut *g;
         let cfg = job.config.clone();
         let it = Self::current(&mut training.iteration, metrics.iteration)?;
@@ -811,9 +855,9 @@ impl CoordinatorState {
 
     /// Re-forms the world under a new generation after a failed collective of `generation`
     /// (once: later reports of the same failure find the generation already bumped).
-    pub fn reform(&self, id: &WorkerId, generation: u64, reason: &str) -> Result<u64> {
+    pub fn reform(&self, who: &Caller, generation: u64, reason: &str) -> Result<u64> {
         let mut g = self.lock();
-        let rank = Self::rank_of(&mut g, id, generation).or_else(|e| match e {
+        let rank = Self::rank_of(&mut g, who, generation).or_else(|e| match e {
             Error::Superseded { .. } => Ok(u32::MAX),
             e => Err(e),
         })?;
@@ -921,20 +965,20 @@ mod tests {
         let e = s.register(info(1), None).unwrap_err();
         assert!(matches!(e, Error::DuplicateSlot { .. }), "{e}");
         let a = s.register(info(0), Some("10.0.0.1".into())).unwrap();
-        let aa = a.assignment.unwrap();
+        let aa = a.assignment.clone().unwrap();
         assert_eq!((aa.rank, aa.world_size, aa.generation), (0, 2, 1));
         assert_eq!(aa.store.host, "10.0.0.1", "rank 0's address hosts the store");
-        let (ba, state) = s.heartbeat(&b.worker_id, WorkerState::Running).unwrap();
+        let (ba, state) = s.heartbeat(&b.caller(), WorkerState::Running).unwrap();
         assert_eq!(ba.unwrap().rank, 1);
         assert_eq!(state, JobState::Running);
         let e = s.register(info(2), None).unwrap_err();
         assert!(e.to_string().contains("outside NNODES=1 x NPUS_PER_NODE=2"), "{e}");
 
         tokio::time::advance(Duration::from_millis(600)).await;
-        s.heartbeat(&a.worker_id, WorkerState::Running).unwrap();
+        s.heartbeat(&a.caller(), WorkerState::Running).unwrap();
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(s.expire(Instant::now()).unwrap(), vec![b.worker_id.clone()]);
-        let e = s.heartbeat(&b.worker_id, WorkerState::Running).unwrap_err();
+        let e = s.heartbeat(&b.caller(), WorkerState::Running).unwrap_err();
         assert!(matches!(e, Error::WorkerGone { state: WorkerState::Lost, .. }), "{e}");
 
         let b2 = s.register(info(1), None).unwrap();
@@ -943,9 +987,37 @@ mod tests {
         assert_ne!(b2a.store.prefix, aa.store.prefix);
     }
 
+    #[tokio::test]
+    async fn a_caller_without_the_session_secret_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
+        let a = s.register(info(0), None).unwrap();
+        let b = s.register(info(1), None).unwrap();
+        assert_ne!(a.secret, b.secret);
+        let before = s.snapshot(None).unwrap();
+        // The right id with another worker's secret, with none, and with a guess.
+        for secret in [b.secret.expose().to_string(), String::new(), "x".repeat(64)] {
+            let forged = Caller { id: a.worker_id.clone(), secret };
+            let denied = |e: Error| assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+            denied(s.heartbeat(&forged, WorkerState::Draining).unwrap_err());
+            denied(s.goodbye(&forged, "forged").unwrap_err());
+            denied(s.reform(&forged, 1, "forged").unwrap_err());
+            denied(s.get_work(&forged, Some(0), 1, 0).await.unwrap_err());
+            denied(s.report_rewards(&forged, 0, 1, vec![]).unwrap_err());
+            denied(s.get_advantages(&forged, 0, 1).await.unwrap_err());
+            denied(s.report_step_metrics(&forged, 1, metrics()).unwrap_err());
+        }
+        let after = s.snapshot(None).unwrap();
+        assert_eq!((after.job.generation, after.job.state), (1, JobState::Running));
+        assert_eq!(after.job.generation, before.job.generation);
+        assert!(after.workers.iter().all(|w| w.state == WorkerState::Running), "{after:?}");
+        // The holder of the secret is served.
+        s.heartbeat(&a.caller(), WorkerState::Running).unwrap();
+    }
+
     /// Takes a world of two through its one iteration (`max_train_steps = 1`) up to the
     /// metrics: rewards and advantages of both ranks.
-    async fn roll_out_and_score(s: &CoordinatorState, ids: &[&WorkerId]) {
+    async fn roll_out_and_score(s: &CoordinatorState, ids: &[&Caller]) {
         let mut items = Vec::new();
         for id in ids {
             items.push(s.get_work(id, Some(0), 1, 0).await.unwrap().items);
@@ -967,14 +1039,14 @@ mod tests {
     }
 
     /// A world of two with one iteration to do, checkpointed at its end.
-    fn last_iteration_world(dir: &std::path::Path) -> (Arc<CoordinatorState>, WorkerId, WorkerId) {
+    fn last_iteration_world(dir: &std::path::Path) -> (Arc<CoordinatorState>, Caller, Caller) {
         let mut st = settings(dir, 2);
         st.job.max_train_steps = 1;
         st.job.num_generations = 2;
         st.job.checkpointing_steps = 1;
         let s = CoordinatorState::open(st).unwrap();
-        let a = s.register(info(0), None).unwrap().worker_id;
-        let b = s.register(info(1), None).unwrap().worker_id;
+        let a = s.register(info(0), None).unwrap().caller();
+        let b = s.register(info(1), None).unwrap().caller();
         (s, a, b)
     }
 
@@ -1021,8 +1093,8 @@ mod tests {
         st.job.max_train_steps = 3;
         st.job.num_generations = 2;
         let s = CoordinatorState::open(st).unwrap();
-        let a = s.register(info(0), None).unwrap().worker_id;
-        let b = s.register(info(1), None).unwrap().worker_id;
+        let a = s.register(info(0), None).unwrap().caller();
+        let b = s.register(info(1), None).unwrap().caller();
         roll_out_and_score(&s, &[&a, &b]).await;
         for id in [&a, &b] {
             s.report_step_metrics(id, 1, metrics()).unwrap();
@@ -1055,15 +1127,15 @@ mod tests {
         let s = CoordinatorState::open(st).unwrap();
         let a = s.register(info(0), None).unwrap();
         let b = s.register(info(1), None).unwrap();
-        roll_out_and_score(&s, &[&a.worker_id, &b.worker_id]).await;
-        for id in [&a.worker_id, &b.worker_id] {
+        roll_out_and_score(&s, &[&a.caller(), &b.caller()]).await;
+        for id in [&a.caller(), &b.caller()] {
             s.report_step_metrics(id, 1, metrics()).unwrap();
         }
 
         // Rank 0 is told the job is done and leaves before rank 1 has asked; a late
         // registration from the leaving process (or anyone in its slot) is refused.
-        assert!(s.get_work(&a.worker_id, Some(1), 1, 0).await.unwrap().done);
-        s.goodbye(&a.worker_id, "job completed").unwrap();
+        assert!(s.get_work(&a.caller(), Some(1), 1, 0).await.unwrap().done);
+        s.goodbye(&a.caller(), "job completed").unwrap();
         let e = s.register(info(0), None).unwrap_err();
         assert!(
             e.to_string().contains("rank 0 (node_rank 0 local_rank 0) has already finished"),
@@ -1073,7 +1145,7 @@ mod tests {
         assert_eq!((snap.job.generation, snap.job.step), (1, 1), "no re-formed world, no rewind");
 
         // Rank 1 finishes under the same generation and the job completes.
-        assert!(s.get_work(&b.worker_id, Some(1), 1, 0).await.unwrap().done);
+        assert!(s.get_work(&b.caller(), Some(1), 1, 0).await.unwrap().done);
         assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Completed);
     }
 

@@ -30,6 +30,29 @@ impl From<ConvertError> for tonic::Status {
     }
 }
 
+/// The most characters of a client's free text (a reason, an error, a host name) that the
+/// coordinator keeps: enough for any real message, too little to flood a log or the status.
+pub const MAX_TEXT: usize = 2048;
+
+/// A client's free text made safe to log and show: control characters (a newline that would
+/// forge a log line, an ANSI escape) are written as escapes, and it is cut at [`MAX_TEXT`]
+/// characters. Every string a client sends passes through here at the edge.
+pub fn clean_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_TEXT));
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX_TEXT {
+            out.push_str("...(cut)");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The job config as it travels: JSON with the config file's keys, so [`JobConfig`] stays its
 /// only definition. [`crate::PROTOCOL_VERSION`] guards the key set.
 pub fn job_config_to_wire(c: &JobConfig) -> String {
@@ -68,11 +91,11 @@ impl TryFrom<pb::WorkerInfo> for WorkerInfo {
             return Err(ConvertError::Missing("worker.device.device"));
         }
         Ok(WorkerInfo {
-            host: w.host,
+            host: clean_text(&w.host),
             node_rank: w.node_rank,
             local_rank: w.local_rank,
-            device: device.device,
-            device_description: device.description,
+            device: clean_text(&device.device),
+            device_description: clean_text(&device.description),
             pid: w.pid,
         })
     }
@@ -247,11 +270,25 @@ impl From<&TrajectoryRewards> for pb::TrajectoryReward {
 impl TryFrom<pb::TrajectoryReward> for TrajectoryRewards {
     type Error = ConvertError;
 
-    /// A set `error` wins over any values sent with it.
+    /// A set `error` wins over any values sent with it. A NaN or Inf value is refused, whoever
+    /// sends it: a worker reports a non-finite score as an error naming the reward, so that
+    /// `non_finite_policy` decides, and nothing unreadable reaches the logs or the database.
     fn try_from(t: pb::TrajectoryReward) -> Result<Self, ConvertError> {
-        let item = t.item.ok_or(ConvertError::Missing("rewards.item"))?;
-        let outcome = if t.error.is_empty() { Ok(t.rewards) } else { Err(t.error) };
-        Ok(TrajectoryRewards { item: item.into(), outcome })
+        let item: WorkItem = t.item.ok_or(ConvertError::Missing("rewards.item"))?.into();
+        if !t.error.is_empty() {
+            return Ok(TrajectoryRewards { item, outcome: Err(clean_text(&t.error)) });
+        }
+        if let Some((k, v)) = t.rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ConvertError::Invalid {
+                field: "rewards.rewards",
+                reason: format!(
+                    "reward {k} of group {} member {} (iteration {}) is {v}; a non-finite score \
+                     is reported as an error",
+                    item.group_id, item.member_index, item.iteration
+                ),
+            });
+        }
+        Ok(TrajectoryRewards { item, outcome: Ok(t.rewards) })
     }
 }
 
@@ -426,8 +463,7 @@ mod tests {
 
     #[test]
     fn rewards_round_trip_and_an_error_is_never_the_empty_string() {
-        for outcome in [Ok(vec![0.5, f64::INFINITY]), Ok(vec![]), Err("HPS: out of memory".into())]
-        {
+        for outcome in [Ok(vec![0.5, -3.0]), Ok(vec![]), Err("HPS: out of memory".into())] {
             let t = TrajectoryRewards { item: item(1, 2), outcome };
             let back = TrajectoryRewards::try_from(pb::TrajectoryReward::from(&t)).unwrap();
             assert_eq!(back, t);
@@ -446,6 +482,36 @@ mod tests {
         assert_eq!(TrajectoryRewards::try_from(wire).unwrap().outcome, Err("boom".to_string()));
         let e = TrajectoryRewards::try_from(pb::TrajectoryReward::default()).unwrap_err();
         assert_eq!(e, ConvertError::Missing("rewards.item"));
+    }
+
+    #[test]
+    fn non_finite_rewards_are_refused_at_the_edge() {
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let wire = pb::TrajectoryReward {
+                item: Some((&item(1, 2)).into()),
+                rewards: vec![0.5, v],
+                error: String::new(),
+            };
+            let e = TrajectoryRewards::try_from(wire).unwrap_err().to_string();
+            assert!(e.contains("reward 1 of group 1 member 2 (iteration 3) is"), "{e}");
+        }
+    }
+
+    #[test]
+    fn client_text_cannot_forge_log_lines_or_flood() {
+        let forged = "ok\n2026-12-02T00:00:00Z  INFO job completed\x1b[2J";
+        let clean = clean_text(forged);
+        assert!(!clean.contains('\n') && !clean.contains('\x1b'), "{clean:?}");
+        assert!(clean.contains("ok\\n2026"), "{clean:?}");
+        let long = clean_text(&"x".repeat(10 * MAX_TEXT));
+        assert!(long.len() < MAX_TEXT + 16, "{}", long.len());
+        let w = pb::WorkerInfo {
+            host: "evil\nhost".into(),
+            device: Some(pb::DeviceInfo { device: "cpu".into(), description: "a\rb".into() }),
+            ..Default::default()
+        };
+        let w = WorkerInfo::try_from(w).unwrap();
+        assert!(!w.host.contains('\n') && !w.device_description.contains('\r'), "{w:?}");
     }
 
     #[test]

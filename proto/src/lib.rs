@@ -16,6 +16,8 @@ pub use v1 as pb;
 
 /// Group-relative advantages per reward, with the NaN/Inf guard.
 pub mod advantage;
+/// The job token and the workers' session secrets.
+pub mod auth;
 /// The job configuration: reference flag names, launch defaults and validation.
 pub mod config;
 /// Conversions between wire messages and domain types.
@@ -27,6 +29,7 @@ pub mod reason;
 /// Domain types of the control plane.
 pub mod types;
 
+pub use auth::{AuthToken, ClientAuth, ServerAuth, SessionSecret};
 pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
 pub use ids::{JobId, WorkerId};
 pub use reason::Reason;
@@ -36,8 +39,10 @@ pub use types::{
 };
 
 /// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON. 3:
-/// `GetWorkRequest.iteration` is absent for weights that match no step (it was `u64::MAX`).
+/// `GetWorkRequest.iteration` is absent for weights that match no step (it was `u64::MAX`). 4:
+/// every call naming a worker carries its registration's `session_secret`, and rewards are
+/// finite.
 ///
 /// Bump it on any change a peer of the other version would misread. Zero means "unset" and is
 /// always rejected, so a client that forgot the field cannot slip through.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

@@ -39,10 +39,14 @@ pub enum Reason {
     BadData,
     /// The coordinator itself failed.
     Internal,
+    /// The call lacks the job's auth token, or carries a wrong one.
+    Unauthenticated,
+    /// The call names a worker whose session secret it does not hold.
+    PermissionDenied,
 }
 
 impl Reason {
-    const ALL: [Reason; 13] = [
+    const ALL: [Reason; 15] = [
         Reason::ProtocolVersion,
         Reason::WorkerGone,
         Reason::UnknownWorker,
@@ -56,6 +60,8 @@ impl Reason {
         Reason::Timeout,
         Reason::BadData,
         Reason::Internal,
+        Reason::Unauthenticated,
+        Reason::PermissionDenied,
     ];
 
     /// The `ErrorInfo.reason` string (UPPER_SNAKE_CASE, as `google.rpc.ErrorInfo` asks).
@@ -74,6 +80,8 @@ impl Reason {
             Reason::Timeout => "TIMEOUT",
             Reason::BadData => "BAD_DATA",
             Reason::Internal => "INTERNAL",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::PermissionDenied => "PERMISSION_DENIED",
         }
     }
 
@@ -91,6 +99,8 @@ impl Reason {
             Reason::NotReady => Code::Unavailable,
             Reason::Timeout => Code::DeadlineExceeded,
             Reason::Internal => Code::Internal,
+            Reason::Unauthenticated => Code::Unauthenticated,
+            Reason::PermissionDenied => Code::PermissionDenied,
         }
     }
 

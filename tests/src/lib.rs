@@ -6,8 +6,11 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dancegrpo_proto::pb;
+use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
 use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+use dancegrpo_proto::{AuthToken, ClientAuth, pb};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// Directory holding the workspace's binaries (`target/<profile>`), found from the test binary.
 pub fn bin_dir() -> PathBuf {
@@ -75,7 +78,13 @@ impl Drop for Proc {
 pub struct Cluster {
     /// Scratch directory (config, database, logs).
     pub dir: tempfile::TempDir,
+    /// The job's auth token, which every process started here is given (as the file
+    /// `token` in `dir`); `None`: the coordinator has none.
+    pub token: Option<String>,
 }
+
+/// The token of [`Cluster::secured`] jobs.
+pub const TEST_TOKEN: &str = "e2e-token-0123456789abcdef";
 
 /// Keys every test job gets unless its config sets them: the `tiny` preset on the shared tiny
 /// dataset, small images and few steps, so an iteration takes well under a second.
@@ -165,7 +174,15 @@ impl Cluster {
     pub fn exact(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("job.toml"), config).expect("write config");
-        Self { dir }
+        Self { dir, token: None }
+    }
+
+    /// [`Cluster::new`] with an auth token ([`TEST_TOKEN`]) that every process started here
+    /// gets through `--auth-token-file`'s variable.
+    pub fn secured(config: &str) -> Self {
+        let c = Self::new(config);
+        std::fs::write(c.path("token"), format!("{TEST_TOKEN}\n")).expect("write token");
+        Self { token: Some(TEST_TOKEN.into()), ..c }
     }
 
     /// Path inside the scratch directory.
@@ -206,9 +223,14 @@ impl Cluster {
             .env_remove("WORLD_SIZE")
             .env_remove("NODE_RANK")
             .env_remove("LOCAL_RANK")
+            .env_remove(dancegrpo_proto::auth::TOKEN_ENV)
+            .env_remove(dancegrpo_proto::auth::TOKEN_FILE_ENV)
             .env("RUST_LOG", "info")
             // One libtorch thread per process: tests run several workers at once on few cores.
             .env("OMP_NUM_THREADS", "1");
+        if self.token.is_some() {
+            cmd.env(dancegrpo_proto::auth::TOKEN_FILE_ENV, self.path("token"));
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -223,6 +245,17 @@ impl Cluster {
 
     /// Starts a coordinator listening on `listen`.
     pub fn coordinator_on(&self, listen: &str, extra: &[&str]) -> (Proc, String) {
+        self.try_coordinator_on(listen, extra).unwrap_or_else(|(s, log)| {
+            panic!("coordinator exited early ({s}):\n{log}");
+        })
+    }
+
+    /// [`Cluster::coordinator_on`], or how it exited and its log, if it did not start.
+    pub fn try_coordinator_on(
+        &self,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<(Proc, String), (ExitStatus, String)> {
         let addr_file = self.path("coordinator.addr");
         let _ = std::fs::remove_file(&addr_file);
         // Each test gets its own c10d store port, so tests running at once never share one.
@@ -245,10 +278,10 @@ impl Cluster {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                return (p, a);
+                return Ok((p, a));
             }
             if let Some(s) = p.child.try_wait().expect("try_wait") {
-                panic!("coordinator exited early ({s}):\n{}", p.log());
+                return Err((s, p.log()));
             }
             assert!(Instant::now() < end, "coordinator did not listen within 30s:\n{}", p.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -283,7 +316,36 @@ pub fn free_port() -> u16 {
 
 /// Fetches the status of the coordinator's job.
 pub async fn job_status(addr: &str) -> anyhow::Result<pb::JobStatus> {
-    let mut c = JobServiceClient::connect(format!("http://{addr}")).await?;
+    job_status_with(addr, None).await
+}
+
+fn auth(token: Option<&str>) -> ClientAuth {
+    ClientAuth::new(token.map(|t| AuthToken::new(t, "test").expect("a valid test token")))
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?)
+}
+
+/// A client of the job API that sends `token`.
+pub async fn job_client(
+    addr: &str,
+    token: Option<&str>,
+) -> anyhow::Result<JobServiceClient<InterceptedService<Channel, ClientAuth>>> {
+    Ok(JobServiceClient::with_interceptor(channel(addr).await?, auth(token)))
+}
+
+/// A client of the worker-facing service that sends `token`: to act as a worker by hand.
+pub async fn coordinator_client(
+    addr: &str,
+    token: Option<&str>,
+) -> anyhow::Result<CoordinatorClient<InterceptedService<Channel, ClientAuth>>> {
+    Ok(CoordinatorClient::with_interceptor(channel(addr).await?, auth(token)))
+}
+
+/// [`job_status`] from a coordinator that wants `token`.
+pub async fn job_status_with(addr: &str, token: Option<&str>) -> anyhow::Result<pb::JobStatus> {
+    let mut c = job_client(addr, token).await?;
     let s = c.get_job_status(pb::GetJobStatusRequest::default()).await?.into_inner();
     s.status.ok_or_else(|| anyhow::anyhow!("empty status"))
 }

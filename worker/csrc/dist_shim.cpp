@@ -136,7 +136,7 @@ uint32_t dg_backends_compiled(void) {
 }
 
 char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t timeout_ms,
-                      dg_store** out) {
+                      int listen_fd, dg_store** out) {
   return guarded([&] {
     TORCH_CHECK(host != nullptr && out != nullptr, "null argument");
     c10d::TCPStoreOptions opts;
@@ -146,6 +146,9 @@ char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t ti
     // wait for them here, and a later generation may have a different world size.
     opts.waitWorkers = false;
     opts.timeout = std::chrono::milliseconds(timeout_ms);
+    if (opts.isServer && listen_fd >= 0) {
+      opts.masterListenFd = listen_fd;
+    }
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     uint16_t bound = store->getPort();
     *out = new dg_store{store, bound};

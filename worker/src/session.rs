@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use dancegrpo_proto::convert::job_config_from_wire;
 use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
 use dancegrpo_proto::{
-    Advantages, JobConfig, JobState, PROTOCOL_VERSION, RankAssignment, Reason, StepMetrics,
-    TrajectoryRewards, Work, WorkerInfo, pb,
+    Advantages, AuthToken, ClientAuth, JobConfig, JobState, PROTOCOL_VERSION, RankAssignment,
+    Reason, SessionSecret, StepMetrics, TrajectoryRewards, Work, WorkerInfo, pb,
 };
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -30,6 +31,8 @@ pub struct SessionSettings {
     pub connect_timeout: Duration,
     /// What we tell the coordinator about ourselves.
     pub info: WorkerInfo,
+    /// The job's auth token, when the coordinator has one.
+    pub token: Option<AuthToken>,
 }
 
 /// What the coordinator told us at registration.
@@ -37,6 +40,8 @@ pub struct SessionSettings {
 pub struct Joined {
     /// Our id.
     pub worker_id: String,
+    /// The secret of this registration, which every later call carries.
+    pub secret: SessionSecret,
     /// The job id.
     pub job_id: String,
     /// The job config.
@@ -49,7 +54,7 @@ pub struct Joined {
 #[derive(Debug)]
 pub struct Session {
     settings: SessionSettings,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<InterceptedService<Channel, ClientAuth>>,
     joined: Mutex<Joined>,
     assignment: watch::Sender<Option<RankAssignment>>,
     job_state: watch::Sender<JobState>,
@@ -73,12 +78,16 @@ impl Session {
             .map_err(|e| Error::Settings(format!("bad coordinator address: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
-        let client = CoordinatorClient::new(endpoint.connect_lazy());
+        let client = CoordinatorClient::with_interceptor(
+            endpoint.connect_lazy(),
+            ClientAuth::new(settings.token.clone()),
+        );
         let (assignment, _) = watch::channel(None);
         let (job_state, _) = watch::channel(JobState::WaitingForWorkers);
         let mut session = Self {
             joined: Mutex::new(Joined {
                 worker_id: String::new(),
+                secret: SessionSecret::from(String::new()),
                 job_id: String::new(),
                 config: JobConfig::default(),
                 heartbeat_interval: Duration::from_secs(1),
@@ -139,6 +148,7 @@ impl Session {
         tracing::info!(worker_id = %resp.worker_id, job_id = %resp.job_id, "registered");
         Ok(Joined {
             worker_id: resp.worker_id,
+            secret: SessionSecret::from(resp.session_secret),
             job_id: resp.job_id,
             config,
             heartbeat_interval: Duration::from_millis(resp.heartbeat_interval_ms.max(10)),
@@ -204,7 +214,7 @@ impl Session {
     }
 
     async fn heartbeat_once(&self) -> Result<()> {
-        let worker_id = self.joined.lock().await.worker_id.clone();
+        let (worker_id, session_secret) = self.credentials().await;
         let resp = self
             .client
             .clone()
@@ -212,6 +222,7 @@ impl Session {
                 protocol_version: PROTOCOL_VERSION,
                 worker_id,
                 state: pb::WorkerState::Running as i32,
+                session_secret,
             })
             .await
             .map_err(|s| rejected("Heartbeat", s))?
@@ -232,6 +243,12 @@ impl Session {
         self.joined.lock().await.worker_id.clone()
     }
 
+    /// The current registration's worker id and session secret, as every call names them.
+    async fn credentials(&self) -> (String, String) {
+        let j = self.joined.lock().await;
+        (j.worker_id.clone(), j.secret.expose().to_string())
+    }
+
     /// Step 1: the work of the next iteration for weights at step `ready_for` (`None`: an
     /// interrupted update left them at no step). One call: the coordinator's long poll may run
     /// out (DEADLINE_EXCEEDED) while other ranks finish, and the caller asks again.
@@ -241,8 +258,10 @@ impl Session {
         generation: u64,
         checkpointed_step: u64,
     ) -> Result<Work> {
+        let (worker_id, session_secret) = self.credentials().await;
         let req = pb::GetWorkRequest {
-            worker_id: self.worker_id().await,
+            worker_id,
+            session_secret,
             iteration: ready_for,
             generation,
             checkpointed_step,
@@ -258,8 +277,10 @@ impl Session {
         generation: u64,
         rewards: &[TrajectoryRewards],
     ) -> Result<()> {
+        let (worker_id, session_secret) = self.credentials().await;
         let req = pb::ReportRewardsRequest {
-            worker_id: self.worker_id().await,
+            worker_id,
+            session_secret,
             iteration,
             rewards: rewards.iter().map(Into::into).collect(),
             generation,
@@ -271,8 +292,8 @@ impl Session {
     /// Step 3: this rank's advantages of `iteration`, or refill work to do first. One call:
     /// the long poll may run out (DEADLINE_EXCEEDED) while other ranks still roll out.
     pub async fn get_advantages(&self, iteration: u64, generation: u64) -> Result<Advantages> {
-        let req =
-            pb::GetAdvantagesRequest { worker_id: self.worker_id().await, iteration, generation };
+        let (worker_id, session_secret) = self.credentials().await;
+        let req = pb::GetAdvantagesRequest { worker_id, iteration, generation, session_secret };
         let resp = self
             .client
             .clone()
@@ -289,8 +310,10 @@ impl Session {
         generation: u64,
         metrics: &StepMetrics,
     ) -> Result<Option<String>> {
+        let (worker_id, session_secret) = self.credentials().await;
         let req = pb::ReportStepMetricsRequest {
-            worker_id: self.worker_id().await,
+            worker_id,
+            session_secret,
             metrics: Some(metrics.into()),
             generation,
         };
@@ -307,11 +330,9 @@ impl Session {
     /// Asks the coordinator to re-form the world after a failed collective or rendezvous of
     /// `generation`. Best effort: a lost peer re-forms it anyway when it comes back.
     pub async fn reform(&self, generation: u64, reason: &str) {
-        let req = pb::ReformWorldRequest {
-            worker_id: self.worker_id().await,
-            generation,
-            reason: reason.into(),
-        };
+        let (worker_id, session_secret) = self.credentials().await;
+        let req =
+            pb::ReformWorldRequest { worker_id, session_secret, generation, reason: reason.into() };
         match self.client.clone().reform_world(req).await {
             Ok(r) => {
                 tracing::info!(generation = r.into_inner().generation, "asked for a new world")
@@ -322,9 +343,10 @@ impl Session {
 
     /// Tells the coordinator we are leaving cleanly. Best effort, bounded in time.
     pub async fn goodbye(&self, reason: &str) {
-        let worker_id = self.joined.lock().await.worker_id.clone();
+        let (worker_id, session_secret) = self.credentials().await;
         let mut client = self.client.clone();
-        let call = client.goodbye(pb::GoodbyeRequest { worker_id, reason: reason.into() });
+        let call =
+            client.goodbye(pb::GoodbyeRequest { worker_id, reason: reason.into(), session_secret });
         match tokio::time::timeout(Duration::from_secs(5), call).await {
             Ok(Ok(_)) => tracing::info!("said goodbye to the coordinator"),
             Ok(Err(s)) => tracing::warn!(cause = %s.message(), "goodbye failed"),

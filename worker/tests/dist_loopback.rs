@@ -261,6 +261,40 @@ fn a_killed_peer_is_an_error_within_the_timeout_and_survivors_regroup() {
     assert_eq!(values(&t), vec![3.]);
 }
 
+/// The local addresses (`ip:port`, IPv4 as the kernel lists them) of this host's listening
+/// TCP sockets on `port`, from /proc/net/tcp and /proc/net/tcp6.
+fn listening_on(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address rem_address st; 0A is LISTEN.
+            let (Some(local), Some("0A")) = (f.get(1), f.get(3).copied()) else { continue };
+            let Some((ip, p)) = local.split_once(':') else { continue };
+            if u16::from_str_radix(p, 16).ok() == Some(port) {
+                found.push(format!("{ip}:{port}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_store_listens_only_on_the_address_the_ranks_dial() {
+    let store = Store::connect("127.0.0.1", 0, true, Duration::from_secs(5)).unwrap();
+    let port = store.port();
+    assert_ne!(port, 0);
+    // 0100007F is 127.0.0.1 in the kernel's byte order; 00000000 would be every interface.
+    assert_eq!(listening_on(port), vec![format!("0100007F:{port}")]);
+    // And it serves: a client on the same address reaches it.
+    let client = Store::connect("127.0.0.1", port, false, Duration::from_secs(5)).unwrap();
+    assert_eq!(client.port(), port);
+    drop(client);
+    drop(store);
+    assert!(listening_on(port).is_empty(), "the socket is closed with the store");
+}
+
 #[test]
 fn a_peer_that_never_arrives_fails_the_rendezvous_within_the_timeout() {
     const TIMEOUT_S: u64 = 2;

@@ -9,6 +9,7 @@ use dancegrpo_coordinator::config::{
     CoordinatorSettings, MindSpeedFiles, Topology, load_job_config_with,
 };
 use dancegrpo_coordinator::{cli, server, state::CoordinatorState};
+use dancegrpo_proto::AuthToken;
 use tokio_util::sync::CancellationToken;
 
 /// Coordinator of a dancegrpo job: admits workers, hands out ranks, serves the job status.
@@ -40,8 +41,29 @@ struct ConfigArgs {
     print_defaults: bool,
 }
 
+/// The job's shared secret: every call but health must carry it.
+#[derive(Args, Debug)]
+struct AuthArgs {
+    /// File holding the job's auth token (at least 16 printable characters, e.g. from `openssl
+    /// rand -hex 32`). `DANCEGRPO_AUTH_TOKEN` may give the token itself instead.
+    #[arg(long, env = "DANCEGRPO_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    fn token(&self) -> anyhow::Result<Option<AuthToken>> {
+        Ok(AuthToken::from_env(self.auth_token_file.as_deref())?)
+    }
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Serve a non-loopback address without an auth token: anyone who reaches the port can
+    /// then act as any worker.
+    #[arg(long)]
+    insecure: bool,
     /// Job config file (TOML, JSON or YAML); `DANCEGRPO_<KEY>` variables and `--set` override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -95,6 +117,8 @@ struct ServeArgs {
 
 #[derive(Args, Debug)]
 struct QueryArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
     /// Coordinator address, host:port.
     #[arg(long, env = "DANCEGRPO_COORDINATOR", default_value = "127.0.0.1:29500")]
     addr: String,
@@ -104,6 +128,12 @@ struct QueryArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl QueryArgs {
+    fn target(&self) -> anyhow::Result<cli::Target> {
+        Ok(cli::Target { addr: self.addr.clone(), token: self.auth.token()? })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +178,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot resolve listen address {listen}: {e}"))?
         .next()
         .ok_or_else(|| anyhow::anyhow!("listen address {listen} resolves to nothing"))?;
+    let token = a.auth.token()?;
+    server::check_exposure(listen, token.as_ref(), a.insecure)?;
     let db_path = a.db.unwrap_or_else(|| PathBuf::from(&job.output_dir).join("dancegrpo.sqlite"));
     let settings = CoordinatorSettings {
         job,
@@ -170,7 +202,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let state = CoordinatorState::open(settings)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(listener, state, shutdown).await?;
+    server::run(listener, state, token, shutdown).await?;
     Ok(())
 }
 
@@ -203,9 +235,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => serve(a).await,
-        Command::Status(q) => cli::status(&q.addr, &q.job, q.json).await,
-        Command::Watch(w) => cli::watch(&w.query.addr, &w.query.job, w.query.json, w.table).await,
-        Command::List(q) => cli::list(&q.addr, q.json).await,
+        Command::Status(q) => match q.target() {
+            Ok(t) => cli::status(&t, &q.job, q.json).await,
+            Err(e) => Err(e),
+        },
+        Command::Watch(w) => match w.query.target() {
+            Ok(t) => cli::watch(&t, &w.query.job, w.query.json, w.table).await,
+            Err(e) => Err(e),
+        },
+        Command::List(q) => match q.target() {
+            Ok(t) => cli::list(&t, q.json).await,
+            Err(e) => Err(e),
+        },
         Command::Config(_) => {
             print!("{}", dancegrpo_proto::JobConfig::defaults_toml());
             Ok(())

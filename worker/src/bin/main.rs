@@ -61,6 +61,10 @@ struct RunArgs {
     /// Keep retrying an unreachable coordinator for this many seconds.
     #[arg(long, default_value_t = 300)]
     connect_timeout_s: u64,
+    /// File holding the job's auth token (the coordinator's); `DANCEGRPO_AUTH_TOKEN` may give
+    /// the token itself instead.
+    #[arg(long, env = "DANCEGRPO_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
     log_format: LogFormat,
@@ -117,6 +121,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             device_description: String::new(),
             pid: std::process::id(),
         },
+        token: dancegrpo_proto::AuthToken::from_env(a.auth_token_file.as_deref())?,
     };
     let settings = WorkerSettings {
         session,

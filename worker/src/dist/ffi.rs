@@ -26,6 +26,7 @@ unsafe extern "C" {
         port: u16,
         is_master: c_int,
         timeout_ms: i64,
+        listen_fd: c_int,
         out: *mut *mut DgStore,
     ) -> *mut c_char;
     pub(crate) fn dg_store_port(store: *const DgStore) -> u16;

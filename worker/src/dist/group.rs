@@ -48,10 +48,28 @@ impl Store {
             message,
         };
         let c_host = CString::new(host).map_err(|_| err("host contains a NUL byte".into()))?;
+        // The master listens on the interface of `host` only (what the other ranks dial), not
+        // on every interface as c10d does when it binds the port itself.
+        let (port, listen_fd) = if is_master {
+            let l = std::net::TcpListener::bind((host, port))
+                .map_err(|e| err(format!("cannot listen on {host}:{port}: {e}")))?;
+            let bound = l.local_addr().map_err(|e| err(e.to_string()))?.port();
+            (bound, std::os::fd::IntoRawFd::into_raw_fd(l))
+        } else {
+            (port, -1)
+        };
         let mut out = std::ptr::null_mut();
-        // SAFETY: valid C string and out-pointer; the shim catches every C++ exception.
+        // SAFETY: valid C string and out-pointer; the shim catches every C++ exception. The
+        // listening socket's ownership passes to the store.
         ffi::check(unsafe {
-            ffi::dg_store_create(c_host.as_ptr(), port, is_master.into(), millis(timeout), &mut out)
+            ffi::dg_store_create(
+                c_host.as_ptr(),
+                port,
+                is_master.into(),
+                millis(timeout),
+                listen_fd,
+                &mut out,
+            )
         })
         .map_err(err)?;
         let ptr = NonNull::new(out).ok_or_else(|| err("store creation returned null".into()))?;

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics, TrajectoryRewards, WorkItem};
+use dancegrpo_proto::{
+    JobConfig, PhaseTimings, RewardConfig, StepMetrics, TrajectoryRewards, WorkItem,
+};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
@@ -187,7 +189,7 @@ impl Trainer {
             self.timings.decode_s += (t2 - t1).as_secs_f64();
             self.timings.reward_s += (t3 - t2).as_secs_f64();
             let outcome = match scored {
-                Ok(mut v) => Ok(v.pop().unwrap_or_default()),
+                Ok(mut v) => finite_scores(v.pop().unwrap_or_default(), &self.cfg.rewards),
                 Err(e) => Err(e.to_string()),
             };
             let first = outcome.as_ref().ok().and_then(|v| v.first()).copied().unwrap_or(f64::NAN);
@@ -358,5 +360,41 @@ impl Trainer {
     /// Forgets this iteration's images without writing them.
     pub fn drop_samples(&mut self) {
         self.images.clear();
+    }
+}
+
+/// A trajectory's scores, or the error that names the first non-finite one: the coordinator
+/// refuses NaN and Inf on the wire, and applies `non_finite_policy` to the error.
+fn finite_scores(scores: Vec<f64>, rewards: &[RewardConfig]) -> Result<Vec<f64>, String> {
+    match scores.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        None => Ok(scores),
+        Some((k, v)) => {
+            let name = rewards.get(k).map_or("?", |r| r.name.as_str());
+            Err(format!("reward {name} is {v}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_score_becomes_an_error_naming_its_reward() {
+        let rewards: Vec<RewardConfig> = ["hpsv2", "jpeg_compressibility"]
+            .iter()
+            .map(|n| RewardConfig {
+                name: n.to_string(),
+                weight: 1.0,
+                model_dir: String::new(),
+                on_cpu: false,
+            })
+            .collect();
+        assert_eq!(finite_scores(vec![0.25, -1.0], &rewards), Ok(vec![0.25, -1.0]));
+        assert_eq!(
+            finite_scores(vec![0.25, f64::NAN], &rewards),
+            Err("reward jpeg_compressibility is NaN".into())
+        );
+        assert_eq!(finite_scores(vec![f64::INFINITY], &rewards), Err("reward hpsv2 is inf".into()));
     }
 }
