@@ -78,7 +78,8 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::GoodbyeResponse>, Status> {
         let req = req.into_inner();
         let who = caller(req.worker_id, req.session_secret);
-        self.state.goodbye(&who, &clean_text(&req.reason))?;
+        let error = (!req.error.is_empty()).then(|| clean_text(&req.error));
+        self.state.goodbye(&who, &clean_text(&req.reason), error.as_deref())?;
         Ok(Response::new(pb::GoodbyeResponse {}))
     }
 

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    Advantages, JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, Restore,
-    SessionSecret, StepMetrics, StoreAddress, TrajectoryRewards, Work, WorkerId, WorkerInfo,
-    WorkerState,
+    Advantages, JobConfig, JobId, JobState, NonFinitePolicy, PROTOCOL_VERSION, RankAssignment,
+    Restore, SessionSecret, StepMetrics, StoreAddress, TrajectoryRewards, Work, WorkerId,
+    WorkerInfo, WorkerState,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -162,6 +162,9 @@ struct Inner {
     workers: Vec<Worker>,
     training: Training,
     dataset_len: u64,
+    /// Since when the world that once formed has lacked a worker (a rank lost and not yet
+    /// replaced, or workers not all back after a coordinator restart).
+    incomplete_since: Option<Instant>,
 }
 
 /// The coordinator's state for the job it runs.
@@ -277,7 +280,14 @@ impl CoordinatorState {
         training.rewind(&db, &mut job, dataset_len)?;
         db.put_job(&job)?;
         Ok(Arc::new(Self {
-            inner: Mutex::new(Inner { db, job, workers, training, dataset_len }),
+            inner: Mutex::new(Inner {
+                db,
+                job,
+                workers,
+                training,
+                dataset_len,
+                incomplete_since: None,
+            }),
             settings,
             changed: watch::Sender::new(0),
         }))
@@ -324,7 +334,7 @@ impl CoordinatorState {
             }
         }
         let mut g = self.lock();
-        let Inner { db, job, workers, training, dataset_len } = &mut *g;
+        let Inner { db, job, workers, training, dataset_len, .. } = &mut *g;
         if job.state.is_terminal() {
             return Err(Error::InvalidRequest(format!("job {} has ended ({})", job.id, job.state)));
         }
@@ -508,8 +518,9 @@ impl CoordinatorState {
         Ok(out)
     }
 
-    /// A clean exit.
-    pub fn goodbye(&self, who: &Caller, reason: &str) -> Result<()> {
+    /// A worker leaves: cleanly, or (`error`) on a failure that a restart in its place would hit
+    /// again, which fails the job at once with the worker's message.
+    pub fn goodbye(&self, who: &Caller, reason: &str, error: Option<&str>) -> Result<()> {
         let mut g = self.lock();
         let Inner { db, job, workers, .. } = &mut *g;
         let w = Self::find(workers, who)?;
@@ -517,13 +528,22 @@ impl CoordinatorState {
         w.rec.last_heartbeat_ms = now_ms();
         db.put_worker(&job.id, &w.rec)?;
         let id = &who.id;
-        tracing::info!(worker_id = %id, reason, "worker stopped");
-        job.message = match w.rec.rank {
-            Some(r) => format!("rank {r} stopped: {reason}"),
-            None => format!("worker {id} stopped: {reason}"),
+        let who_is = match w.rec.rank {
+            Some(r) => format!("rank {r}"),
+            None => format!("worker {id}"),
         };
-        job.updated_ms = now_ms();
-        db.put_job(job)?;
+        let host = w.rec.info.host.clone();
+        tracing::info!(worker_id = %id, reason, error, "worker stopped");
+        if job.state.is_terminal() {
+            // The job's message says how it ended; a worker leaving after that keeps it.
+        } else if let Some(e) = error {
+            let message = format!("{who_is} on {host} failed, and would again on a restart: {e}");
+            let _ = self.fail_job(&mut g, message);
+        } else {
+            job.message = format!("{who_is} stopped: {reason}");
+            job.updated_ms = now_ms();
+            db.put_job(job)?;
+        }
         drop(g);
         self.notify();
         Ok(())
@@ -555,11 +575,64 @@ impl CoordinatorState {
             job.updated_ms = now_ms();
             db.put_job(job)?;
         }
+        let failed = Self::check_replacement(&mut g, now).map(|m| self.fail_job(&mut g, m));
         drop(g);
-        if !lost.is_empty() {
+        if !lost.is_empty() || failed.is_some() {
             self.notify();
         }
         Ok(lost)
+    }
+
+    /// Why the job fails now, if a world that formed once has lacked a worker for longer than
+    /// `rank_replace_timeout_s`. The first formation waits for its workers without a bound: it
+    /// is the operator who starts them.
+    fn check_replacement(inner: &mut Inner, now: Instant) -> Option<String> {
+        let Inner { job, workers, training, incomplete_since, .. } = inner;
+        let live = |r: u32| workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live());
+        let missing: Vec<u32> = match job.state {
+            // A rank told the job is done may leave.
+            JobState::Running => {
+                (0..job.world_size).filter(|r| !live(*r) && !training.done.contains(r)).collect()
+            }
+            JobState::WaitingForWorkers if job.generation > 0 => {
+                let back = workers.iter().filter(|w| w.rec.state.is_live()).count() as u32;
+                (back..job.world_size).collect()
+            }
+            _ => Vec::new(),
+        };
+        if missing.is_empty() {
+            *incomplete_since = None;
+            return None;
+        }
+        let since = *incomplete_since.get_or_insert(now);
+        let limit = Duration::from_secs(job.config.rank_replace_timeout_s.into());
+        if now.saturating_duration_since(since) < limit {
+            return None;
+        }
+        Some(match job.state {
+            JobState::Running => {
+                let r = missing[0];
+                let host = workers
+                    .iter()
+                    .filter(|w| w.rec.rank == Some(r))
+                    .max_by_key(|w| w.rec.registered_ms)
+                    .map_or("?".to_string(), |w| w.rec.info.host.clone());
+                format!(
+                    "rank {r} (last on {host}) was lost and not replaced within {}s \
+                     (rank_replace_timeout_s); start a worker in its slot and resume from the \
+                     last checkpoint (step {})",
+                    limit.as_secs(),
+                    job.checkpoint_step
+                )
+            }
+            _ => format!(
+                "only {} of {} workers came back within {}s of the coordinator's restart \
+                 (rank_replace_timeout_s)",
+                job.world_size as usize - missing.len(),
+                job.world_size,
+                limit.as_secs()
+            ),
+        })
     }
 
     /// The rank of a live worker in the current generation of a complete world, or why it
@@ -802,6 +875,20 @@ impl CoordinatorState {
         let cfg = job.config.clone();
         let it = Self::current(&mut training.iteration, metrics.iteration)?;
         let index = it.index;
+        // A NaN or Inf loss or gradient norm: the worker has skipped the update (its weights
+        // are those of the step before); `fail` ends the job here, `drop_group` goes on.
+        if !(metrics.loss.is_finite() && metrics.grad_norm.is_finite()) {
+            let what = format!(
+                "rank {rank}: loss {} and grad norm {} at iteration {}, update skipped",
+                metrics.loss,
+                metrics.grad_norm,
+                index + 1
+            );
+            if cfg.non_finite_policy == NonFinitePolicy::Fail {
+                return Err(self.fail_job(&mut g, format!("{what} (non_finite_policy = fail)")));
+            }
+            tracing::warn!("{what} (non_finite_policy = drop_group: the job goes on)");
+        }
         let complete = it.record_metrics(rank, StepMetrics { rank, ..metrics });
         let means = it.mean_rewards();
         let step = index + 1;
@@ -861,7 +948,7 @@ impl CoordinatorState {
             Error::Superseded { .. } => Ok(u32::MAX),
             e => Err(e),
         })?;
-        let Inner { db, job, training, dataset_len, workers } = &mut *g;
+        let Inner { db, job, training, dataset_len, workers, .. } = &mut *g;
         // With a rank gone, its return re-forms the world; re-forming before that would only
         // fail the rendezvous again.
         let intact = (0..job.world_size)
@@ -987,6 +1074,68 @@ mod tests {
         assert_ne!(b2a.store.prefix, aa.store.prefix);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_rank_not_replaced_in_time_fails_the_job_and_one_replaced_in_time_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = settings(dir.path(), 2);
+        st.job.rank_replace_timeout_s = 5;
+        let s = CoordinatorState::open(st).unwrap();
+        let a = s.register(info(0), None).unwrap().caller();
+        let _b = s.register(info(1), None).unwrap().caller();
+        let beat = |s: &CoordinatorState| s.heartbeat(&a, WorkerState::Running).unwrap();
+        // Rank 1 goes silent: lost after the heartbeat timeout (1 s), then 5 s to come back.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            beat(&s);
+            s.expire(Instant::now()).unwrap();
+        }
+        // It comes back at 4 s: the clock stops.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        beat(&s);
+        s.expire(Instant::now()).unwrap();
+        let b2 = s.register(info(1), None).unwrap().caller();
+        for _ in 0..8 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            beat(&s);
+            s.heartbeat(&b2, WorkerState::Running).unwrap();
+            s.expire(Instant::now()).unwrap();
+        }
+        assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Running);
+        // Now it goes for good.
+        for _ in 0..14 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            beat(&s);
+            s.expire(Instant::now()).unwrap();
+        }
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.state, JobState::Failed, "{}", job.message);
+        assert!(
+            job.message.contains("rank 1 (last on host1) was lost and not replaced within 5s"),
+            "{}",
+            job.message
+        );
+    }
+
+    #[test]
+    fn a_worker_leaving_on_an_error_a_restart_would_repeat_fails_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
+        let a = s.register(info(0), None).unwrap().caller();
+        let b = s.register(info(1), None).unwrap().caller();
+        s.goodbye(&b, "error", Some("unknown reward `hpsv3`")).unwrap();
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(
+            job.message,
+            "rank 1 on host1 failed, and would again on a restart: unknown reward `hpsv3`"
+        );
+        // The others learn it on their next call, and a later error does not overwrite it.
+        let e = s.report_rewards(&a, 0, 1, vec![]).unwrap_err();
+        assert!(matches!(e, Error::JobFailed(_)), "{e}");
+        s.goodbye(&a, "error", Some("something else")).unwrap();
+        assert!(s.snapshot(None).unwrap().job.message.contains("hpsv3"));
+    }
+
     #[tokio::test]
     async fn a_caller_without_the_session_secret_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1000,7 +1149,7 @@ mod tests {
             let forged = Caller { id: a.worker_id.clone(), secret };
             let denied = |e: Error| assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
             denied(s.heartbeat(&forged, WorkerState::Draining).unwrap_err());
-            denied(s.goodbye(&forged, "forged").unwrap_err());
+            denied(s.goodbye(&forged, "forged", None).unwrap_err());
             denied(s.reform(&forged, 1, "forged").unwrap_err());
             denied(s.get_work(&forged, Some(0), 1, 0).await.unwrap_err());
             denied(s.report_rewards(&forged, 0, 1, vec![]).unwrap_err());
@@ -1065,6 +1214,47 @@ mod tests {
         s.report_step_metrics(&b, 1, metrics()).unwrap();
         assert!(rank0.await.unwrap().unwrap().done);
         assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 1);
+    }
+
+    #[tokio::test]
+    async fn a_non_finite_loss_fails_the_job_or_goes_on_by_policy() {
+        for policy in [NonFinitePolicy::Fail, NonFinitePolicy::DropGroup] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut st = settings(dir.path(), 2);
+            st.job.max_train_steps = 2;
+            st.job.num_generations = 2;
+            st.job.non_finite_policy = policy;
+            let s = CoordinatorState::open(st).unwrap();
+            let a = s.register(info(0), None).unwrap().caller();
+            let b = s.register(info(1), None).unwrap().caller();
+            roll_out_and_score(&s, &[&a, &b]).await;
+            let bad = StepMetrics { loss: f64::NAN, grad_norm: f64::INFINITY, ..metrics() };
+            let r = s.report_step_metrics(&a, 1, bad);
+            let job = s.snapshot(None).unwrap().job;
+            match policy {
+                NonFinitePolicy::Fail => {
+                    let e = r.unwrap_err();
+                    assert!(matches!(e, Error::JobFailed(_)), "{e}");
+                    assert_eq!(job.state, JobState::Failed);
+                    assert!(
+                        job.message.contains("rank 0: loss NaN and grad norm inf at iteration 1")
+                            && job.message.contains("non_finite_policy = fail"),
+                        "{}",
+                        job.message
+                    );
+                    let e = s.report_step_metrics(&b, 1, metrics()).unwrap_err();
+                    assert!(matches!(e, Error::JobFailed(_)), "{e}");
+                }
+                NonFinitePolicy::DropGroup => {
+                    r.unwrap();
+                    s.report_step_metrics(&b, 1, metrics()).unwrap();
+                    let job = s.snapshot(None).unwrap().job;
+                    assert_eq!((job.state, job.step), (JobState::Running, 1), "{}", job.message);
+                    // What the database holds reads back.
+                    assert_eq!(s.snapshot(None).unwrap().history.len(), 1);
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -1135,7 +1325,7 @@ mod tests {
         // Rank 0 is told the job is done and leaves before rank 1 has asked; a late
         // registration from the leaving process (or anyone in its slot) is refused.
         assert!(s.get_work(&a.caller(), Some(1), 1, 0).await.unwrap().done);
-        s.goodbye(&a.caller(), "job completed").unwrap();
+        s.goodbye(&a.caller(), "job completed", None).unwrap();
         let e = s.register(info(0), None).unwrap_err();
         assert!(
             e.to_string().contains("rank 0 (node_rank 0 local_rank 0) has already finished"),

@@ -45,14 +45,16 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
 }
 
-/// What to do when a reward is NaN or infinite.
+/// What to do when a reward, a loss or a gradient norm is NaN or infinite. A non-finite
+/// gradient never reaches the weights: that update is skipped under either policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NonFinitePolicy {
-    /// Fail the iteration loudly, naming the trajectory.
+    /// Fail the job loudly, naming the trajectory or the rank.
     #[default]
     Fail,
-    /// Drop the group and refill it with a fresh prompt.
+    /// Drop the group and refill it with a fresh prompt (up to 3 times); go on after a skipped
+    /// update.
     DropGroup,
 }
 
@@ -123,7 +125,8 @@ pub struct JobConfig {
     pub rewards: Vec<RewardConfig>,
     /// LoRA adapter; absent means full fine-tune.
     pub lora: Option<LoraConfig>,
-    /// NaN / Inf reward handling.
+    /// NaN / Inf handling: for a reward, fail the job or refill the group; for a loss or
+    /// gradient norm, fail the job or go on (the update is skipped either way).
     pub non_finite_policy: NonFinitePolicy,
     /// Reward log file (one float per line), relative to `output_dir` unless absolute.
     pub reward_log: String,
@@ -134,6 +137,9 @@ pub struct JobConfig {
     pub resume_from_checkpoint: String,
     /// A PNG grid of the samples every this many iterations (0 = never).
     pub sample_grid_every: u32,
+    /// Seconds a running job waits for a lost rank to be replaced (a worker restarted in its
+    /// slot) before it fails, with the lost rank named in the status.
+    pub rank_replace_timeout_s: u32,
 }
 
 fn one() -> f64 {
@@ -189,6 +195,7 @@ impl Default for JobConfig {
             backend: String::new(),
             resume_from_checkpoint: String::new(),
             sample_grid_every: 10,
+            rank_replace_timeout_s: 600,
         }
     }
 }
@@ -217,6 +224,10 @@ impl JobConfig {
             }
         };
         check(!self.job_name.trim().is_empty(), "job_name must not be empty".into());
+        check(
+            self.rank_replace_timeout_s >= 1,
+            "rank_replace_timeout_s must be >= 1: a job without its rank cannot go on".into(),
+        );
         check(
             self.num_generations >= 2,
             format!("num_generations must be >= 2 for a group std (got {})", self.num_generations),

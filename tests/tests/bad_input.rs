@@ -166,3 +166,47 @@ async fn a_coordinator_lost_mid_run_is_a_clean_error_after_the_retry_window() {
     assert!(log.contains("unreachable after 2"), "{log}");
     assert!(!log.contains("panicked") && status.code() != Some(101), "{status}:\n{log}");
 }
+
+/// Waits for the job to be `failed` and returns its message.
+async fn failed_with(addr: &str, limit: Duration) -> String {
+    await_condition(limit, "the job failed", || async {
+        let s = job_status(addr).await.ok()?;
+        (s.state == pb::JobState::Failed as i32).then_some(s.message)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_every_restart_would_repeat_fails_the_job_with_the_workers_message() {
+    // The coordinator does not know the reward; the worker finds out when it loads it.
+    let c = Cluster::new(&format!("{CONFIG}\n[[rewards]]\nname = \"no_such_reward\"\n"));
+    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "100"]);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    let mut w1 = c.worker(&addr, 0, 1, &[]);
+    let message = failed_with(&addr, Duration::from_secs(60)).await;
+    assert!(message.contains("failed, and would again on a restart"), "{message}");
+    assert!(message.contains("no_such_reward"), "{message}");
+    for w in [&mut w0, &mut w1] {
+        let st = w.wait_timeout(Duration::from_secs(30)).expect("every worker exits");
+        assert!(!st.success(), "{}", c.logs());
+    }
+    // The failure stays in the status: a worker leaving after it does not overwrite it.
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!(s.message, message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_finite_loss_fails_the_job_under_the_fail_policy() {
+    // The issue's recipe for NaN: a huge learning rate with the clips opened wide.
+    let c = Cluster::new(&format!(
+        "{CONFIG}learning_rate = 1000.0\nclip_range = 1000.0\nadv_clip_max = 1000.0\n\
+         max_train_steps = 20\n"
+    ));
+    let (_coord, addr) = c.coordinator(&["--world-size", "1", "--heartbeat-interval-ms", "100"]);
+    let mut w = c.worker(&addr, 0, 0, &[]);
+    let message = failed_with(&addr, Duration::from_secs(180)).await;
+    assert!(message.contains("update skipped (non_finite_policy = fail)"), "{message}");
+    w.wait_timeout(Duration::from_secs(30)).expect("the worker exits");
+    let s = job_status(&addr).await.unwrap();
+    assert!(s.step < 20, "the job stopped where it went bad, at step {}", s.step);
+}

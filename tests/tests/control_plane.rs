@@ -213,3 +213,29 @@ async fn a_lost_rank_is_replaced_and_the_group_re_forms_without_restarting_survi
         "the survivor was not restarted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rank_never_replaced_fails_the_job_after_rank_replace_timeout_s() {
+    let c = Cluster::new(&format!("{CONFIG}rank_replace_timeout_s = 3\n"));
+    let (_coord, addr) = c.coordinator(FAST);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    let mut w1 = c.worker(&addr, 0, 1, &[]);
+    await_condition(Duration::from_secs(30), "2 running workers", || running_ranks(&addr)).await;
+    w1.signal("KILL");
+    w1.wait_timeout(Duration::from_secs(5)).expect("killed");
+    let killed = std::time::Instant::now();
+    let message = await_condition(Duration::from_secs(30), "the job failed", || async {
+        let s = job_status(&addr).await.ok()?;
+        (s.state == pb::JobState::Failed as i32).then_some(s.message)
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        message.contains("rank 1 (last on ") && message.contains("not replaced within 3s"),
+        "{message}"
+    );
+    // Heartbeat timeout 1.5 s, then 3 s: the bound holds, with slack for a loaded machine.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let st = w0.wait_timeout(Duration::from_secs(30)).expect("the survivor exits");
+    assert!(!st.success(), "a survivor of a failed job exits non-zero:\n{}", c.logs());
+}

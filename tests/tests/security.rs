@@ -127,6 +127,8 @@ async fn a_caller_with_the_token_cannot_act_as_another_worker() {
             .goodbye(pb::GoodbyeRequest {
                 worker_id: id.clone(),
                 reason: "forged".into(),
+                // A forged fatal goodbye would fail the job.
+                error: "forged".into(),
                 session_secret: secret.clone(),
             })
             .await;
@@ -230,6 +232,7 @@ async fn a_caller_with_the_token_cannot_act_as_another_worker() {
         .goodbye(pb::GoodbyeRequest {
             worker_id: a.worker_id.clone(),
             reason: format!("leaving\n{forged_line}\x1b[2J"),
+            error: String::new(),
             session_secret: a.session_secret.clone(),
         })
         .await

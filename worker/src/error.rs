@@ -40,6 +40,19 @@ pub enum Error {
     /// libtorch failed on the compute thread.
     #[error("compute: {0}")]
     Compute(String),
+    /// The job this worker belongs to has failed (the coordinator's status says why).
+    #[error("the job failed; `dancegrpo-coordinator status` says why")]
+    JobFailed,
+}
+
+impl Error {
+    /// Whether a worker restarted in the same place would fail the same way: a bad setting, or
+    /// an error of the compute (a config or data error, a missing or corrupt file, an unknown
+    /// reward). Such an error fails the job at once; a control-plane or collective failure
+    /// does not, since a new world or a returning coordinator mends it.
+    pub fn fails_the_job(&self) -> bool {
+        matches!(self, Error::Settings(_) | Error::Compute(_))
+    }
 }
 
 impl From<dancegrpo_proto::convert::ConvertError> for Error {

@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use dancegrpo_proto::RankAssignment;
+use dancegrpo_proto::{JobState, RankAssignment};
 pub use error::{Error, Result};
 use session::{Session, SessionSettings};
 
@@ -97,7 +97,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             // The coordinator may already have registered us with its answer in flight: let
             // that finish briefly and say goodbye, or it counts a running rank that is gone.
             match tokio::time::timeout(REGISTER_GRACE, &mut connect).await {
-                Ok(Ok(session)) => session.goodbye("signal while joining").await,
+                Ok(Ok(session)) => session.goodbye("signal while joining", None).await,
                 _ => tracing::info!("stopped before registering"),
             }
             return Ok(());
@@ -143,6 +143,9 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             }));
         }
         let js = *job_state.borrow_and_update();
+        if js == JobState::Failed {
+            break Err(Error::JobFailed);
+        }
         if js.is_terminal() {
             tracing::info!(state = %js, "job ended");
             break Ok(format!("job {js}"));
@@ -222,6 +225,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     if !heartbeats.is_finished() {
         let _ = (&mut heartbeats).await;
     }
-    session.goodbye(&reason).await;
+    let fatal = outcome.as_ref().err().filter(|e| e.fails_the_job()).map(|_| reason.as_str());
+    session.goodbye(&reason, fatal).await;
     outcome.map(|_| ())
 }

@@ -341,12 +341,17 @@ impl Session {
         }
     }
 
-    /// Tells the coordinator we are leaving cleanly. Best effort, bounded in time.
-    pub async fn goodbye(&self, reason: &str) {
+    /// Tells the coordinator we are leaving: cleanly, or on an `error` that a restart would hit
+    /// again (which fails the job). Best effort, bounded in time.
+    pub async fn goodbye(&self, reason: &str, error: Option<&str>) {
         let (worker_id, session_secret) = self.credentials().await;
         let mut client = self.client.clone();
-        let call =
-            client.goodbye(pb::GoodbyeRequest { worker_id, reason: reason.into(), session_secret });
+        let call = client.goodbye(pb::GoodbyeRequest {
+            worker_id,
+            reason: reason.into(),
+            error: error.unwrap_or_default().into(),
+            session_secret,
+        });
         match tokio::time::timeout(Duration::from_secs(5), call).await {
             Ok(Ok(_)) => tracing::info!("said goodbye to the coordinator"),
             Ok(Err(s)) => tracing::warn!(cause = %s.message(), "goodbye failed"),

@@ -385,6 +385,7 @@ where
 {
     create_dir(output_dir)?;
     let pid = std::process::id();
+    remove_stale(output_dir, pid);
     let tmp = output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp-{pid}"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
@@ -408,6 +409,36 @@ where
     Ok(dest)
 }
 
+/// Removes what writers killed mid-write left in `output_dir`: every `.checkpoint-<N>.tmp-<pid>`
+/// of another process (only rank 0 writes checkpoints, one at a time), and every
+/// `.checkpoint-<N>.old-<pid>` whose `checkpoint-<N>` exists. An `.old` folder without its
+/// `checkpoint-<N>` is the only complete copy of that step, and stays. Best effort: what
+/// cannot be removed is logged and left.
+fn remove_stale(output_dir: &Path, own_pid: u32) {
+    let Ok(entries) = fs::read_dir(output_dir) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".")) else { continue };
+        let Some(rest) = rest.strip_prefix(CHECKPOINT_PREFIX) else { continue };
+        let stale = if let Some((_, pid)) = rest.split_once(".tmp-") {
+            pid != own_pid.to_string()
+        } else if let Some((step, _)) = rest.split_once(".old-") {
+            output_dir.join(format!("{CHECKPOINT_PREFIX}{step}")).is_dir()
+        } else {
+            false
+        };
+        if stale {
+            let path = e.path();
+            match fs::remove_dir_all(&path) {
+                Ok(()) => tracing::info!(path = %path.display(),
+                    "removed a checkpoint folder that an interrupted write left behind"),
+                Err(err) => tracing::warn!(path = %path.display(), cause = %err,
+                    "cannot remove a stale checkpoint folder"),
+            }
+        }
+    }
+}
+
 /// The `checkpoint-<step>` folder in `output_dir` with the highest step, ignoring temporary
 /// and replaced folders and anything else.
 pub fn latest_checkpoint(output_dir: &Path) -> Option<(u64, PathBuf)> {
@@ -425,4 +456,32 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<(u64, PathBuf)> {
             e.file_type().ok()?.is_dir().then(|| (step, e.path()))
         })
         .max_by_key(|(step, _)| *step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_write_leaves_nothing_behind_after_the_next_one() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = |n: &str| out.path().join(n);
+        for n in [".checkpoint-3.tmp-4000001", "checkpoint-2", ".checkpoint-2.old-4000001"] {
+            fs::create_dir_all(dir(n)).unwrap();
+            fs::write(dir(n).join("f"), b"x").unwrap();
+        }
+        // A crash between the two renames of a replacement: this is step 5's only copy.
+        fs::create_dir_all(dir(".checkpoint-5.old-4000002")).unwrap();
+        let written = write_checkpoint::<CheckpointError, _>(out.path(), 4, |d| {
+            fs::write(d.join("f"), b"y").map_err(|e| CheckpointError::io(d, e))
+        })
+        .unwrap();
+        assert_eq!(written, dir("checkpoint-4"));
+        let mut left: Vec<String> = fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".checkpoint-5.old-4000002", "checkpoint-2", "checkpoint-4"]);
+    }
 }

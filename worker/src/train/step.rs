@@ -51,6 +51,8 @@ pub struct UpdateStats {
     pub grad_norm_sum: f64,
     /// Optimizer steps taken.
     pub optimizer_steps: u32,
+    /// Updates skipped for a non-finite gradient norm (weights and moments kept).
+    pub skipped_updates: u32,
     /// Seconds in the gradient all-reduce.
     pub communication_s: f64,
     /// Transitions whose loss had a zero gradient (clipped on the side PPO does not push),
@@ -156,10 +158,20 @@ pub fn apply_update(
         stats.communication_s += start.elapsed().as_secs_f64();
     }
     drop(grads);
-    stats.grad_norm_sum += opt.clip_grad_norm(max_grad_norm)?;
-    opt.step()?;
+    let norm = opt.clip_grad_norm(max_grad_norm)?;
+    stats.grad_norm_sum += norm;
+    // A NaN or Inf gradient would make every weight NaN (torch's clip scales by it): the
+    // update is skipped and the weights and moments stay as they were. The norm is of the
+    // averaged gradients, so every rank skips the same update; the coordinator sees the
+    // non-finite norm and applies `non_finite_policy` (fail the job, or go on).
+    if norm.is_finite() {
+        opt.step()?;
+        stats.optimizer_steps += 1;
+    } else {
+        tracing::warn!(grad_norm = norm, "non-finite gradient norm: update skipped");
+        stats.skipped_updates += 1;
+    }
     opt.zero_grad()?;
-    stats.optimizer_steps += 1;
     Ok(())
 }
 
@@ -181,6 +193,27 @@ mod tests {
         assert!(p.detach().equal(&want), "{p}");
         assert_eq!(opt.state()[0].step, 1);
         assert!(!p.grad().defined(), "gradients are dropped after the step");
+    }
+
+    #[test]
+    fn a_non_finite_gradient_skips_the_update_and_keeps_weights_and_moments() {
+        let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], cfg).unwrap();
+        let mut stats = UpdateStats::default();
+        for bad in [f32::NAN, f32::INFINITY] {
+            p.f_mul_scalar(f64::from(bad)).unwrap().sum(Kind::Float).backward();
+            apply_update(&mut opt, None, 1.0, &mut stats).unwrap();
+            assert!(p.detach().equal(&Tensor::ones([3], (Kind::Float, tch::Device::Cpu))), "{p}");
+            assert_eq!(opt.state()[0].step, 0, "the moments did not step");
+            assert!(!p.grad().defined(), "the bad gradient is dropped");
+        }
+        assert_eq!((stats.optimizer_steps, stats.skipped_updates), (0, 2));
+        assert!(stats.grad_norm_sum.is_nan(), "the norm is reported as it was");
+        // The next good gradient steps as usual.
+        p.sum(Kind::Float).backward();
+        apply_update(&mut opt, None, 1.0, &mut stats).unwrap();
+        assert_eq!((opt.state()[0].step, stats.optimizer_steps), (1, 1));
     }
 
     #[test]
