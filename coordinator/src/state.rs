@@ -155,6 +155,25 @@ struct Worker {
     reachable_host: String,
 }
 
+impl Worker {
+    /// Whether it registered from this machine (over loopback), so its pid can be looked up.
+    fn local(&self) -> bool {
+        self.reachable_host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// Whether process `pid` of this machine still runs (a zombie, killed and not yet reaped, does
+/// not).
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state follows the last ')' (comm may hold one).
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        }
+        Err(_) => false,
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     db: Db,
@@ -341,6 +360,16 @@ impl CoordinatorState {
         let same_slot = |w: &Worker| {
             w.rec.info.node_rank == info.node_rank && w.rec.info.local_rank == info.local_rank
         };
+        // A worker restarted in its slot before the old process was declared lost: when the
+        // old one ran on this machine and its process is gone, the slot is free at once.
+        if let Some(w) = workers.iter_mut().find(|w| {
+            same_slot(w) && w.rec.state.is_live() && w.local() && !process_runs(w.rec.info.pid)
+        }) {
+            w.rec.state = WorkerState::Lost;
+            db.put_worker(&job.id, &w.rec)?;
+            tracing::warn!(worker_id = %w.rec.id, pid = w.rec.info.pid, rank = ?w.rec.rank,
+                "worker lost: its process is gone and a new one takes its slot");
+        }
         if let Some(w) = workers.iter().find(|w| same_slot(w) && w.rec.state.is_live()) {
             return Err(Error::DuplicateSlot {
                 node_rank: info.node_rank,

@@ -80,10 +80,23 @@ async fn too_many_workers_and_duplicate_slots() {
     .await;
     let out = c.run_to_end(
         "dancegrpo-worker",
-        &["run", "--coordinator", &coord, "--node-rank", "0", "--local-rank", "0"],
+        // A slot still held is waited for (its holder may be this worker's previous process,
+        // about to be declared lost), up to the connect timeout; a live holder keeps it.
+        &[
+            "run",
+            "--coordinator",
+            &coord,
+            "--node-rank",
+            "0",
+            "--local-rank",
+            "0",
+            "--connect-timeout-s",
+            "2",
+        ],
         Duration::from_secs(30),
     );
     one_line_error(&out, "duplicate worker: node_rank 0 local_rank 0 is already taken");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slot still held; retrying"));
 
     let _w1 = c.worker(&addr, 0, 1, &[]);
     await_condition(Duration::from_secs(30), "world formed", || async {

@@ -230,6 +230,7 @@ async fn a_rank_never_replaced_fails_the_job_after_rank_replace_timeout_s() {
     })
     .await;
     let took = killed.elapsed();
+    eprintln!("kill -9 to job failed: {:.2} s", took.as_secs_f64());
     assert!(
         message.contains("rank 1 (last on ") && message.contains("not replaced within 3s"),
         "{message}"
@@ -238,4 +239,36 @@ async fn a_rank_never_replaced_fails_the_job_after_rank_replace_timeout_s() {
     assert!(took < Duration::from_secs(15), "took {took:?}");
     let st = w0.wait_timeout(Duration::from_secs(30)).expect("the survivor exits");
     assert!(!st.success(), "a survivor of a failed job exits non-zero:\n{}", c.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_restarted_at_once_takes_its_slot_without_waiting_for_the_heartbeat_timeout() {
+    let c = Cluster::new(CONFIG);
+    // A heartbeat timeout far longer than the test may wait: the slot must free without it.
+    let slow_loss =
+        ["--world-size", "2", "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "60000"];
+    let (_coord, addr) = c.coordinator(&slow_loss);
+    let fast = ["--collective-timeout-s", "10"];
+    let w0 = c.worker(&addr, 0, 0, &fast);
+    let mut w1 = c.worker(&addr, 0, 1, &fast);
+    for w in [&w0, &w1] {
+        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
+    }
+    w1.signal("KILL");
+    w1.wait_timeout(Duration::from_secs(5)).expect("killed and reaped");
+    let restarted = std::time::Instant::now();
+    let w1b = c.worker(&addr, 0, 1, &fast);
+    wait_for_log(&w1b, "process group ready", Duration::from_secs(60));
+    let took = restarted.elapsed();
+    // The figure RELIABILITY.md records (`--nocapture`).
+    eprintln!("restart to process group ready: {:.2} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(30), "took {took:?}: {}", c.logs());
+    assert!(!w1b.log().contains("slot still held"), "{}", w1b.log());
+    assert!(c.logs().contains("its process is gone and a new one takes its slot"), "{}", c.logs());
+    let s = job_status(&addr).await.unwrap();
+    assert!(s.generation >= 2, "generation {}", s.generation);
+    let mut ranks: Vec<_> =
+        workers_in(&s, pb::WorkerState::Running).iter().filter_map(|w| w.rank).collect();
+    ranks.sort();
+    assert_eq!(ranks, vec![0, 1], "{}", s.message);
 }

@@ -71,8 +71,9 @@ fn is_transient(code: tonic::Code) -> bool {
 }
 
 impl Session {
-    /// Connects and registers, retrying transient failures with exponential backoff until
-    /// `connect_timeout`; a refusal (protocol mismatch, duplicate slot, full world) fails at once.
+    /// Connects and registers, retrying transient failures and a slot still held (by this
+    /// worker's previous process, not yet declared lost) with exponential backoff until
+    /// `connect_timeout`; any other refusal (protocol mismatch, full world) fails at once.
     pub async fn connect(settings: SessionSettings) -> Result<Arc<Self>> {
         let endpoint = Endpoint::from_shared(settings.coordinator.clone())
             .map_err(|e| Error::Settings(format!("bad coordinator address: {e}")))?
@@ -108,6 +109,19 @@ impl Session {
         loop {
             match self.register_once().await {
                 Ok(j) => return Ok(j),
+                // The slot's previous worker (this one, before a restart) is declared lost
+                // within the coordinator's heartbeat timeout, and the slot frees: wait for it,
+                // and say so, instead of exiting. Given up on, it is the refusal itself.
+                Err(e @ Error::Rejected { reason: Some(Reason::DuplicateSlot), .. }) => {
+                    let waited = start.elapsed();
+                    if waited >= self.settings.connect_timeout {
+                        return Err(e);
+                    }
+                    tracing::warn!(cause = %e, "slot still held; retrying in {delay:?}");
+                    let left = self.settings.connect_timeout.saturating_sub(waited);
+                    tokio::time::sleep(delay.min(left)).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
                 Err(Error::Rejected { code, message, .. }) if is_transient(code) => {
                     let waited = start.elapsed();
                     if waited >= self.settings.connect_timeout {
