@@ -96,12 +96,11 @@ impl AuthToken {
         }
     }
 
-    /// [`AuthToken::resolve`] from this process's environment.
+    /// [`AuthToken::resolve`] with [`TOKEN_ENV`] from this process's environment. `file` is
+    /// the `--auth-token-file` flag, which every binary declares with [`TOKEN_FILE_ENV`] as its
+    /// variable, so that variable is read there, once.
     pub fn from_env(file: Option<&Path>) -> Result<Option<Self>, AuthError> {
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()).map(Into::into));
-        Self::resolve(file.as_deref(), std::env::var(TOKEN_ENV).ok().as_deref())
+        Self::resolve(file, std::env::var(TOKEN_ENV).ok().as_deref())
     }
 
     fn header(&self) -> MetadataValue<tonic::metadata::Ascii> {

@@ -168,28 +168,39 @@ fn wait_for_log(p: &dancegrpo_e2e::Proc, needle: &str, limit: Duration) {
     }
 }
 
+/// Training runs meanwhile: the survivor's all-reduce with the dead rank fails within this.
+const FAST_COLLECTIVES: [&str; 2] = ["--collective-timeout-s", "10"];
+
+/// Starts ranks 0 and 1, waits until both formed the generation-1 group, then kill -9s rank 1
+/// and reaps it. Returns both processes.
+fn two_ranks_then_kill_rank_1(
+    c: &Cluster,
+    addr: &str,
+) -> (dancegrpo_e2e::Proc, dancegrpo_e2e::Proc) {
+    let w0 = c.worker(addr, 0, 0, &FAST_COLLECTIVES);
+    let mut w1 = c.worker(addr, 0, 1, &FAST_COLLECTIVES);
+    for w in [&w0, &w1] {
+        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
+    }
+    w1.signal("KILL");
+    w1.wait_timeout(Duration::from_secs(5)).expect("killed and reaped");
+    (w0, w1)
+}
+
 /// A worker dies; a replacement takes its slot and rank; the survivor re-forms the c10d group
 /// with it under a new generation (fresh store prefix) without being restarted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_rank_is_replaced_and_the_group_re_forms_without_restarting_survivors() {
     let c = Cluster::new(CONFIG);
     let (_coord, addr) = c.coordinator(FAST);
-    // Training runs meanwhile: the survivor's all-reduce with the dead rank fails within this.
-    let fast = ["--collective-timeout-s", "10"];
-    let w0 = c.worker(&addr, 0, 0, &fast);
-    let mut w1 = c.worker(&addr, 0, 1, &fast);
-    for w in [&w0, &w1] {
-        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
-    }
-    w1.signal("KILL");
-    w1.wait_timeout(Duration::from_secs(5)).expect("killed");
+    let (w0, w1) = two_ranks_then_kill_rank_1(&c, &addr);
     await_condition(Duration::from_secs(10), "rank 1 lost", || async {
         let s = job_status(&addr).await.ok()?;
         (!workers_in(&s, pb::WorkerState::Lost).is_empty()).then_some(())
     })
     .await;
     drop(w1);
-    let w1b = c.worker(&addr, 0, 1, &fast);
+    let w1b = c.worker(&addr, 0, 1, &FAST_COLLECTIVES);
     wait_for_log(&w1b, "process group ready", Duration::from_secs(60));
     let end = std::time::Instant::now() + Duration::from_secs(60);
     while w0.log().matches("process group ready").count() < 2 {
@@ -248,16 +259,10 @@ async fn a_worker_restarted_at_once_takes_its_slot_without_waiting_for_the_heart
     let slow_loss =
         ["--world-size", "2", "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "60000"];
     let (_coord, addr) = c.coordinator(&slow_loss);
-    let fast = ["--collective-timeout-s", "10"];
-    let w0 = c.worker(&addr, 0, 0, &fast);
-    let mut w1 = c.worker(&addr, 0, 1, &fast);
-    for w in [&w0, &w1] {
-        wait_for_log(w, "generation=1 backend=gloo", Duration::from_secs(60));
-    }
-    w1.signal("KILL");
-    w1.wait_timeout(Duration::from_secs(5)).expect("killed and reaped");
+    let (_w0, w1) = two_ranks_then_kill_rank_1(&c, &addr);
+    drop(w1);
     let restarted = std::time::Instant::now();
-    let w1b = c.worker(&addr, 0, 1, &fast);
+    let w1b = c.worker(&addr, 0, 1, &FAST_COLLECTIVES);
     wait_for_log(&w1b, "process group ready", Duration::from_secs(60));
     let took = restarted.elapsed();
     // The figure RELIABILITY.md records (`--nocapture`).

@@ -46,7 +46,7 @@ struct ConfigArgs {
 struct AuthArgs {
     /// File holding the job's auth token (at least 16 printable characters, e.g. from `openssl
     /// rand -hex 32`). `DANCEGRPO_AUTH_TOKEN` may give the token itself instead.
-    #[arg(long, env = "DANCEGRPO_AUTH_TOKEN_FILE")]
+    #[arg(long, env = dancegrpo_proto::auth::TOKEN_FILE_ENV)]
     auth_token_file: Option<PathBuf>,
 }
 

@@ -63,7 +63,7 @@ struct RunArgs {
     connect_timeout_s: u64,
     /// File holding the job's auth token (the coordinator's); `DANCEGRPO_AUTH_TOKEN` may give
     /// the token itself instead.
-    #[arg(long, env = "DANCEGRPO_AUTH_TOKEN_FILE")]
+    #[arg(long, env = dancegrpo_proto::auth::TOKEN_FILE_ENV)]
     auth_token_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
