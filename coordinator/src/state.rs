@@ -153,13 +153,23 @@ struct Worker {
     last_seen: Instant,
     /// The address rank 0 is reachable at, from the peer address of its registration.
     reachable_host: String,
+    /// Whether this coordinator can see the worker's process: it registered over loopback and
+    /// its pid ran at that moment. A worker in another pid namespace (a container beside ours
+    /// on one network) is not, and waits out the heartbeat timeout like a remote one.
+    pid_visible: bool,
 }
 
 impl Worker {
-    /// Whether it registered from this machine (over loopback), so its pid can be looked up.
-    fn local(&self) -> bool {
-        self.reachable_host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    /// Whether its process is known to be gone (it exited, or was killed and not yet reaped),
+    /// which is sooner than the heartbeat timeout tells.
+    fn process_gone(&self) -> bool {
+        self.pid_visible && !process_runs(self.rec.info.pid)
     }
+}
+
+/// Whether a worker registering from `host` with `pid` is one whose process we can watch.
+fn pid_visible(host: &str, pid: u32) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) && process_runs(pid)
 }
 
 /// Whether process `pid` of this machine still runs (a zombie, killed and not yet reaped, does
@@ -223,6 +233,7 @@ impl CoordinatorState {
                         secret: None,
                         last_seen: Instant::now(),
                         reachable_host,
+                        pid_visible: false,
                     });
                 }
                 job.config = settings.job.clone();
@@ -362,9 +373,9 @@ impl CoordinatorState {
         };
         // A worker restarted in its slot before the old process was declared lost: when the
         // old one ran on this machine and its process is gone, the slot is free at once.
-        if let Some(w) = workers.iter_mut().find(|w| {
-            same_slot(w) && w.rec.state.is_live() && w.local() && !process_runs(w.rec.info.pid)
-        }) {
+        if let Some(w) =
+            workers.iter_mut().find(|w| same_slot(w) && w.rec.state.is_live() && w.process_gone())
+        {
             w.rec.state = WorkerState::Lost;
             db.put_worker(&job.id, &w.rec)?;
             tracing::warn!(worker_id = %w.rec.id, pid = w.rec.info.pid, rank = ?w.rec.rank,
@@ -421,6 +432,7 @@ impl CoordinatorState {
         let reachable_host = peer_host.unwrap_or_else(|| info.host.clone());
         let secret = SessionSecret::new();
         workers.push(Worker {
+            pid_visible: pid_visible(&reachable_host, info.pid),
             rec,
             secret: Some(secret.clone()),
             last_seen: Instant::now(),
@@ -578,27 +590,33 @@ impl CoordinatorState {
         Ok(())
     }
 
-    /// Marks workers silent for longer than the heartbeat timeout as lost. Returns their ids.
+    /// Marks as lost the workers silent for longer than the heartbeat timeout, and those on
+    /// this machine whose process is gone (at once: no need to wait for the timeout). Returns
+    /// their ids.
     pub fn expire(&self, now: Instant) -> Result<Vec<WorkerId>> {
         let timeout = self.settings.heartbeat_timeout;
         let mut g = self.lock();
         let Inner { db, job, workers, .. } = &mut *g;
         let mut lost = Vec::new();
-        for w in workers.iter_mut() {
-            if w.rec.state.is_live() && now.saturating_duration_since(w.last_seen) > timeout {
-                w.rec.state = WorkerState::Lost;
-                db.put_worker(&job.id, &w.rec)?;
-                tracing::warn!(worker_id = %w.rec.id, rank = ?w.rec.rank, host = %w.rec.info.host,
-                    "worker lost: no heartbeat for {timeout:?}");
-                job.message = format!(
-                    "worker {} (rank {}) on {} lost: no heartbeat for {:?}",
-                    w.rec.id,
-                    w.rec.rank.map_or("-".to_string(), |r| r.to_string()),
-                    w.rec.info.host,
-                    timeout
-                );
-                lost.push(w.rec.id.clone());
-            }
+        for w in workers.iter_mut().filter(|w| w.rec.state.is_live()) {
+            let why = if now.saturating_duration_since(w.last_seen) > timeout {
+                format!("no heartbeat for {timeout:?}")
+            } else if w.process_gone() {
+                format!("its process (pid {}) is gone", w.rec.info.pid)
+            } else {
+                continue;
+            };
+            w.rec.state = WorkerState::Lost;
+            db.put_worker(&job.id, &w.rec)?;
+            tracing::warn!(worker_id = %w.rec.id, rank = ?w.rec.rank, host = %w.rec.info.host,
+                "worker lost: {why}");
+            job.message = format!(
+                "worker {} (rank {}) on {} lost: {why}",
+                w.rec.id,
+                w.rec.rank.map_or("-".to_string(), |r| r.to_string()),
+                w.rec.info.host,
+            );
+            lost.push(w.rec.id.clone());
         }
         if !lost.is_empty() {
             job.updated_ms = now_ms();
@@ -1101,6 +1119,32 @@ mod tests {
         let b2a = b2.assignment.unwrap();
         assert_eq!((b2a.rank, b2a.generation), (1, 2), "inherits the rank, new generation");
         assert_ne!(b2a.store.prefix, aa.store.prefix);
+    }
+
+    #[tokio::test]
+    async fn a_local_worker_whose_process_is_gone_is_lost_at_once_and_an_unseen_pid_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let watched = s
+            .register(WorkerInfo { pid: child.id(), ..info(0) }, Some("127.0.0.1".into()))
+            .unwrap();
+        // Over loopback, but a pid this coordinator cannot see (another pid namespace).
+        let unseen =
+            s.register(WorkerInfo { pid: u32::MAX, ..info(1) }, Some("127.0.0.1".into())).unwrap();
+        assert!(s.expire(Instant::now()).unwrap().is_empty(), "both heartbeat in time");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // No time passes: the heartbeat timeout has nothing to do with it.
+        assert_eq!(s.expire(Instant::now()).unwrap(), vec![watched.worker_id.clone()]);
+        let job = s.snapshot(None).unwrap().job;
+        assert!(
+            job.message.contains(&format!("lost: its process (pid {}) is gone", child.id())),
+            "{}",
+            job.message
+        );
+        assert!(s.expire(Instant::now()).unwrap().is_empty());
+        s.heartbeat(&unseen.caller(), WorkerState::Running).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -136,7 +136,7 @@ uint32_t dg_backends_compiled(void) {
 }
 
 char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t timeout_ms,
-                      int listen_fd, dg_store** out) {
+                      int64_t connect_timeout_ms, int listen_fd, dg_store** out) {
   return guarded([&] {
     TORCH_CHECK(host != nullptr && out != nullptr, "null argument");
     c10d::TCPStoreOptions opts;
@@ -145,11 +145,14 @@ char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t ti
     // Ranks arrive through the group rendezvous, which has its own timeout; the server need not
     // wait for them here, and a later generation may have a different world size.
     opts.waitWorkers = false;
-    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    // The client's connect retries until opts.timeout; a short one lets the caller give up on
+    // a store that is gone (see Store::connect_abandonable) between tries.
+    opts.timeout = std::chrono::milliseconds(connect_timeout_ms);
     if (opts.isServer && listen_fd >= 0) {
       opts.masterListenFd = listen_fd;
     }
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    store->setTimeout(std::chrono::milliseconds(timeout_ms));
     uint16_t bound = store->getPort();
     *out = new dg_store{store, bound};
   });

@@ -31,8 +31,10 @@ uint32_t dg_backends_compiled(void);
 // A c10d::TCPStore: the server when is_master, a client otherwise. Clients retry until timeout.
 // The server serves listen_fd, a socket the caller has bound and put in listening state, and
 // takes it over (c10d would otherwise listen on every interface); -1 lets c10d bind `port`.
+// A client gives up connecting after connect_timeout_ms; timeout_ms then bounds every store
+// operation (and the group rendezvous on it).
 char* dg_store_create(const char* host, uint16_t port, int is_master, int64_t timeout_ms,
-                      int listen_fd, dg_store** out);
+                      int64_t connect_timeout_ms, int listen_fd, dg_store** out);
 uint16_t dg_store_port(const dg_store* store);
 void dg_store_destroy(dg_store* store);
 // Sets `key` to the `len` bytes at `value`.

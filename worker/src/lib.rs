@@ -115,6 +115,9 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let mut job_state = session.job_state();
     // The generation whose process group this rank has formed (or is forming).
     let mut formed: Option<u64> = None;
+    // The newest generation assigned, which a rendezvous in progress on the compute thread
+    // watches: a newer one calls it off at once.
+    let generations = dist::Generations::default();
     let mut joining: Option<Joining> = None;
     let mut training: Option<Training> = None;
     // The assignment whose group is formed, and when to try training on it again after a pause.
@@ -122,6 +125,9 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let mut retry_at: Option<tokio::time::Instant> = None;
     let outcome = loop {
         let current = assignment.borrow_and_update().clone();
+        if let Some(a) = &current {
+            generations.assigned(a.generation);
+        }
         if let Some(a) = current.filter(|a| joining.is_none() && formed != Some(a.generation)) {
             tracing::info!(rank = a.rank, world_size = a.world_size, generation = a.generation,
                 store = %format!("{}:{}", a.store.host, a.store.port), "rank assigned; forming the process group");
@@ -132,11 +138,12 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             retry_at = None;
             let compute = compute.clone();
             let backend = backend_override.clone();
+            let generations = generations.clone();
             joining = Some(Box::pin(async move {
                 let r = compute
                     .run({
                         let a = a.clone();
-                        move |w: &mut World| w.join(&a, &backend, collective_timeout)
+                        move |w: &mut World| w.join(&a, &backend, collective_timeout, &generations)
                     })
                     .await;
                 (a, r.and_then(|r| r.map(|b| b.to_string())))
@@ -172,6 +179,10 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                             a,
                             job_config.clone(),
                         )));
+                    }
+                    // The coordinator has moved on: the new assignment is already here.
+                    Err(Error::Dist(e @ dist::DistError::Abandoned { .. })) => {
+                        tracing::info!(cause = %e, "process group not formed; joining the newer world");
                     }
                     // A peer that is slow, gone or not yet back: this generation cannot
                     // form. Wait for the next one instead of exiting.

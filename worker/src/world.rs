@@ -12,7 +12,7 @@ use dancegrpo_proto::{JobConfig, RankAssignment, StepMetrics, WorkItem};
 use tch::{Kind, Tensor};
 
 use crate::device::Device;
-use crate::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp, Store};
+use crate::dist::{Backend, Generations, GroupOptions, ProcessGroup, ReduceOp, Store};
 use crate::error::{Error, Result};
 use crate::train::{TrainError, Trainer};
 
@@ -83,15 +83,20 @@ impl World {
     }
 
     /// Joins the world of `a` and proves it works: a barrier, then an all-reduce whose result
-    /// every rank can predict. Returns the backend used.
+    /// every rank can predict. Returns the backend used. Abandoned with
+    /// [`DistError::Abandoned`](crate::dist::DistError::Abandoned) as soon as `generations`
+    /// holds a newer generation than `a`'s.
     pub fn join(
         &mut self,
         a: &RankAssignment,
         backend_override: &str,
         timeout: Duration,
+        generations: &Generations,
     ) -> Result<Backend> {
         let backend = Backend::resolve(self.device, backend_override)?;
-        let options = GroupOptions::default().with_timeout(timeout);
+        let options = GroupOptions::default()
+            .with_timeout(timeout)
+            .abandon_when_superseded(generations.clone(), a.generation);
         // The previous generation's group must go before its store can be replaced.
         self.group = None;
         let is_master = a.rank == 0;
@@ -105,7 +110,7 @@ impl World {
             (Some((s, _)), true) => s.clone(),
             _ => {
                 self.store = None;
-                Store::connect(&a.store.host, a.store.port, is_master, timeout)?
+                Store::connect_abandonable(&a.store.host, a.store.port, is_master, &options)?
             }
         };
         self.store = Some((store.clone(), is_master));

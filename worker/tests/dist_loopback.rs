@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dancegrpo_proto::{RankAssignment, StoreAddress};
-use dancegrpo_worker::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp, Store};
+use dancegrpo_worker::dist::{
+    Backend, DistError, Generations, GroupOptions, ProcessGroup, ReduceOp, Store,
+};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
 
@@ -326,6 +328,33 @@ fn a_peer_that_never_arrives_fails_the_rendezvous_within_the_timeout() {
         "{e}"
     );
     assert!(elapsed < Duration::from_secs(TIMEOUT_S + 3), "took {elapsed:?}: {e}");
+}
+
+/// Both ways a rendezvous can hang on a dead peer, called off from another thread the moment a
+/// newer generation is assigned, with a timeout (60 s) the test would notice: a master waiting
+/// for a rank that never arrives, and a client dialing a store whose host is gone.
+#[test]
+fn a_rendezvous_is_abandoned_at_once_when_a_newer_generation_is_assigned() {
+    let generations = Generations::default();
+    generations.assigned(1);
+    let options = opts(60).abandon_when_superseded(generations.clone(), 1);
+    let ranks = [(0, free_port()), (1, free_port())].map(|(rank, port)| {
+        let a = assignment(&Rank { rank, world: 2, port }, "dancegrpo/a/gen1/");
+        let options = options.clone();
+        std::thread::spawn(move || ProcessGroup::from_assignment(&a, Backend::Gloo, &options))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ranks.iter().all(|t| !t.is_finished()), "both wait for their missing peer");
+    generations.assigned(2);
+    let called_off = Instant::now();
+    for t in ranks {
+        match t.join().unwrap() {
+            Err(DistError::Abandoned { generation: 1, newer: 2 }) => {}
+            other => panic!("expected the rendezvous abandoned, got {other:?}"),
+        }
+    }
+    let took = called_off.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
 }
 
 #[test]

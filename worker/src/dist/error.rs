@@ -34,6 +34,15 @@ pub enum DistError {
         /// The backend's message.
         message: String,
     },
+    /// A rendezvous called off because the coordinator assigned a newer generation: its peers
+    /// have moved on (or one is dead), so it could never complete.
+    #[error("rendezvous of generation {generation} abandoned: generation {newer} is assigned")]
+    Abandoned {
+        /// The generation whose group was being formed.
+        generation: u64,
+        /// The newer generation.
+        newer: u64,
+    },
     /// A tensor the collective cannot take (dtype, shape, device), caught before calling c10d.
     #[error("{op}: {message}")]
     BadTensor {

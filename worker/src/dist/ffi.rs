@@ -26,6 +26,7 @@ unsafe extern "C" {
         port: u16,
         is_master: c_int,
         timeout_ms: i64,
+        connect_timeout_ms: i64,
         listen_fd: c_int,
         out: *mut *mut DgStore,
     ) -> *mut c_char;

@@ -7,7 +7,8 @@
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use dancegrpo_proto::RankAssignment;
 use tch::{Kind, Tensor};
@@ -32,6 +33,29 @@ unsafe impl Send for Store {}
 // SAFETY: as above; all methods on the C++ side are thread-safe.
 unsafe impl Sync for Store {}
 
+/// How often a rendezvous in progress looks whether it has been abandoned. A store answers a
+/// wait that ran out with a cancel on the same connection, so polling costs one round trip.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The generations the coordinator has assigned to this rank, shared between the thread that
+/// hears of them and the one forming a group. Once a newer one exists, a rendezvous still in
+/// progress can never complete (its peers have moved on, or one of them is dead): it is
+/// abandoned at once instead of waiting out its timeout, 300 s at the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Generations(Arc<AtomicU64>);
+
+impl Generations {
+    /// Records that `generation` has been assigned.
+    pub fn assigned(&self, generation: u64) {
+        self.0.fetch_max(generation, Ordering::SeqCst);
+    }
+
+    /// The newest generation assigned so far.
+    pub fn newest(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 impl Store {
     /// Hosts (`is_master`) or connects to the store at `host:port`. A client retries until
     /// `timeout`. Port 0 on the master picks a free port; see [`Store::port`].
@@ -40,6 +64,44 @@ impl Store {
         port: u16,
         is_master: bool,
         timeout: Duration,
+    ) -> Result<Arc<Store>> {
+        Store::connect_abandonable(
+            host,
+            port,
+            is_master,
+            &GroupOptions::default().with_timeout(timeout),
+        )
+    }
+
+    /// [`Store::connect`] for the group of `options`: a client gives up as soon as a newer
+    /// generation than the group's is assigned ([`GroupOptions::abandon_when_superseded`]).
+    pub fn connect_abandonable(
+        host: &str,
+        port: u16,
+        is_master: bool,
+        options: &GroupOptions,
+    ) -> Result<Arc<Store>> {
+        let deadline = Instant::now() + options.timeout;
+        loop {
+            // Tries of a second at most, so that a store that is gone for good (its host
+            // died) is given up on when the generation is abandoned.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt =
+                if is_master || options.abandon.is_none() { left } else { left.min(POLL * 5) };
+            match Store::connect_once(host, port, is_master, options.timeout, attempt) {
+                Ok(store) => return Ok(store),
+                Err(e) if is_master || Instant::now() >= deadline => return Err(e),
+                Err(_) => options.check_abandoned()?,
+            }
+        }
+    }
+
+    fn connect_once(
+        host: &str,
+        port: u16,
+        is_master: bool,
+        timeout: Duration,
+        connect_timeout: Duration,
     ) -> Result<Arc<Store>> {
         let err = |message: String| DistError::Rendezvous {
             addr: format!("{host}:{port}"),
@@ -67,6 +129,7 @@ impl Store {
                 port,
                 is_master.into(),
                 millis(timeout),
+                millis(connect_timeout.max(Duration::from_millis(1))),
                 listen_fd,
                 &mut out,
             )
@@ -146,11 +209,19 @@ pub struct GroupOptions {
     /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
     /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
     pub gloo_host: Option<String>,
+    /// This group's generation and where newer ones are announced: its rendezvous is
+    /// abandoned once one is. `None`: only the timeout ends it.
+    pub abandon: Option<(Generations, u64)>,
 }
 
 impl Default for GroupOptions {
     fn default() -> Self {
-        GroupOptions { timeout: Duration::from_secs(300), verify: true, gloo_host: None }
+        GroupOptions {
+            timeout: Duration::from_secs(300),
+            verify: true,
+            gloo_host: None,
+            abandon: None,
+        }
     }
 }
 
@@ -165,6 +236,23 @@ impl GroupOptions {
     pub fn with_verify(mut self, verify: bool) -> Self {
         self.verify = verify;
         self
+    }
+
+    /// These options for the group of `generation`, whose rendezvous is abandoned with
+    /// [`DistError::Abandoned`] once `generations` holds a newer one.
+    pub fn abandon_when_superseded(mut self, generations: Generations, generation: u64) -> Self {
+        self.abandon = Some((generations, generation));
+        self
+    }
+
+    /// `Err(Abandoned)` once a newer generation than this group's is assigned.
+    fn check_abandoned(&self) -> Result<()> {
+        match &self.abandon {
+            Some((g, generation)) if g.newest() > *generation => {
+                Err(DistError::Abandoned { generation: *generation, newer: g.newest() })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -205,7 +293,7 @@ impl ProcessGroup {
         options: &GroupOptions,
     ) -> Result<ProcessGroup> {
         let a = assignment;
-        let store = Store::connect(&a.store.host, a.store.port, a.rank == 0, options.timeout)?;
+        let store = Store::connect_abandonable(&a.store.host, a.store.port, a.rank == 0, options)?;
         ProcessGroup::with_store(store, &a.store.prefix, a.rank, a.world_size, backend, options)
     }
 
@@ -237,6 +325,14 @@ impl ProcessGroup {
             None => String::new(),
         };
         let c_gloo = CString::new(gloo_host).map_err(|_| err("gloo host contains NUL".into()))?;
+        if world_size > 1 {
+            arrive(&Prefixed { store: &store, prefix }, rank, world_size, options).map_err(
+                |e| match e {
+                    Arrival::Abandoned(a) => a,
+                    Arrival::Missing(m) => err(m),
+                },
+            )?;
+        }
         let mut out = std::ptr::null_mut();
         // SAFETY: live store, valid C strings and out-pointer; exceptions are caught in C++.
         ffi::check(unsafe {
@@ -501,6 +597,47 @@ fn described(t: &Tensor) -> Option<(Kind, usize)> {
 
 fn average(op: ReduceOp) -> i32 {
     i32::from(op == ReduceOp::Average)
+}
+
+enum Arrival {
+    Abandoned(DistError),
+    Missing(String),
+}
+
+/// Waits until every rank of the group has arrived on its prefix, looking every [`POLL`]
+/// whether the generation has been abandoned. The backend's own rendezvous (Gloo's pair
+/// exchange, NCCL's unique id) blocks for its whole timeout and cannot be called off, so it
+/// starts only once every peer is known to be there.
+fn arrive(
+    kv: &dyn KeyValue,
+    rank: u32,
+    world_size: u32,
+    options: &GroupOptions,
+) -> Result<(), Arrival> {
+    const KEY: &str = "dancegrpo_arrived/";
+    kv.set(&format!("{KEY}{rank}"), b"1").map_err(Arrival::Missing)?;
+    let deadline = Instant::now() + options.timeout;
+    let mut missing: Vec<u32> = (0..world_size).filter(|r| *r != rank).collect();
+    while let Some(&peer) = missing.first() {
+        let asked = Instant::now();
+        match kv.get(&format!("{KEY}{peer}"), POLL) {
+            Ok(_) => {
+                missing.remove(0);
+            }
+            Err(e) => {
+                options.check_abandoned().map_err(Arrival::Abandoned)?;
+                if Instant::now() >= deadline {
+                    return Err(Arrival::Missing(format!(
+                        "rank(s) {missing:?} of {world_size} did not arrive within {:?} ({e})",
+                        options.timeout
+                    )));
+                }
+                // A broken store answers at once: do not spin on it.
+                std::thread::sleep(POLL.saturating_sub(asked.elapsed()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn millis(d: Duration) -> i64 {
