@@ -1,4 +1,5 @@
-//! The client side of the job API: `status`, `watch` and `list`, printed for humans or as JSON.
+//! The client side of the job API: `status`, `watch` and `list`, printed for humans or as JSON,
+//! and the operator's `stop` and `cancel`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -73,6 +74,7 @@ pub fn status_json(s: &pb::JobStatus) -> Value {
         "job_name": s.job_name,
         "state": short_job_state(s.state),
         "step": s.step,
+        "checkpoint_step": s.checkpoint_step,
         "max_train_steps": s.max_train_steps,
         "world_size": s.world_size,
         "generation": s.generation,
@@ -120,12 +122,13 @@ pub fn status_text(s: &pb::JobStatus) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "job {} ({})  state {}  step {}/{}  world {}  generation {}",
+        "job {} ({})  state {}  step {}/{}  checkpoint {}  world {}  generation {}",
         s.job_name,
         s.job_id,
         short_job_state(s.state),
         s.step,
         s.max_train_steps,
+        s.checkpoint_step,
         s.world_size,
         s.generation
     );
@@ -329,6 +332,52 @@ pub async fn list(target: &Target, as_json: bool) -> anyhow::Result<()> {
                 j.step
             );
         }
+    }
+    Ok(())
+}
+
+/// `stop`: the job ends `stopped` once the iteration in flight is trained and checkpointed.
+pub async fn stop(
+    target: &Target,
+    job_id: &str,
+    reason: &str,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut c = connect(target).await?;
+    let r = c
+        .stop_job(pb::StopJobRequest { job_id: job_id.into(), reason: reason.into() })
+        .await
+        .map_err(|e| refused("StopJob", &e))?
+        .into_inner();
+    let s = r.status.ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
+    if as_json {
+        let mut v = status_json(&s);
+        v["stop_step"] = json!(r.stop_step);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("job {}: {}", s.job_id, s.message);
+    }
+    Ok(())
+}
+
+/// `cancel`: the job ends `cancelled` at once; its last checkpoint stays.
+pub async fn cancel(
+    target: &Target,
+    job_id: &str,
+    reason: &str,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut c = connect(target).await?;
+    let r = c
+        .cancel_job(pb::CancelJobRequest { job_id: job_id.into(), reason: reason.into() })
+        .await
+        .map_err(|e| refused("CancelJob", &e))?
+        .into_inner();
+    let s = r.status.ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        println!("job {}: {}", s.job_id, s.message);
     }
     Ok(())
 }

@@ -130,7 +130,7 @@ impl Db {
     /// The newest job with this name that has not ended.
     pub fn find_active_job(&self, name: &str) -> Result<Option<JobRecord>> {
         let mut stmt = self.conn.prepare(
-            "SELECT * FROM jobs WHERE name = ?1 AND state NOT IN ('completed','failed','stopped')
+            "SELECT * FROM jobs WHERE name = ?1 AND state NOT IN ('completed','failed','stopped','cancelled')
              ORDER BY created_ms DESC LIMIT 1",
         )?;
         Ok(stmt.query_row([name], job_from_row).optional()?)

@@ -1,8 +1,8 @@
 //! The coordinator's error type and its single mapping to `tonic::Status`.
 
-use dancegrpo_proto::ConfigError;
 use dancegrpo_proto::Reason;
 use dancegrpo_proto::convert::ConvertError;
+use dancegrpo_proto::{ConfigError, JobState};
 
 /// Crate-wide result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -98,6 +98,14 @@ pub enum Error {
     /// The job has failed; the message says why.
     #[error("job failed: {0}")]
     JobFailed(String),
+    /// An operator stopped or cancelled the job: no more work.
+    #[error("job {state}: {message}")]
+    JobEnded {
+        /// `stopped` or `cancelled`.
+        state: JobState,
+        /// Who ended it, and why.
+        message: String,
+    },
     /// Not possible yet (e.g. no rank assigned).
     #[error("{0}")]
     NotReady(String),
@@ -130,6 +138,7 @@ impl Error {
             Error::WorldFull { .. } => Reason::WorldFull,
             Error::Superseded { .. } => Reason::Superseded,
             Error::JobFailed(_) => Reason::JobFailed,
+            Error::JobEnded { .. } => Reason::JobEnded,
             Error::NotReady(_) => Reason::NotReady,
             Error::Timeout(_) => Reason::Timeout,
             Error::Data { .. } => Reason::BadData,

@@ -55,7 +55,7 @@ pub async fn run(
 ) -> Result<()> {
     let auth = ServerAuth::new(token.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let svc = CoordinatorService::new(state.clone());
+    let svc = CoordinatorService::new(state.clone(), token.is_some());
     health_reporter
         .set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>()
         .await;

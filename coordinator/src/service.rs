@@ -19,12 +19,26 @@ use crate::state::{Caller, CoordinatorState, JobSnapshot};
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
     state: Arc<CoordinatorState>,
+    /// Whether calls are checked against a job token, without which nobody may stop or
+    /// cancel the job (anyone who reaches the port could).
+    authenticated: bool,
 }
 
 impl CoordinatorService {
-    /// Wraps the state.
-    pub fn new(state: Arc<CoordinatorState>) -> Self {
-        Self { state }
+    /// Wraps the state; `authenticated` says whether the server checks a job token.
+    pub fn new(state: Arc<CoordinatorState>, authenticated: bool) -> Self {
+        Self { state, authenticated }
+    }
+
+    /// Operator actions need the token: refused outright when the server has none.
+    fn operator(&self, action: &str) -> Result<(), Error> {
+        if self.authenticated {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{action} needs the job token, and this coordinator runs without one: start it with \
+             --auth-token-file FILE (or DANCEGRPO_AUTH_TOKEN) and pass the same to the CLI"
+        )))
     }
 }
 
@@ -174,6 +188,7 @@ fn status_to_pb(s: &JobSnapshot) -> pb::JobStatus {
         job_name: j.name.clone(),
         state: pb::JobState::from(j.state) as i32,
         step: j.step,
+        checkpoint_step: j.checkpoint_step,
         max_train_steps: j.config.max_train_steps.into(),
         world_size: j.world_size,
         generation: j.generation,
@@ -261,4 +276,34 @@ impl JobService for CoordinatorService {
         let jobs = self.state.jobs()?;
         Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(summary_to_pb).collect() }))
     }
+
+    async fn stop_job(
+        &self,
+        req: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::StopJobResponse>, Status> {
+        self.operator("StopJob")?;
+        let req = req.into_inner();
+        let reason = operator_reason(&req.reason);
+        let stop_step = self.state.stop(job_filter(&req.job_id), &reason)?;
+        let status = status_to_pb(&self.state.snapshot(None)?);
+        Ok(Response::new(pb::StopJobResponse { stop_step, status: Some(status) }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        self.operator("CancelJob")?;
+        let req = req.into_inner();
+        let reason = operator_reason(&req.reason);
+        self.state.cancel(job_filter(&req.job_id), &reason)?;
+        let status = status_to_pb(&self.state.snapshot(None)?);
+        Ok(Response::new(pb::CancelJobResponse { status: Some(status) }))
+    }
+}
+
+/// An operator's reason, cleaned for the log and the status; empty says so.
+fn operator_reason(reason: &str) -> String {
+    let r = clean_text(reason);
+    if r.is_empty() { "no reason given".into() } else { r }
 }

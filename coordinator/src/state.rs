@@ -40,9 +40,26 @@ struct Training {
     done: BTreeSet<u32>,
     /// A checkpoint outside `output_dir` this job was resumed from, and its step.
     resumed_from: Option<(u64, PathBuf)>,
+    /// An operator's stop: the step the job ends at once it is checkpointed, and why. Kept
+    /// through rewinds (the world redoes the steps up to it).
+    stop: Option<(u64, String)>,
+}
+
+/// Whether rank 0 writes `checkpoint-<step>` once `step` is trained: every
+/// `checkpointing_steps`, the last step, and the step a stop ends at.
+fn checkpoint_due(cfg: &JobConfig, step: u64, stop_at: Option<u64>) -> bool {
+    let every = u64::from(cfg.checkpointing_steps);
+    stop_at == Some(step)
+        || every > 0 && (step % every == 0 || step == u64::from(cfg.max_train_steps))
 }
 
 impl Training {
+    /// The step the job ends at: `max_train_steps`, or earlier when stopping.
+    fn end(&self, cfg: &JobConfig) -> u64 {
+        let max = u64::from(cfg.max_train_steps);
+        self.stop.as_ref().map_or(max, |(at, _)| (*at).min(max))
+    }
+
     fn checkpoint_dir(&self, cfg: &JobConfig, step: u64) -> Option<PathBuf> {
         if step == 0 {
             return None;
@@ -306,6 +323,7 @@ impl CoordinatorState {
             history,
             done: BTreeSet::new(),
             resumed_from,
+            stop: None,
         };
         training.rewind(&db, &mut job, dataset_len)?;
         db.put_job(&job)?;
@@ -702,8 +720,12 @@ impl CoordinatorState {
     /// The rank of a live worker in the current generation.
     fn rank_of(inner: &mut Inner, who: &Caller, generation: u64) -> Result<u32> {
         let Inner { job, workers, .. } = inner;
-        if job.state == JobState::Failed {
-            return Err(Error::JobFailed(job.message.clone()));
+        match job.state {
+            JobState::Failed => return Err(Error::JobFailed(job.message.clone())),
+            s @ (JobState::Stopped | JobState::Cancelled) => {
+                return Err(Error::JobEnded { state: s, message: job.message.clone() });
+            }
+            _ => {}
         }
         let w = Self::find(workers, who)?;
         let rank = w
@@ -762,7 +784,8 @@ impl CoordinatorState {
         let mut g = self.lock();
         // Ranks that are done may already have left: the end needs no complete world.
         let rank = Self::rank_of(&mut g, who, generation)?;
-        if g.job.step < u64::from(g.job.config.max_train_steps) {
+        let end = g.training.end(&g.job.config);
+        if g.job.step < end {
             Self::working_rank(&mut g, who, generation)?;
         }
         let world = g.job.world_size;
@@ -774,7 +797,7 @@ impl CoordinatorState {
             db.put_job(job)?;
         }
         let cfg = job.config.clone();
-        if job.step >= u64::from(cfg.max_train_steps) {
+        if job.step >= end {
             // Rank 0 asks only once the final checkpoint is written. Until then the others
             // stay: were rank 0 lost now, its replacement would redo the last iterations, and
             // it needs them for that.
@@ -784,18 +807,30 @@ impl CoordinatorState {
             let first = training.done.insert(rank);
             let completed = training.done.len() as u32 == world && job.state != JobState::Completed;
             if completed {
-                job.state = JobState::Completed;
-                job.message = format!("completed {} iterations", job.step);
+                match &training.stop {
+                    Some((_, why)) if job.step < u64::from(cfg.max_train_steps) => {
+                        job.state = JobState::Stopped;
+                        job.message = format!(
+                            "stopped at step {} with checkpoint-{} written ({why}); resume \
+                             with resume_from_checkpoint = \"latest\"",
+                            job.step, job.step
+                        );
+                    }
+                    _ => {
+                        job.state = JobState::Completed;
+                        job.message = format!("completed {} iterations", job.step);
+                    }
+                }
                 job.updated_ms = now_ms();
                 db.put_job(job)?;
-                tracing::info!(steps = job.step, "job completed");
+                tracing::info!(steps = job.step, state = %job.state, "job ended");
             }
             if completed || (rank == 0 && first) {
                 drop(g);
                 self.notify();
             }
             return Ok(Some(Work {
-                iteration: u64::from(cfg.max_train_steps),
+                iteration: end,
                 items: vec![],
                 done: true,
                 restore: None,
@@ -939,8 +974,7 @@ impl CoordinatorState {
         let complete = it.record_metrics(rank, StepMetrics { rank, ..metrics });
         let means = it.mean_rewards();
         let step = index + 1;
-        let every = u64::from(cfg.checkpointing_steps);
-        let checkpoint = every > 0 && (step % every == 0 || step == u64::from(cfg.max_train_steps));
+        let checkpoint = checkpoint_due(&cfg, step, training.stop.as_ref().map(|(at, _)| *at));
         let mut reward_history = training.history.clone();
         reward_history.push(means.clone());
         let state = TrainerState {
@@ -985,6 +1019,82 @@ impl CoordinatorState {
             self.notify();
         }
         Ok((checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() }))
+    }
+
+    /// An operator's stop: the iteration in flight finishes, rank 0 checkpoints it, and the
+    /// job ends `stopped`. Returns the step it ends at. Where rank 0 has already reported the
+    /// iteration in flight without a checkpoint, one more iteration is trained and
+    /// checkpointed; where the current step is checkpointed and nothing is in flight, the job
+    /// ends at once.
+    pub fn stop(&self, job_id: Option<&str>, reason: &str) -> Result<u64> {
+        let mut g = self.lock();
+        Self::operable(&g.job, job_id)?;
+        let Inner { db, job, training, .. } = &mut *g;
+        let due = |s: u64| checkpoint_due(&job.config, s, None);
+        let at = match &training.iteration {
+            Some(it) if !it.finished_by(0) || due(it.index + 1) => it.index + 1,
+            Some(it) => it.index + 2,
+            None if job.step == job.checkpoint_step || due(job.step) => job.step,
+            None => job.step + 1,
+        };
+        let at = at.min(u64::from(job.config.max_train_steps));
+        // A second stop does not push the first one's step back.
+        let at = training.stop.as_ref().map_or(at, |(first, _)| at.min(*first));
+        let why = format!("operator: {reason}");
+        training.stop = Some((at, why.clone()));
+        if job.step >= at && job.step == job.checkpoint_step && training.iteration.is_none() {
+            job.state = JobState::Stopped;
+            job.message = format!(
+                "stopped at step {at} ({why}); resume with resume_from_checkpoint = \"latest\""
+            );
+        } else {
+            job.message = format!("stopping at step {at}, once checkpointed ({why})");
+        }
+        tracing::warn!("{}", job.message);
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        drop(g);
+        self.notify();
+        Ok(at)
+    }
+
+    /// An operator's cancel: the job ends `cancelled` at once, without another step or
+    /// checkpoint. Workers see it at their next heartbeat or call, and leave.
+    pub fn cancel(&self, job_id: Option<&str>, reason: &str) -> Result<()> {
+        let mut g = self.lock();
+        Self::operable(&g.job, job_id)?;
+        let Inner { db, job, training, .. } = &mut *g;
+        job.state = JobState::Cancelled;
+        job.message = format!(
+            "cancelled at step {} (operator: {reason}); the last checkpoint is of step {}",
+            job.step, job.checkpoint_step
+        );
+        tracing::warn!("{}", job.message);
+        training.iteration = None;
+        job.updated_ms = now_ms();
+        db.put_job(job)?;
+        drop(g);
+        self.notify();
+        Ok(())
+    }
+
+    /// Whether an operator action may act on `job_id` (`None`: this job): only this
+    /// coordinator's job, and only before it has ended.
+    fn operable(job: &JobRecord, job_id: Option<&str>) -> Result<()> {
+        if let Some(id) = job_id.filter(|id| *id != job.id.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "job {id} is not the job this coordinator runs ({}); only that one can be \
+                 stopped or cancelled here",
+                job.id
+            )));
+        }
+        if job.state.is_terminal() {
+            return Err(Error::InvalidRequest(format!(
+                "job {} has already ended ({}): {}",
+                job.id, job.state, job.message
+            )));
+        }
+        Ok(())
     }
 
     /// Re-forms the world under a new generation after a failed collective of `generation`
@@ -1410,6 +1520,117 @@ mod tests {
         // Rank 1 finishes under the same generation and the job completes.
         assert!(s.get_work(&b.caller(), Some(1), 1, 0).await.unwrap().done);
         assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Completed);
+    }
+
+    /// A world of two with three iterations to do and no checkpoint due before the last.
+    fn three_step_world(dir: &std::path::Path) -> (Arc<CoordinatorState>, Caller, Caller) {
+        let mut st = settings(dir, 2);
+        st.job.max_train_steps = 3;
+        st.job.num_generations = 2;
+        st.job.checkpointing_steps = 10;
+        let s = CoordinatorState::open(st).unwrap();
+        let a = s.register(info(0), None).unwrap().caller();
+        let b = s.register(info(1), None).unwrap().caller();
+        (s, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_stop_finishes_the_iteration_in_flight_checkpoints_it_and_ends_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = three_step_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        assert_eq!(s.stop(None, "maintenance").unwrap(), 1, "the iteration in flight");
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.state, JobState::Running);
+        assert!(job.message.contains("stopping at step 1"), "{}", job.message);
+        // Step 1 was not due (checkpointing_steps = 10): the stop makes it so.
+        assert!(s.report_step_metrics(&a, 1, metrics()).unwrap().0, "rank 0 checkpoints");
+        assert!(!s.report_step_metrics(&b, 1, metrics()).unwrap().0);
+        assert!(s.get_work(&a, Some(1), 1, 1).await.unwrap().done);
+        assert!(s.get_work(&b, Some(1), 1, 0).await.unwrap().done);
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!((job.state, job.step, job.checkpoint_step), (JobState::Stopped, 1, 1));
+        assert!(
+            job.message.contains(
+                "stopped at step 1 with checkpoint-1 written (operator: \
+                                  maintenance)"
+            ) && job.message.contains("resume_from_checkpoint = \"latest\""),
+            "{}",
+            job.message
+        );
+        // Ended: no second stop, no cancel.
+        for e in [s.stop(None, "again").unwrap_err(), s.cancel(None, "late").unwrap_err()] {
+            assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+            assert!(e.to_string().contains("has already ended (stopped)"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_after_rank_0_reported_trains_one_more_iteration_and_never_moves_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = three_step_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        // Rank 0 has trained step 1 and written no checkpoint of it: it cannot go back.
+        assert!(!s.report_step_metrics(&a, 1, metrics()).unwrap().0);
+        assert_eq!(s.stop(None, "first").unwrap(), 2);
+        s.report_step_metrics(&b, 1, metrics()).unwrap();
+        // Now nothing is in flight at step 1: a second stop would say 2 again, never 3.
+        assert_eq!(s.stop(None, "second").unwrap(), 2);
+        for id in [&a, &b] {
+            let w = s.get_work(id, Some(1), 1, 0).await.unwrap();
+            assert_eq!((w.iteration, w.done), (1, false), "iteration 2 is trained");
+        }
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!((job.state, job.step), (JobState::Running, 1));
+        assert!(job.message.contains("stopping at step 2"), "{}", job.message);
+    }
+
+    #[tokio::test]
+    async fn a_stop_with_the_step_checkpointed_and_nothing_in_flight_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, _b) = three_step_world(dir.path());
+        assert_eq!(s.stop(Some(s.job_id().as_str()), "drain").unwrap(), 0);
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.state, JobState::Stopped, "{}", job.message);
+        assert!(job.message.contains("stopped at step 0 (operator: drain)"), "{}", job.message);
+        // Workers learn it at their next heartbeat or call.
+        assert_eq!(s.heartbeat(&a, WorkerState::Running).unwrap().1, JobState::Stopped);
+        let e = s.get_work(&a, None, 1, 0).await.unwrap_err();
+        assert!(matches!(e, Error::JobEnded { state: JobState::Stopped, .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_the_job_at_once_and_a_restart_does_not_resume_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = three_step_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        let e = s.cancel(Some("job-that-is-not-here"), "x").unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+        assert!(e.to_string().contains("job job-that-is-not-here is not the job"), "{e}");
+        assert_eq!(s.snapshot(None).unwrap().job.state, JobState::Running, "nothing changed");
+
+        s.cancel(None, "wrong learning rate").unwrap();
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.state, JobState::Cancelled);
+        assert_eq!(
+            job.message,
+            "cancelled at step 0 (operator: wrong learning rate); the last checkpoint is of step 0"
+        );
+        // The iteration in flight is not recorded.
+        let e = s.report_step_metrics(&a, 1, metrics()).unwrap_err();
+        assert!(matches!(e, Error::JobEnded { state: JobState::Cancelled, .. }), "{e}");
+        let id = s.job_id();
+        drop(s);
+        // A coordinator started again on the database starts a new job.
+        let mut st = settings(dir.path(), 2);
+        st.job.max_train_steps = 3;
+        st.job.num_generations = 2;
+        st.job.checkpointing_steps = 10;
+        let s = CoordinatorState::open(st).unwrap();
+        assert_ne!(s.job_id(), id);
+        let jobs = s.jobs().unwrap();
+        let old = jobs.iter().find(|j| j.id == id).unwrap();
+        assert_eq!(old.state, JobState::Cancelled, "it reads back");
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl From<JobState> for pb::JobState {
             JobState::Completed => pb::JobState::Completed,
             JobState::Failed => pb::JobState::Failed,
             JobState::Stopped => pb::JobState::Stopped,
+            JobState::Cancelled => pb::JobState::Cancelled,
         }
     }
 }
@@ -189,6 +190,7 @@ impl TryFrom<pb::JobState> for JobState {
             pb::JobState::Completed => JobState::Completed,
             pb::JobState::Failed => JobState::Failed,
             pb::JobState::Stopped => JobState::Stopped,
+            pb::JobState::Cancelled => JobState::Cancelled,
             pb::JobState::Unspecified => return Err(ConvertError::Missing("job_state")),
         })
     }

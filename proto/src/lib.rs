@@ -41,8 +41,9 @@ pub use types::{
 /// Version of the worker <-> coordinator protocol. 2: the job config travels as JSON. 3:
 /// `GetWorkRequest.iteration` is absent for weights that match no step (it was `u64::MAX`). 4:
 /// every call naming a worker carries its registration's `session_secret`, and rewards are
-/// finite.
+/// finite. 5: a job can end `cancelled`, and step calls of a stopped or cancelled job are
+/// refused with `JOB_ENDED`.
 ///
 /// Bump it on any change a peer of the other version would misread. Zero means "unset" and is
 /// always rejected, so a client that forgot the field cannot slip through.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -41,12 +41,15 @@ pub enum Reason {
     Internal,
     /// The call lacks the job's auth token, or carries a wrong one.
     Unauthenticated,
-    /// The call names a worker whose session secret it does not hold.
+    /// The call names a worker whose session secret it does not hold, or asks for an
+    /// operator action of a coordinator that has no token to check it against.
     PermissionDenied,
+    /// The job was stopped or cancelled by an operator: no more work.
+    JobEnded,
 }
 
 impl Reason {
-    const ALL: [Reason; 15] = [
+    const ALL: [Reason; 16] = [
         Reason::ProtocolVersion,
         Reason::WorkerGone,
         Reason::UnknownWorker,
@@ -62,6 +65,7 @@ impl Reason {
         Reason::Internal,
         Reason::Unauthenticated,
         Reason::PermissionDenied,
+        Reason::JobEnded,
     ];
 
     /// The `ErrorInfo.reason` string (UPPER_SNAKE_CASE, as `google.rpc.ErrorInfo` asks).
@@ -82,13 +86,14 @@ impl Reason {
             Reason::Internal => "INTERNAL",
             Reason::Unauthenticated => "UNAUTHENTICATED",
             Reason::PermissionDenied => "PERMISSION_DENIED",
+            Reason::JobEnded => "JOB_ENDED",
         }
     }
 
     /// The gRPC code a refusal for this reason carries.
     pub fn code(self) -> Code {
         match self {
-            Reason::ProtocolVersion | Reason::WorkerGone | Reason::BadData => {
+            Reason::ProtocolVersion | Reason::WorkerGone | Reason::BadData | Reason::JobEnded => {
                 Code::FailedPrecondition
             }
             Reason::UnknownWorker | Reason::UnknownJob => Code::NotFound,

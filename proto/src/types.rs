@@ -107,8 +107,11 @@ pub enum JobState {
     Completed,
     /// Stopped by an error.
     Failed,
-    /// Stopped by an operator.
+    /// Stopped by an operator (`stop`): the iteration in flight finished and was
+    /// checkpointed.
     Stopped,
+    /// Cancelled by an operator (`cancel`): ended at once, without another checkpoint.
+    Cancelled,
 }
 
 impl JobState {
@@ -120,6 +123,7 @@ impl JobState {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Stopped => "stopped",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -131,13 +135,14 @@ impl JobState {
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "stopped" => Self::Stopped,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
 
     /// No more work will happen.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Stopped)
+        matches!(self, Self::Completed | Self::Failed | Self::Stopped | Self::Cancelled)
     }
 }
 

@@ -197,7 +197,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             r = async { training.as_mut().expect("guarded").await }, if training.is_some() => {
                 training = None;
                 match r {
-                    Ok(train::driver::Ended::Done) => break Ok("job completed".to_string()),
+                    Ok(train::driver::Ended::Done) => break Ok("job done".to_string()),
                     Ok(train::driver::Ended::Paused(why)) => {
                         tracing::warn!(cause = %why, "training paused until the world re-forms");
                         retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);

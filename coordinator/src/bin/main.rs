@@ -30,6 +30,13 @@ enum Command {
     Watch(WatchArgs),
     /// List the jobs in the coordinator's database.
     List(QueryArgs),
+    /// Stop the job gracefully: the iteration in flight is trained and checkpointed, then the
+    /// job ends `stopped` and the workers exit 0. Resume it with `resume_from_checkpoint =
+    /// "latest"`. Needs the job token.
+    Stop(OperatorArgs),
+    /// Cancel the job at once, without another step or checkpoint; it ends `cancelled`. Needs
+    /// the job token.
+    Cancel(OperatorArgs),
     /// The job config's keys: `--print-defaults` writes every key at its default, documented.
     Config(ConfigArgs),
 }
@@ -134,6 +141,15 @@ impl QueryArgs {
     fn target(&self) -> anyhow::Result<cli::Target> {
         Ok(cli::Target { addr: self.addr.clone(), token: self.auth.token()? })
     }
+}
+
+#[derive(Args, Debug)]
+struct OperatorArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// Why, for the job's status and the coordinator's log.
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +261,14 @@ async fn main() -> ExitCode {
         },
         Command::List(q) => match q.target() {
             Ok(t) => cli::list(&t, q.json).await,
+            Err(e) => Err(e),
+        },
+        Command::Stop(o) => match o.query.target() {
+            Ok(t) => cli::stop(&t, &o.query.job, &o.reason, o.query.json).await,
+            Err(e) => Err(e),
+        },
+        Command::Cancel(o) => match o.query.target() {
+            Ok(t) => cli::cancel(&t, &o.query.job, &o.reason, o.query.json).await,
             Err(e) => Err(e),
         },
         Command::Config(_) => {

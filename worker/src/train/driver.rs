@@ -59,6 +59,8 @@ pub async fn run(
 ) -> Result<Ended> {
     match iterate(&session, &compute, &a, &cfg).await {
         Ok(()) => Ok(Ended::Done),
+        // An operator stopped or cancelled the job: nothing more to do.
+        Err(Error::Rejected { reason: Some(Reason::JobEnded), .. }) => Ok(Ended::Done),
         Err(e) => match paused(&e) {
             Some(why) => {
                 if matches!(e, Error::Dist(_)) {
