@@ -252,6 +252,9 @@ pub struct CoordinatorSettings {
     pub store_port: u16,
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
+    /// On a restart, go on with the given config where it differs from the job's stored one
+    /// (`--adopt-config`); otherwise such a restart is refused.
+    pub adopt_config: bool,
 }
 
 #[cfg(test)]

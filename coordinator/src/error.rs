@@ -106,6 +106,21 @@ pub enum Error {
         /// Who ended it, and why.
         message: String,
     },
+    /// A coordinator restarted on a job whose config has changed since, without being told
+    /// to adopt the new values.
+    #[error(
+        "job {job} in the database was started with another config, and a restarted \
+         coordinator does not change a job's config silently; what differs (stored -> \
+         given): {}. Start with --adopt-config to go on with the new values, or give the job \
+         another job_name to start a new one",
+        changes.join("; ")
+    )]
+    ConfigChanged {
+        /// The job's name and id.
+        job: String,
+        /// `key: old -> new`, one per key that differs.
+        changes: Vec<String>,
+    },
     /// Not possible yet (e.g. no rank assigned).
     #[error("{0}")]
     NotReady(String),
@@ -132,9 +147,10 @@ impl Error {
         match self {
             Error::ProtocolVersion { .. } => Reason::ProtocolVersion,
             Error::WorkerGone { .. } => Reason::WorkerGone,
-            Error::InvalidRequest(_) | Error::Convert(_) | Error::Config(_) => {
-                Reason::InvalidRequest
-            }
+            Error::InvalidRequest(_)
+            | Error::Convert(_)
+            | Error::Config(_)
+            | Error::ConfigChanged { .. } => Reason::InvalidRequest,
             Error::WorldFull { .. } => Reason::WorldFull,
             Error::Superseded { .. } => Reason::Superseded,
             Error::JobFailed(_) => Reason::JobFailed,

@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use dancegrpo_proto::layout::{self, LeftoverKind};
 use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics};
 use serde::{Deserialize, Serialize};
 
@@ -56,23 +57,37 @@ pub fn in_output_dir(cfg: &JobConfig, path: &str) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { Path::new(&cfg.output_dir).join(p) }
 }
 
+/// Removes the checkpoint folders that interrupted writes left in `output_dir`, once no writer
+/// can still be at work on them: with `upto` (a job going on, its checkpoints up to that step
+/// recorded) only those of steps up to it, which nobody writes again; without (a new job, no
+/// worker yet) every temporary one. A replaced copy whose checkpoint is missing is that step's
+/// only complete copy, and stays. Best effort: what cannot be removed is logged and left.
+pub fn sweep_leftovers(cfg: &JobConfig, upto: Option<u64>) {
+    for l in layout::leftovers(Path::new(&cfg.output_dir)) {
+        let done = upto.is_none_or(|at| l.step <= at);
+        let stale = done && (l.kind == LeftoverKind::Tmp || l.published());
+        if !stale {
+            continue;
+        }
+        match std::fs::remove_dir_all(&l.path) {
+            Ok(()) => tracing::info!(path = %l.path.display(),
+                "removed a checkpoint folder that an interrupted write left behind"),
+            Err(e) => tracing::warn!(path = %l.path.display(), cause = %e,
+                "cannot remove a stale checkpoint folder"),
+        }
+    }
+}
+
 /// Finds the checkpoint a new job starts from: `latest` is the newest complete
 /// `checkpoint-N` in `output_dir` (none yet: start fresh), anything else a directory.
 pub fn resolve_resume(cfg: &JobConfig) -> Result<Option<PathBuf>> {
     match cfg.resume_from_checkpoint.as_str() {
         "" => Ok(None),
-        "latest" => {
-            let Ok(entries) = std::fs::read_dir(&cfg.output_dir) else { return Ok(None) };
-            Ok(entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().to_string();
-                    let n: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
-                    e.path().join(TRAINER_STATE).is_file().then(|| (n, e.path()))
-                })
-                .max_by_key(|(n, _)| *n)
-                .map(|(_, p)| p))
-        }
+        "latest" => Ok(layout::checkpoints(Path::new(&cfg.output_dir))
+            .into_iter()
+            .rev()
+            .map(|(_, dir)| dir)
+            .find(|dir| dir.join(TRAINER_STATE).is_file())),
         dir => {
             let p = PathBuf::from(dir);
             if !p.join(TRAINER_STATE).is_file() {
@@ -263,6 +278,33 @@ fn truncate_jsonl(path: &Path, keep: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_are_swept_only_where_no_writer_can_be_at_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let cfg = JobConfig { output_dir: out.display().to_string(), ..Default::default() };
+        let make = |p: PathBuf| std::fs::create_dir_all(p.join("transformer")).unwrap();
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        make(layout::checkpoint_dir(out, 2));
+        make(layout::tmp_dir(out, 2, 41));
+        make(layout::old_dir(out, 2, 41));
+        make(layout::tmp_dir(out, 4, 42));
+        make(layout::old_dir(out, 3, 43));
+        // A job going on with checkpoint 2 recorded: step 4 may be in the writing.
+        sweep_leftovers(&cfg, Some(2));
+        assert_eq!(names(), [".checkpoint-3.old-43", ".checkpoint-4.tmp-42", "checkpoint-2"]);
+        // A new job has no writer yet; step 3's only copy stays.
+        sweep_leftovers(&cfg, None);
+        assert_eq!(names(), [".checkpoint-3.old-43", "checkpoint-2"]);
+    }
 
     #[test]
     fn dataset_length_from_either_layout_and_clear_errors() {

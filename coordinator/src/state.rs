@@ -5,7 +5,7 @@
 //! a `watch` counter that `WatchJob` streams follow.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::iteration::{Iteration, IterationError};
 use crate::outputs::{self, Outputs, TrainerState};
 use crate::schedule::{Cursor, PromptSampler};
+use dancegrpo_proto::layout;
 
 /// How long one GetAdvantages call waits for the other ranks' rewards. It then answers
 /// DEADLINE_EXCEEDED and the worker asks again: shorter than any client's request timeout.
@@ -66,7 +67,7 @@ impl Training {
         }
         match &self.resumed_from {
             Some((s, dir)) if *s == step => Some(dir.clone()),
-            _ => Some(PathBuf::from(&cfg.output_dir).join(format!("checkpoint-{step}"))),
+            _ => Some(layout::checkpoint_dir(Path::new(&cfg.output_dir), step)),
         }
     }
 
@@ -235,7 +236,19 @@ impl CoordinatorState {
         let now = now_ms();
         let (mut job, workers) = match db.find_active_job(&settings.job.job_name)? {
             Some(mut job) => {
+                let changes = settings.job.changes_from(&job.config);
+                if !changes.is_empty() && !settings.adopt_config {
+                    return Err(Error::ConfigChanged {
+                        job: format!("{} ({})", job.name, job.id),
+                        changes,
+                    });
+                }
+                for change in &changes {
+                    tracing::warn!(job_id = %job.id, "config changed on restart, adopted: {change}");
+                }
                 tracing::info!(job_id = %job.id, step = job.step, "resuming job record");
+                // Workers of the job may still be writing a later checkpoint.
+                outputs::sweep_leftovers(&settings.job, Some(job.checkpoint_step));
                 // Workers of the previous coordinator process must register again: their
                 // heartbeats find them here as lost and are told so.
                 let mut workers = Vec::new();
@@ -256,12 +269,22 @@ impl CoordinatorState {
                 job.config = settings.job.clone();
                 job.world_size = settings.topology.world_size;
                 job.state = JobState::WaitingForWorkers;
-                job.message = "coordinator restarted; waiting for workers".into();
+                job.message = if changes.is_empty() {
+                    "coordinator restarted; waiting for workers".into()
+                } else {
+                    format!(
+                        "coordinator restarted with {} config change(s) adopted ({}); waiting \
+                         for workers",
+                        changes.len(),
+                        changes.join("; ")
+                    )
+                };
                 job.updated_ms = now;
                 db.put_job(&job)?;
                 (job, workers)
             }
             None => {
+                outputs::sweep_leftovers(&settings.job, None);
                 let job = JobRecord {
                     id: JobId::new(),
                     name: settings.job.job_name.clone(),
@@ -1185,6 +1208,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(1),
             store_port: 29501,
             listen: "127.0.0.1:0".parse().unwrap(),
+            adopt_config: false,
         }
     }
 
@@ -1631,6 +1655,50 @@ mod tests {
         let jobs = s.jobs().unwrap();
         let old = jobs.iter().find(|j| j.id == id).unwrap();
         assert_eq!(old.state, JobState::Cancelled, "it reads back");
+    }
+
+    #[test]
+    fn a_restart_with_another_config_is_refused_listing_the_keys_unless_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = settings(dir.path(), 1);
+        let id = CoordinatorState::open(st.clone()).unwrap().job_id();
+        let mut changed = st.clone();
+        changed.job.learning_rate = 2e-5;
+        changed.job.num_generations = 8;
+        let e = CoordinatorState::open(changed.clone()).unwrap_err();
+        assert!(matches!(e, Error::ConfigChanged { .. }), "{e}");
+        let m = e.to_string();
+        let lr = serde_json::to_string(&st.job.learning_rate).unwrap();
+        let ng = st.job.num_generations;
+        assert!(
+            m.contains(&format!(
+                "what differs (stored -> given): learning_rate: {lr} -> 0.00002; \
+                 num_generations: {ng} -> 8."
+            )) && m.contains(&id.to_string())
+                && m.contains("--adopt-config"),
+            "{m}"
+        );
+        // Refused before anything changed: the same config still resumes the job.
+        let s = CoordinatorState::open(st.clone()).unwrap();
+        assert_eq!(s.job_id(), id);
+        assert_eq!(
+            s.snapshot(None).unwrap().job.message,
+            "coordinator restarted; waiting for workers"
+        );
+        drop(s);
+
+        let s =
+            CoordinatorState::open(CoordinatorSettings { adopt_config: true, ..changed }).unwrap();
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!(job.id, id, "the same job goes on");
+        assert_eq!((job.config.learning_rate, job.config.num_generations), (2e-5, 8));
+        assert!(job.message.contains("2 config change(s) adopted"), "{}", job.message);
+        drop(s);
+        // What was adopted is the job's config from then on.
+        let mut again = st;
+        again.job.learning_rate = 2e-5;
+        again.job.num_generations = 8;
+        assert_eq!(CoordinatorState::open(again).unwrap().job_id(), id);
     }
 
     #[test]

@@ -447,12 +447,53 @@ fn toml_line(key: &str, v: &Value) -> String {
     format!("{key} = {v}\n")
 }
 
+/// `v`'s leaves by their key as a config file writes it (`lora.rank`, `rewards[1].weight`),
+/// each with its value as JSON.
+fn leaves(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                leaves(&key, v, out);
+            }
+        }
+        Value::Array(a) if a.iter().any(Value::is_object) => {
+            for (i, v) in a.iter().enumerate() {
+                leaves(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        // An absent table (`lora` unset) is no leaf: its keys show as unset.
+        Value::Null => {}
+        leaf => {
+            out.insert(prefix.to_string(), leaf.to_string());
+        }
+    }
+}
+
 impl JobConfig {
     /// Every key a config file may contain, with its documentation, from the type's schema.
     pub fn keys() -> Vec<Key> {
         let schema = schemars::schema_for!(JobConfig);
         let root = schema.as_value();
         keys_of(root, root)
+    }
+
+    /// Every key whose value differs from `before`'s, as `key: old -> new` (`(unset)` for an
+    /// entry only one side has), in key order: what a coordinator restarted on a job with
+    /// another config reports.
+    pub fn changes_from(&self, before: &JobConfig) -> Vec<String> {
+        let flat = |c: &JobConfig| {
+            let mut m = std::collections::BTreeMap::new();
+            leaves("", &serde_json::to_value(c).expect("a JobConfig serialises"), &mut m);
+            m
+        };
+        let (old, new) = (flat(before), flat(self));
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        let shown = |v: Option<&String>| v.map_or("(unset)".to_string(), Clone::clone);
+        keys.into_iter()
+            .filter(|k| old.get(*k) != new.get(*k))
+            .map(|k| format!("{k}: {} -> {}", shown(old.get(k)), shown(new.get(k))))
+            .collect()
     }
 
     /// The default configuration as a TOML file, every key with its documentation
@@ -548,6 +589,37 @@ mod tests {
         assert!(msg.contains("num_generations"), "{msg}");
         assert!(msg.contains("eta"), "{msg}");
         assert!(msg.contains("h must be a positive multiple of 16 (got 100)"), "{msg}");
+    }
+
+    #[test]
+    fn changes_name_every_key_that_differs_nested_and_listed_ones_included() {
+        let before = JobConfig { learning_rate: 1e-5, ..JobConfig::default() };
+        assert!(before.changes_from(&before).is_empty());
+        let mut after = before.clone();
+        after.learning_rate = 2e-5;
+        after.lora =
+            Some(LoraConfig { rank: 64, alpha: 128.0, target_modules: vec!["to_q".into()] });
+        after.rewards[0].weight = 0.5;
+        after.rewards.push(RewardConfig {
+            name: "jpeg_compressibility".into(),
+            weight: 1.0,
+            model_dir: String::new(),
+            on_cpu: false,
+        });
+        assert_eq!(
+            after.changes_from(&before),
+            [
+                "learning_rate: 0.00001 -> 0.00002",
+                "lora.alpha: (unset) -> 128.0",
+                "lora.rank: (unset) -> 64",
+                "lora.target_modules: (unset) -> [\"to_q\"]",
+                "rewards[0].weight: 1.0 -> 0.5",
+                "rewards[1].model_dir: (unset) -> \"\"",
+                "rewards[1].name: (unset) -> \"jpeg_compressibility\"",
+                "rewards[1].on_cpu: (unset) -> false",
+                "rewards[1].weight: (unset) -> 1.0",
+            ]
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub mod config;
 pub mod convert;
 /// Typed ids.
 pub mod ids;
+/// Checkpoint folder names in a job's `output_dir`.
+pub mod layout;
 /// Machine-readable reasons of refusals (`google.rpc.ErrorInfo`).
 pub mod reason;
 /// Domain types of the control plane.

@@ -39,6 +39,35 @@ fn unknown_and_malformed_config_keys() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_with_a_changed_config_is_refused_naming_the_keys_unless_adopted() {
+    let c = Cluster::new(CONFIG);
+    let (mut first, addr) = c.coordinator(&["--world-size", "1"]);
+    let id = job_status(&addr).await.unwrap().job_id;
+    first.signal("KILL");
+    first.wait_timeout(Duration::from_secs(10)).expect("killed");
+    let changed = ["--set", "clip_range=0.2", "--set", "eta=0.5"];
+    let mut args = vec!["serve", "--config", "job.toml", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(&["--db", "state.sqlite", "--world-size", "1"]);
+    args.extend_from_slice(&changed);
+    let out = c.run_to_end("dancegrpo-coordinator", &args, Duration::from_secs(20));
+    one_line_error(&out, "was started with another config");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clip_range: 0.0001 -> 0.2; eta: 0.3 -> 0.5")
+            && err.contains(&id)
+            && err.contains("--adopt-config"),
+        "{err}"
+    );
+    let mut adopt = vec!["--world-size", "1", "--adopt-config"];
+    adopt.extend_from_slice(&changed);
+    let (_adopted, addr) = c.coordinator(&adopt);
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!(s.job_id, id, "the same job goes on");
+    assert!(s.message.contains("2 config change(s) adopted"), "{}", s.message);
+    assert!(s.config_json.contains("\"eta\":0.5"), "{}", s.config_json);
+}
+
 #[test]
 fn port_in_use() {
     let c = Cluster::new(CONFIG);

@@ -71,6 +71,10 @@ struct ServeArgs {
     /// then act as any worker.
     #[arg(long)]
     insecure: bool,
+    /// On a restart of an unfinished job whose config has changed, go on with the new values
+    /// (each changed key is logged); without it such a restart is refused, listing the keys.
+    #[arg(long)]
+    adopt_config: bool,
     /// Job config file (TOML, JSON or YAML); `DANCEGRPO_<KEY>` variables and `--set` override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -205,6 +209,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
         store_port: a.store_port.unwrap_or(a.master_port.wrapping_add(1)),
         listen,
+        adopt_config: a.adopt_config,
     };
     let listener = server::bind(&settings).await?;
     if let Some(path) = &a.addr_file {

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use dancegrpo_proto::layout::{self, LeftoverKind};
 use safetensors::{Dtype, View};
 use serde_json::{Value, json};
 use tch::{Kind, TchError, Tensor};
@@ -347,8 +348,6 @@ pub fn restore_named(
     Ok(())
 }
 
-const CHECKPOINT_PREFIX: &str = "checkpoint-";
-
 fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(dir, e))
 }
@@ -386,7 +385,7 @@ where
     create_dir(output_dir)?;
     let pid = std::process::id();
     remove_stale(output_dir, pid);
-    let tmp = output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp-{pid}"));
+    let tmp = layout::tmp_dir(output_dir, step, pid);
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
     }
@@ -395,8 +394,8 @@ where
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let dest = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}"));
-    let old = output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.old-{pid}"));
+    let dest = layout::checkpoint_dir(output_dir, step);
+    let old = layout::old_dir(output_dir, step, pid);
     let replaced = dest.exists();
     if replaced {
         fs::rename(&dest, &old).map_err(|e| CheckpointError::io(&dest, e))?;
@@ -415,24 +414,16 @@ where
 /// `checkpoint-<N>` is the only complete copy of that step, and stays. Best effort: what
 /// cannot be removed is logged and left.
 fn remove_stale(output_dir: &Path, own_pid: u32) {
-    let Ok(entries) = fs::read_dir(output_dir) else { return };
-    for e in entries.filter_map(|e| e.ok()) {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".")) else { continue };
-        let Some(rest) = rest.strip_prefix(CHECKPOINT_PREFIX) else { continue };
-        let stale = if let Some((_, pid)) = rest.split_once(".tmp-") {
-            pid != own_pid.to_string()
-        } else if let Some((step, _)) = rest.split_once(".old-") {
-            output_dir.join(format!("{CHECKPOINT_PREFIX}{step}")).is_dir()
-        } else {
-            false
+    for l in layout::leftovers(output_dir) {
+        let stale = match l.kind {
+            LeftoverKind::Tmp => l.pid != own_pid,
+            LeftoverKind::Old => l.published(),
         };
         if stale {
-            let path = e.path();
-            match fs::remove_dir_all(&path) {
-                Ok(()) => tracing::info!(path = %path.display(),
+            match fs::remove_dir_all(&l.path) {
+                Ok(()) => tracing::info!(path = %l.path.display(),
                     "removed a checkpoint folder that an interrupted write left behind"),
-                Err(err) => tracing::warn!(path = %path.display(), cause = %err,
+                Err(err) => tracing::warn!(path = %l.path.display(), cause = %err,
                     "cannot remove a stale checkpoint folder"),
             }
         }
@@ -442,20 +433,7 @@ fn remove_stale(output_dir: &Path, own_pid: u32) {
 /// The `checkpoint-<step>` folder in `output_dir` with the highest step, ignoring temporary
 /// and replaced folders and anything else.
 pub fn latest_checkpoint(output_dir: &Path) -> Option<(u64, PathBuf)> {
-    fs::read_dir(output_dir)
-        .ok()?
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name();
-            let digits = name.to_str()?.strip_prefix(CHECKPOINT_PREFIX)?;
-            // `u64::from_str` accepts a leading '+', which no checkpoint name has.
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let step = digits.parse().ok()?;
-            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
-        })
-        .max_by_key(|(step, _)| *step)
+    layout::checkpoints(output_dir).pop()
 }
 
 #[cfg(test)]
