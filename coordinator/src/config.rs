@@ -171,39 +171,74 @@ pub fn load_job_config_with(
 
     let merged = builder.build().map_err(|e| Error::ConfigLoad(e.to_string()))?;
     let table: BTreeMap<String, Value> =
-        merged.clone().try_deserialize().map_err(|e| Error::ConfigLoad(e.to_string()))?;
+        merged.try_deserialize().map_err(|e| Error::ConfigLoad(e.to_string()))?;
+    // Every key is checked on its own, so an unknown key or a bad value hides no other
+    // problem: the user fixes the file once.
+    let mut good = Config::builder();
     for (key, value) in &table {
         let Some(k) = Key::get(&keys, key) else {
             problems.push(format!("unknown key `{key}`"));
             continue;
         };
-        if k.sub.is_empty() {
+        let unknown = unknown_sub_keys(key, value, &k.sub);
+        if !unknown.is_empty() {
+            problems.extend(unknown.into_iter().map(|at| format!("unknown key `{at}`")));
             continue;
         }
-        // A table (`[lora]`) or an array of tables (`[[rewards]]`): its keys are checked too.
-        let tables: Vec<(String, config::Map<String, Value>)> = match value.clone().into_array() {
-            Ok(list) => list
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, v)| v.into_table().ok().map(|t| (format!("{key}[{i}]"), t)))
-                .collect(),
-            Err(_) => {
-                value.clone().into_table().map(|t| vec![(key.clone(), t)]).unwrap_or_default()
+        let alone = Config::builder()
+            .set_override(key.as_str(), value.clone())
+            .and_then(|b| b.build())
+            .and_then(|c| c.try_deserialize::<JobConfig>());
+        match alone {
+            Ok(_) => {
+                good = good
+                    .set_override(key.as_str(), value.clone())
+                    .map_err(|e| Error::ConfigLoad(e.to_string()))?;
             }
-        };
-        for (at, t) in tables {
-            for name in t.keys().filter(|n| Key::get(&k.sub, n).is_none()) {
-                problems.push(format!("unknown key `{at}.{name}`"));
-            }
+            Err(e) => problems.push(e.to_string()),
         }
     }
-    if !problems.is_empty() {
-        return Err(ConfigError { problems }.into());
+    // The well-formed keys are validated even when others are not (those stay at their
+    // defaults here, which the checks accept).
+    let good = good.build().and_then(|c| c.try_deserialize::<JobConfig>());
+    match good {
+        Ok(job) if problems.is_empty() => {
+            job.validate()?;
+            Ok(job)
+        }
+        Ok(job) => {
+            problems.extend(job.validate().err().map(|e| e.problems).unwrap_or_default());
+            Err(ConfigError { problems }.into())
+        }
+        Err(e) => {
+            problems.push(e.to_string());
+            Err(ConfigError { problems }.into())
+        }
     }
-    let job: JobConfig =
-        merged.try_deserialize().map_err(|e| ConfigError { problems: vec![e.to_string()] })?;
-    job.validate()?;
-    Ok(job)
+}
+
+/// The keys of a table (`[lora]`) or of each table in an array (`[[rewards]]`) under `key`
+/// that `sub` does not know, as `lora.x` or `rewards[1].x`.
+fn unknown_sub_keys(key: &str, value: &Value, sub: &[Key]) -> Vec<String> {
+    if sub.is_empty() {
+        return vec![];
+    }
+    let tables: Vec<(String, config::Map<String, Value>)> = match value.clone().into_array() {
+        Ok(list) => list
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.into_table().ok().map(|t| (format!("{key}[{i}]"), t)))
+            .collect(),
+        Err(_) => {
+            value.clone().into_table().map(|t| vec![(key.to_string(), t)]).unwrap_or_default()
+        }
+    };
+    tables
+        .iter()
+        .flat_map(|(at, t)| {
+            t.keys().filter(|n| Key::get(sub, n).is_none()).map(move |n| format!("{at}.{n}"))
+        })
+        .collect()
 }
 
 /// How many workers make the world.
@@ -295,6 +330,32 @@ mod tests {
         for needle in ["`num_generation`", "`lora.rnak`", "DANCEGRPO_SAMPLING_STEP", "`etaa`"] {
             assert!(e.contains(needle), "{needle} missing from: {e}");
         }
+    }
+
+    #[test]
+    fn unknown_keys_bad_types_and_bad_values_are_reported_together() {
+        let body = "num_generation = 4\nsampling_steps = \"many\"\nguidance = \"x\"\neta = -1\n\
+                    h = 100\n[[rewards]]\nname = \"hpsv2\"\nwieght = 2\n";
+        let f = file(".toml", body);
+        let e =
+            load_job_config(Some(f.path()), [], &[("clip_range".into(), "-3".into())]).unwrap_err();
+        let Error::Config(ConfigError { problems }) = &e else { panic!("{e}") };
+        for needle in [
+            "unknown key `num_generation`",
+            "unknown key `rewards[0].wieght`",
+            "sampling_steps",
+            "guidance",
+            "eta must be > 0 (got -1)",
+            "h must be a positive multiple of 16 (got 100)",
+            "clip_range must be > 0 (got -3)",
+        ] {
+            assert_eq!(
+                problems.iter().filter(|p| p.contains(needle)).count(),
+                1,
+                "{needle} once in: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 7, "{problems:#?}");
     }
 
     #[test]

@@ -121,6 +121,13 @@ pub enum Error {
         /// `key: old -> new`, one per key that differs.
         changes: Vec<String>,
     },
+    /// Files the job needs are missing or damaged; every problem is listed.
+    #[error(
+        "pre-start checks failed, nothing has started: {}. (A coordinator that cannot see the \
+         workers' files can skip these checks with --skip-file-checks.)",
+        .0.join("; ")
+    )]
+    Preflight(Vec<String>),
     /// Not possible yet (e.g. no rank assigned).
     #[error("{0}")]
     NotReady(String),
@@ -150,7 +157,8 @@ impl Error {
             Error::InvalidRequest(_)
             | Error::Convert(_)
             | Error::Config(_)
-            | Error::ConfigChanged { .. } => Reason::InvalidRequest,
+            | Error::ConfigChanged { .. }
+            | Error::Preflight(_) => Reason::InvalidRequest,
             Error::WorldFull { .. } => Reason::WorldFull,
             Error::Superseded { .. } => Reason::Superseded,
             Error::JobFailed(_) => Reason::JobFailed,

@@ -19,6 +19,8 @@ pub mod iteration;
 pub mod outputs;
 /// Reward-curve PNG.
 pub mod plot;
+/// The checks of the job's files before anything starts.
+pub mod preflight;
 /// The reward log (one float per line, as the reference writes it).
 pub mod reward_log;
 /// Prompt shuffle and per-worker work items of an iteration.

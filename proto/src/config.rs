@@ -32,6 +32,29 @@ pub struct RewardConfig {
     pub on_cpu: bool,
 }
 
+/// The rewards a job may name in `[[rewards]] name`, the canonical name first, then the
+/// aliases it also answers to.
+pub const REWARDS: &[(&str, &[&str])] = &[
+    ("hpsv2", &["hps", "hps_v2.1"]),
+    ("jpeg_compressibility", &[]),
+    ("jpeg_incompressibility", &[]),
+    ("brightness", &[]),
+    ("contrast", &[]),
+];
+
+/// The rewards that score with a model, which `model_dir` must hold.
+pub const MODEL_REWARDS: &[&str] = &["hpsv2"];
+
+impl RewardConfig {
+    /// The canonical name of the configured reward, `None` when no reward has this name.
+    pub fn canonical_name(&self) -> Option<&'static str> {
+        REWARDS
+            .iter()
+            .find(|(name, aliases)| *name == self.name || aliases.contains(&self.name.as_str()))
+            .map(|(name, _)| *name)
+    }
+}
+
 /// LoRA adapter settings (PEFT names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -312,6 +335,16 @@ impl JobConfig {
         check(!self.rewards.is_empty(), "rewards must list at least one reward".into());
         for (i, r) in self.rewards.iter().enumerate() {
             check(!r.name.trim().is_empty(), format!("rewards[{i}].name must not be empty"));
+            let known = REWARDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+            check(
+                r.name.trim().is_empty() || r.canonical_name().is_some(),
+                format!("rewards[{i}].name: unknown reward `{}` (known: {known})", r.name),
+            );
+            check(
+                !r.canonical_name().is_some_and(|n| MODEL_REWARDS.contains(&n))
+                    || !r.model_dir.trim().is_empty(),
+                format!("rewards[{i}].model_dir must name the {} model directory", r.name),
+            );
             check(
                 r.weight.is_finite() && r.weight >= 0.0,
                 format!("rewards[{i}].weight must be finite and >= 0 (got {})", r.weight),
@@ -589,6 +622,28 @@ mod tests {
         assert!(msg.contains("num_generations"), "{msg}");
         assert!(msg.contains("eta"), "{msg}");
         assert!(msg.contains("h must be a positive multiple of 16 (got 100)"), "{msg}");
+    }
+
+    #[test]
+    fn rewards_are_known_by_name_or_alias_and_model_rewards_need_their_directory() {
+        let with = |rewards: Vec<RewardConfig>| JobConfig { rewards, ..JobConfig::default() };
+        let r = |name: &str, model_dir: &str| RewardConfig {
+            name: name.into(),
+            weight: 1.0,
+            model_dir: model_dir.into(),
+            on_cpu: false,
+        };
+        with(vec![r("hps_v2.1", "hps_ckpt"), r("brightness", "")]).validate().unwrap();
+        assert_eq!(r("hps", "").canonical_name(), Some("hpsv2"));
+        let e = with(vec![r("hpsv3", ""), r("hpsv2", " ")]).validate().unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                "rewards[0].name: unknown reward `hpsv3` (known: hpsv2, jpeg_compressibility, \
+                 jpeg_incompressibility, brightness, contrast)",
+                "rewards[1].model_dir must name the hpsv2 model directory",
+            ]
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod auth;
 pub mod config;
 /// Conversions between wire messages and domain types.
 pub mod convert;
+/// The on-disk layouts a job reads, checked without libtorch.
+pub mod files;
 /// Typed ids.
 pub mod ids;
 /// Checkpoint folder names in a job's `output_dir`.

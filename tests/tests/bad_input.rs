@@ -24,6 +24,8 @@ fn unknown_and_malformed_config_keys() {
         Duration::from_secs(20),
     );
     one_line_error(&out, "unknown key `num_generation`");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("eta"), "the bad value is reported with the unknown key: {err}");
 
     std::fs::write(c.path("job.toml"), "num_generations = 1\nh = 100\n").unwrap();
     let out = c.run_to_end(
@@ -66,6 +68,37 @@ async fn a_restart_with_a_changed_config_is_refused_naming_the_keys_unless_adopt
     assert_eq!(s.job_id, id, "the same job goes on");
     assert!(s.message.contains("2 config change(s) adopted"), "{}", s.message);
     assert!(s.config_json.contains("\"eta\":0.5"), "{}", s.config_json);
+}
+
+#[test]
+fn missing_and_damaged_files_and_unknown_rewards_stop_the_coordinator_before_it_starts() {
+    let c = Cluster::new(&format!(
+        "{CONFIG}pretrained_model_name_or_path = \"no_such_flux\"\n\
+         resume_from_checkpoint = \"no_such_checkpoint\"\n\
+         [[rewards]]\nname = \"hpsv2\"\nmodel_dir = \"no_such_hps_ckpt\"\n\
+         [[rewards]]\nname = \"no_such_reward\"\n"
+    ));
+    let serve = ["serve", "--config", "job.toml", "--listen", "127.0.0.1:0", "--db", "s.sqlite"];
+    let out = c.run_to_end("dancegrpo-coordinator", &serve, Duration::from_secs(20));
+    // The unknown reward is a config error: reported on its own line, before any file is read.
+    one_line_error(&out, "rewards[1].name: unknown reward `no_such_reward` (known: hpsv2");
+    std::fs::write(
+        c.path("job.toml"),
+        std::fs::read_to_string(c.path("job.toml")).unwrap().replace("no_such_reward", "contrast"),
+    )
+    .unwrap();
+    let out = c.run_to_end("dancegrpo-coordinator", &serve, Duration::from_secs(20));
+    one_line_error(&out, "pre-start checks failed, nothing has started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "rewards[0] (hpsv2) model_dir: no_such_hps_ckpt: HPS model dir does not exist",
+        "pretrained_model_name_or_path: no_such_flux: does not exist",
+        "resume_from_checkpoint no_such_checkpoint: no trainer_state.json there",
+        "--skip-file-checks",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    assert!(!c.path("s.sqlite").exists(), "nothing was started");
 }
 
 #[test]
@@ -220,14 +253,18 @@ async fn failed_with(addr: &str, limit: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_error_every_restart_would_repeat_fails_the_job_with_the_workers_message() {
-    // The coordinator does not know the reward; the worker finds out when it loads it.
-    let c = Cluster::new(&format!("{CONFIG}\n[[rewards]]\nname = \"no_such_reward\"\n"));
-    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "100"]);
+    // A coordinator that cannot see the workers' files skips its own checks; the workers
+    // find the reward model missing when they load it.
+    let c = Cluster::new(&format!(
+        "{CONFIG}\n[[rewards]]\nname = \"hpsv2\"\nmodel_dir = \"no_such_hps_ckpt\"\n"
+    ));
+    let flags = ["--world-size", "2", "--heartbeat-interval-ms", "100", "--skip-file-checks"];
+    let (_coord, addr) = c.coordinator(&flags);
     let mut w0 = c.worker(&addr, 0, 0, &[]);
     let mut w1 = c.worker(&addr, 0, 1, &[]);
     let message = failed_with(&addr, Duration::from_secs(60)).await;
     assert!(message.contains("failed, and would again on a restart"), "{message}");
-    assert!(message.contains("no_such_reward"), "{message}");
+    assert!(message.contains("no_such_hps_ckpt"), "{message}");
     for w in [&mut w0, &mut w1] {
         let st = w.wait_timeout(Duration::from_secs(30)).expect("every worker exits");
         assert!(!st.success(), "{}", c.logs());

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use dancegrpo_coordinator::config::{
     CoordinatorSettings, MindSpeedFiles, Topology, load_job_config_with,
 };
-use dancegrpo_coordinator::{cli, server, state::CoordinatorState};
+use dancegrpo_coordinator::{cli, preflight, server, state::CoordinatorState};
 use dancegrpo_proto::AuthToken;
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +75,10 @@ struct ServeArgs {
     /// (each changed key is logged); without it such a restart is refused, listing the keys.
     #[arg(long)]
     adopt_config: bool,
+    /// Skip the checks of the job's files (model, reward models, data, resume checkpoint)
+    /// before start-up, for a coordinator on a machine that does not see the workers' files.
+    #[arg(long)]
+    skip_file_checks: bool,
     /// Job config file (TOML, JSON or YAML); `DANCEGRPO_<KEY>` variables and `--set` override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -191,6 +195,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     init_tracing(a.log_format);
     let mindspeed = MindSpeedFiles { model: a.mm_model.clone(), data: a.mm_data.clone() };
     let job = load_job_config_with(a.config.as_deref(), &mindspeed, std::env::vars(), &a.set)?;
+    if a.skip_file_checks {
+        tracing::warn!("--skip-file-checks: the job's files are checked by the workers only");
+    } else {
+        preflight::check(&job)?;
+    }
     let topology = Topology::new(a.nnodes, a.npus_per_node, a.world_size)?;
     let listen = a.listen.unwrap_or_else(|| join_host_port(&a.master_addr, a.master_port));
     let listen = tokio::net::lookup_host(&listen)

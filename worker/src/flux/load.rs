@@ -3,8 +3,7 @@
 //! (MODELS.md §1.5-1.6: fused `qkv` and `linear1` split by rows, the final modulation's two
 //! halves swapped, an optional `model.diffusion_model.` prefix).
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::nn::VarStore;
 use tch::{Device, Kind};
@@ -17,14 +16,7 @@ use super::weights::{KeyMap, Piece, SafetensorsFile, load_mapped};
 /// The prefix some community BFL files put in front of every key.
 const BFL_PREFIX: &str = "model.diffusion_model.";
 
-/// Which on-disk layout a checkpoint uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Layout {
-    /// diffusers `transformer/` files (the listed shards, in index order).
-    Diffusers(Vec<PathBuf>),
-    /// One BFL file (`flux1-dev.safetensors`).
-    Bfl(PathBuf),
-}
+pub use dancegrpo_proto::files::Layout;
 
 /// How the weights are stored in memory (DESIGN/ALGORITHM: frozen weights bf16, trainable
 /// master weights f32).
@@ -57,50 +49,9 @@ pub struct LoadedFlux {
     pub model: FluxTransformer,
 }
 
-/// Finds the checkpoint under `path`: a BFL `.safetensors` file; a diffusers `transformer/`
-/// folder (index + shards, or a single file); a pipeline root holding `transformer/`; or a
-/// folder holding exactly one BFL file.
+/// Finds the checkpoint under `path` ([`dancegrpo_proto::files::flux_layout`]).
 pub fn detect_layout(path: &Path) -> Result<Layout> {
-    if path.is_file() {
-        return Ok(Layout::Bfl(path.to_path_buf()));
-    }
-    if path.join("transformer").is_dir() {
-        return detect_layout(&path.join("transformer"));
-    }
-    let index = path.join("diffusion_pytorch_model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::format(&index, e))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::format(&index, "no weight_map object"))?;
-        let mut files = BTreeSet::new();
-        for f in map.values() {
-            let f = f
-                .as_str()
-                .ok_or_else(|| ModelError::format(&index, "weight_map values must be strings"))?;
-            files.insert(path.join(f));
-        }
-        return Ok(Layout::Diffusers(files.into_iter().collect()));
-    }
-    let single = path.join("diffusion_pytorch_model.safetensors");
-    if single.is_file() {
-        return Ok(Layout::Diffusers(vec![single]));
-    }
-    let entries = std::fs::read_dir(path).map_err(|e| ModelError::io(path, e))?;
-    let st: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    match st.as_slice() {
-        [one] => Ok(Layout::Bfl(one.clone())),
-        _ => Err(ModelError::format(
-            path,
-            "no diffusers index, no diffusion_pytorch_model.safetensors and not exactly one BFL .safetensors file",
-        )),
-    }
+    dancegrpo_proto::files::flux_layout(path).map_err(|e| ModelError::format(e.path, e.message))
 }
 
 /// Reads the config for `path`: `config.json` next to the weights (or in `transformer/`), else,

@@ -9,7 +9,7 @@
 //! - `bpe_simple_vocab_16e6.txt.gz`, the tokenizer's BPE merges;
 //! - optionally `open_clip_config.json` (open_clip format); ViT-H-14 otherwise.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
@@ -23,63 +23,10 @@ use crate::clip::{
 
 /// Registered name of this reward.
 pub const NAME: &str = "hpsv2";
-/// File name of the tokenizer vocabulary.
-pub const VOCAB_FILE: &str = "bpe_simple_vocab_16e6.txt.gz";
-/// File name of the optional model config.
-pub const CONFIG_FILE: &str = "open_clip_config.json";
-/// Stems of the weight files, in load order.
-pub const WEIGHT_STEMS: [(&str, &str); 2] =
-    [("open_clip_pytorch_model", "bin"), ("HPS_v2.1_compressed", "pt")];
-
-/// The files an HPS model directory resolves to.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HpsFiles {
-    /// Model config; `None` means ViT-H-14.
-    pub config: Option<PathBuf>,
-    /// Weight files, in load order (each loaded strictly).
-    pub weights: Vec<PathBuf>,
-    /// The BPE vocabulary.
-    pub vocab: PathBuf,
-}
-
-impl HpsFiles {
-    /// Resolves the files in `dir` (see the module docs). `vocab` overrides the vocabulary.
-    pub fn discover(dir: &Path, vocab: Option<&Path>) -> Result<Self, RewardError> {
-        if !dir.is_dir() {
-            return Err(RewardError::Files(format!(
-                "HPS model dir {} does not exist",
-                dir.display()
-            )));
-        }
-        let config = Some(dir.join(CONFIG_FILE)).filter(|p| p.is_file());
-        let mut weights = Vec::new();
-        for (stem, ext) in WEIGHT_STEMS {
-            let st = dir.join(format!("{stem}.safetensors"));
-            let pt = dir.join(format!("{stem}.{ext}"));
-            if st.is_file() {
-                weights.push(st);
-            } else if pt.is_file() {
-                weights.push(pt);
-            }
-        }
-        if !weights.iter().any(|p| p.file_stem().is_some_and(|s| s == WEIGHT_STEMS[1].0)) {
-            return Err(RewardError::Files(format!(
-                "{} holds neither {}.pt nor {}.safetensors",
-                dir.display(),
-                WEIGHT_STEMS[1].0,
-                WEIGHT_STEMS[1].0
-            )));
-        }
-        let vocab = vocab.map(Path::to_path_buf).unwrap_or_else(|| dir.join(VOCAB_FILE));
-        if !vocab.is_file() {
-            return Err(RewardError::Files(format!(
-                "BPE vocabulary {} not found (put {VOCAB_FILE} next to the weights or pass its path)",
-                vocab.display()
-            )));
-        }
-        Ok(Self { config, weights, vocab })
-    }
-}
+pub use dancegrpo_proto::files::{
+    HPS_CONFIG_FILE as CONFIG_FILE, HPS_VOCAB_FILE as VOCAB_FILE, HPS_WEIGHT_STEMS as WEIGHT_STEMS,
+    HpsFiles,
+};
 
 /// Image and text features of a scored batch.
 #[derive(Debug)]

@@ -51,6 +51,9 @@ pub enum RewardError {
     /// A missing file or directory.
     #[error("{0}")]
     Files(String),
+    /// A missing or damaged model file.
+    #[error(transparent)]
+    File(#[from] dancegrpo_proto::files::FileError),
     /// libtorch failed.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
@@ -88,21 +91,12 @@ pub fn check_batch(images: &Tensor, prompts: &[String]) -> Result<usize, RewardE
     Ok(prompts.len())
 }
 
-/// Names [`build_reward`] knows.
-pub const REWARD_NAMES: &[&str] = &[
-    hps::NAME,
-    jpeg::COMPRESSIBILITY,
-    jpeg::INCOMPRESSIBILITY,
-    stats::BRIGHTNESS,
-    stats::CONTRAST,
-];
-
 /// Builds the reward `cfg.name` names. Reward models run on `device`, or on the CPU when
 /// `cfg.on_cpu` is set (saves accelerator memory; images are moved to the model's device).
 pub fn build_reward(cfg: &RewardConfig, device: Device) -> Result<Box<dyn Reward>, RewardError> {
     let device = if cfg.on_cpu { Device::Cpu } else { device };
-    Ok(match cfg.name.as_str() {
-        hps::NAME | "hps" | "hps_v2.1" => {
+    Ok(match cfg.canonical_name().unwrap_or(cfg.name.as_str()) {
+        hps::NAME => {
             Box::new(hps::HpsReward::from_dir(std::path::Path::new(&cfg.model_dir), device)?)
         }
         jpeg::COMPRESSIBILITY => Box::new(jpeg::JpegReward::compressibility()),
@@ -112,7 +106,11 @@ pub fn build_reward(cfg: &RewardConfig, device: Device) -> Result<Box<dyn Reward
         other => {
             return Err(RewardError::UnknownReward {
                 name: other.to_string(),
-                known: REWARD_NAMES.join(", "),
+                known: dancegrpo_proto::config::REWARDS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     })
@@ -184,5 +182,42 @@ impl RewardSet {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coordinator admits exactly the names of `dancegrpo_proto::config::REWARDS`: each
+    /// one, and each alias, must build here (a model reward fails only on its files).
+    #[test]
+    fn every_reward_the_config_accepts_builds() {
+        for (name, aliases) in dancegrpo_proto::config::REWARDS {
+            for n in std::iter::once(name).chain(aliases.iter()) {
+                let cfg = RewardConfig {
+                    name: n.to_string(),
+                    weight: 1.0,
+                    model_dir: "/nonexistent".into(),
+                    on_cpu: false,
+                };
+                match build_reward(&cfg, Device::Cpu) {
+                    Ok(_) => {}
+                    Err(RewardError::File(e)) => assert!(e.message.contains("does not exist")),
+                    Err(e) => panic!("{n}: {e}"),
+                }
+            }
+        }
+        let cfg = RewardConfig {
+            name: "hpsv3".into(),
+            weight: 1.0,
+            model_dir: String::new(),
+            on_cpu: false,
+        };
+        let e = build_reward(&cfg, Device::Cpu).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown reward 'hpsv3' (known: hpsv2, jpeg_compressibility"),
+            "{e}"
+        );
     }
 }

@@ -316,12 +316,12 @@ pub struct LoadedVae {
 /// Loads the decoder from a diffusers `vae/` folder (or a pipeline root holding `vae/`), frozen,
 /// with weights (and compute) in `kind`.
 pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<LoadedVae> {
-    let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
-    let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
+    let (config, weights) = dancegrpo_proto::files::vae_files(path);
+    let cfg = VaeConfig::from_file(&config)?;
     let mut vs = VarStore::new(device);
     vs.set_kind(kind);
     let decoder = VaeDecoder::new(&vs.root(), &cfg);
-    let file = SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors"))?;
+    let file = SafetensorsFile::open(weights)?;
     let use_pqc = cfg.use_post_quant_conv;
     let map = move |k: &str| -> std::result::Result<Vec<Piece>, ()> {
         if k.starts_with("encoder.")
@@ -333,7 +333,12 @@ pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<LoadedVae> {
             Ok(vec![Piece::whole(k)])
         }
     };
-    load_mapped(&vs.variables(), &[file], &map, &format!("the VAE at {}", dir.display()))?;
+    load_mapped(
+        &vs.variables(),
+        &[file],
+        &map,
+        &format!("the VAE at {}", config.parent().unwrap_or(path).display()),
+    )?;
     vs.freeze();
     Ok(LoadedVae { vs, decoder })
 }
