@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use dancegrpo_proto::pb::job_service_client::JobServiceClient;
+use dancegrpo_proto::tls::ClientTls;
 use dancegrpo_proto::{AuthToken, ClientAuth, pb};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -20,6 +21,8 @@ pub struct Target {
     pub addr: String,
     /// The job's auth token, when the coordinator has one.
     pub token: Option<AuthToken>,
+    /// TLS to the coordinator, when it serves TLS.
+    pub tls: ClientTls,
 }
 
 /// A job API client that sends the job token with every call.
@@ -27,19 +30,35 @@ pub type Client = JobServiceClient<InterceptedService<Channel, ClientAuth>>;
 
 /// The message of a refused call; a missing or wrong token says how to give one.
 fn refused(rpc: &str, e: &tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{rpc} failed: {}", e.message())
+    let mut m = format!("{rpc} failed: {}", e.message());
+    // A failed handshake shows only in the causes (an untrusted certificate, a missing one).
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        m += &format!(": {c}");
+        cause = c.source();
+    }
+    // No reason of ours: the connection failed, not the call.
+    if dancegrpo_proto::Reason::of(e).is_none() {
+        m += " (a coordinator serving TLS needs --tls-ca; under mutual TLS also \
+              --tls-client-cert and --tls-client-key)";
+    }
+    anyhow::anyhow!(m)
 }
 
 /// Connects to a coordinator, failing with a message that names the address.
 pub async fn connect(target: &Target) -> anyhow::Result<Client> {
     let addr = &target.addr;
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let channel = Endpoint::from_shared(uri.clone())
+    let uri = target.tls.uri(addr);
+    let endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| anyhow::anyhow!("bad coordinator address {addr:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    let channel = target
+        .tls
+        .apply(endpoint)?
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach coordinator at {uri}: {e}"))?;
+        // The causes say what went wrong: a refused connection, an untrusted certificate.
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach coordinator at {uri}")))?;
     Ok(JobServiceClient::with_interceptor(channel, ClientAuth::new(target.token.clone())))
 }
 

@@ -27,6 +27,13 @@ const PROCESS_ENV: &[&str] = &[
     "bin_dir",
     "auth_token",
     "auth_token_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_ca",
+    "tls_client_cert",
+    "tls_client_key",
+    "tls_domain",
 ];
 
 /// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,

@@ -7,8 +7,8 @@ use dancegrpo_proto::{AuthToken, ServerAuth, pb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::config::CoordinatorSettings;
 use crate::error::{Error, Result};
@@ -51,6 +51,7 @@ pub async fn run(
     listener: TcpListener,
     state: Arc<CoordinatorState>,
     token: Option<AuthToken>,
+    tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let auth = ServerAuth::new(token.clone());
@@ -91,8 +92,13 @@ pub async fn run(
         .local_addr()
         .map_err(|source| Error::Io { context: "listener has no address".into(), source })?;
     tracing::info!(%addr, job_id = %state.job_id(), world_size = state.settings().topology.world_size,
-        auth = if token.is_some() { "token" } else { "none" }, "coordinator listening");
-    let result = Server::builder()
+        auth = if token.is_some() { "token" } else { "none" },
+        tls = if tls.is_some() { "on" } else { "off" }, "coordinator listening");
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let result = server
         .add_service(health)
         .add_service(InterceptedService::new(reflection, auth.clone()))
         .add_service(pb::coordinator_server::CoordinatorServer::with_interceptor(

@@ -30,6 +30,8 @@ pub mod ids;
 pub mod layout;
 /// Machine-readable reasons of refusals (`google.rpc.ErrorInfo`).
 pub mod reason;
+/// TLS and mutual TLS of the gRPC connections.
+pub mod tls;
 /// Domain types of the control plane.
 pub mod types;
 

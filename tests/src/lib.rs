@@ -299,6 +299,20 @@ impl Cluster {
         self.spawn("dancegrpo-worker", &args, &[], &format!("worker-{node_rank}-{local_rank}.log"))
     }
 
+    /// The coordinator's CLI (`status`, `stop`, ...) with the cluster's token, if any, its
+    /// stdout and stderr kept.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("dancegrpo-coordinator"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_remove(dancegrpo_proto::auth::TOKEN_ENV)
+            .env_remove(dancegrpo_proto::auth::TOKEN_FILE_ENV);
+        if self.path("token").exists() {
+            cmd.env(dancegrpo_proto::auth::TOKEN_FILE_ENV, self.path("token"));
+        }
+        cmd.output().expect("run the CLI")
+    }
+
     /// Runs a binary to completion with a time limit.
     pub fn run_to_end(&self, exe: &str, args: &[&str], limit: Duration) -> Output {
         let mut p = self.spawn(exe, args, &[], "oneshot.log");
@@ -369,4 +383,62 @@ where
 /// Workers in the status with the given state name (`running`, `lost`, ...).
 pub fn workers_in(s: &pb::JobStatus, state: pb::WorkerState) -> Vec<&pb::WorkerStatus> {
     s.workers.iter().filter(|w| w.state == state as i32).collect()
+}
+
+/// PEM files of a test PKI, made fresh: a CA, the coordinator's certificate for `127.0.0.1`
+/// and `localhost`, a client certificate for mutual TLS, and a second CA that signed neither.
+#[derive(Debug)]
+pub struct TestPki {
+    /// The CA that signed both certificates.
+    pub ca: PathBuf,
+    /// The coordinator's certificate and key.
+    pub server: (PathBuf, PathBuf),
+    /// A client's certificate and key.
+    pub client: (PathBuf, PathBuf),
+    /// A CA that signed nothing here.
+    pub other_ca: PathBuf,
+}
+
+impl TestPki {
+    /// Writes the files into `dir`.
+    pub fn new(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let write = |name: &str, pem: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write PEM");
+            p
+        };
+        let ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("CA")
+        };
+        let issuer = ca("dancegrpo test CA");
+        let leaf = |name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("key");
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let mut p = CertificateParams::new(sans).expect("params");
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &issuer).expect("sign");
+            (
+                write(&format!("{name}.pem"), cert.pem()),
+                write(&format!("{name}.key"), key.serialize_pem()),
+            )
+        };
+        let server =
+            leaf("coordinator", &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+        let client = leaf("worker", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        Self {
+            ca: write("ca.pem", issuer.pem()),
+            server,
+            client,
+            other_ca: write("other-ca.pem", ca("another CA").pem()),
+        }
+    }
 }

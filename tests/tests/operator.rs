@@ -10,18 +10,6 @@ use dancegrpo_proto::pb;
 
 const COORD: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "200"];
 
-/// The coordinator's CLI with the cluster's token (if any), its stdout and stderr kept.
-fn cli(c: &Cluster, args: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(dancegrpo_e2e::bin("dancegrpo-coordinator"));
-    cmd.args(args)
-        .env_remove(dancegrpo_proto::auth::TOKEN_ENV)
-        .env_remove(dancegrpo_proto::auth::TOKEN_FILE_ENV);
-    if c.path("token").exists() {
-        cmd.env(dancegrpo_proto::auth::TOKEN_FILE_ENV, c.path("token"));
-    }
-    cmd.output().expect("run the CLI")
-}
-
 fn failed_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(needle), "wanted {needle:?}, got: {err}");
@@ -53,7 +41,7 @@ async fn stop_checkpoints_the_iteration_in_flight_ends_stopped_and_resumes_from_
     let mut ws = vec![c.worker(&addr, 0, 0, &[]), c.worker(&addr, 0, 1, &[])];
     trained_a_step(&addr).await;
 
-    let out = cli(&c, &["stop", "--addr", &addr, "--reason", "node maintenance", "--json"]);
+    let out = c.cli(&["stop", "--addr", &addr, "--reason", "node maintenance", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let at = answer["stop_step"].as_u64().expect("stop_step");
@@ -102,11 +90,11 @@ async fn cancel_ends_the_job_at_once_the_workers_leave_and_it_cannot_be_stopped_
     trained_a_step(&addr).await;
 
     // Another job's id is refused, and nothing changes.
-    let out = cli(&c, &["cancel", "--addr", &addr, "--job", "not-this-job"]);
+    let out = c.cli(&["cancel", "--addr", &addr, "--job", "not-this-job"]);
     failed_with(&out, "job not-this-job is not the job this coordinator runs");
     assert_eq!(status(&addr).await.state, pb::JobState::Running as i32);
 
-    let out = cli(&c, &["cancel", "--addr", &addr, "--reason", "bad learning rate"]);
+    let out = c.cli(&["cancel", "--addr", &addr, "--reason", "bad learning rate"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = status(&addr).await;
     assert_eq!(s.state, pb::JobState::Cancelled as i32, "at once: {}", s.message);
@@ -114,7 +102,7 @@ async fn cancel_ends_the_job_at_once_the_workers_leave_and_it_cannot_be_stopped_
     exits_zero(&c, &mut ws, Duration::from_secs(60));
 
     for op in ["stop", "cancel"] {
-        let out = cli(&c, &[op, "--addr", &addr]);
+        let out = c.cli(&[op, "--addr", &addr]);
         failed_with(&out, "has already ended (cancelled)");
     }
 }
@@ -124,7 +112,7 @@ async fn without_a_job_token_nobody_can_stop_or_cancel() {
     let c = Cluster::new("job_name = \"operator-open\"\n");
     let (_coord, addr) = c.coordinator(&["--world-size", "1"]);
     for op in ["stop", "cancel"] {
-        let out = cli(&c, &[op, "--addr", &addr]);
+        let out = c.cli(&[op, "--addr", &addr]);
         failed_with(&out, "needs the job token, and this coordinator runs without one");
     }
     let s = dancegrpo_e2e::job_status(&addr).await.unwrap();
@@ -134,6 +122,6 @@ async fn without_a_job_token_nobody_can_stop_or_cancel() {
     let c = Cluster::secured("job_name = \"operator-wrong-token\"\n");
     let (_coord, addr) = c.coordinator(&["--world-size", "1"]);
     std::fs::write(c.path("token"), "a-wrong-token-0123456789\n").unwrap();
-    let out = cli(&c, &["stop", "--addr", &addr]);
+    let out = c.cli(&["stop", "--addr", &addr]);
     failed_with(&out, "wrong auth token");
 }

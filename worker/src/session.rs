@@ -33,6 +33,8 @@ pub struct SessionSettings {
     pub info: WorkerInfo,
     /// The job's auth token, when the coordinator has one.
     pub token: Option<AuthToken>,
+    /// TLS to the coordinator, when it serves TLS.
+    pub tls: dancegrpo_proto::tls::ClientTls,
 }
 
 /// What the coordinator told us at registration.
@@ -75,10 +77,11 @@ impl Session {
     /// worker's previous process, not yet declared lost) with exponential backoff until
     /// `connect_timeout`; any other refusal (protocol mismatch, full world) fails at once.
     pub async fn connect(settings: SessionSettings) -> Result<Arc<Self>> {
-        let endpoint = Endpoint::from_shared(settings.coordinator.clone())
+        let endpoint = Endpoint::from_shared(settings.tls.uri(&settings.coordinator))
             .map_err(|e| Error::Settings(format!("bad coordinator address: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
+        let endpoint = settings.tls.apply(endpoint).map_err(|e| Error::Settings(e.to_string()))?;
         let client = CoordinatorClient::with_interceptor(
             endpoint.connect_lazy(),
             ClientAuth::new(settings.token.clone()),

@@ -67,6 +67,8 @@ impl AuthArgs {
 struct ServeArgs {
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    tls: dancegrpo_proto::tls::ServerTls,
     /// Serve a non-loopback address without an auth token: anyone who reaches the port can
     /// then act as any worker.
     #[arg(long)]
@@ -134,6 +136,8 @@ struct ServeArgs {
 struct QueryArgs {
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    tls: dancegrpo_proto::tls::ClientTls,
     /// Coordinator address, host:port.
     #[arg(long, env = "DANCEGRPO_COORDINATOR", default_value = "127.0.0.1:29500")]
     addr: String,
@@ -147,7 +151,11 @@ struct QueryArgs {
 
 impl QueryArgs {
     fn target(&self) -> anyhow::Result<cli::Target> {
-        Ok(cli::Target { addr: self.addr.clone(), token: self.auth.token()? })
+        Ok(cli::Target {
+            addr: self.addr.clone(),
+            token: self.auth.token()?,
+            tls: self.tls.clone(),
+        })
     }
 }
 
@@ -209,6 +217,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("listen address {listen} resolves to nothing"))?;
     let token = a.auth.token()?;
     server::check_exposure(listen, token.as_ref(), a.insecure)?;
+    let tls = a.tls.config()?;
     let db_path = a.db.unwrap_or_else(|| PathBuf::from(&job.output_dir).join("dancegrpo.sqlite"));
     let settings = CoordinatorSettings {
         job,
@@ -232,7 +241,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let state = CoordinatorState::open(settings)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(listener, state, token, shutdown).await?;
+    server::run(listener, state, token, tls, shutdown).await?;
     Ok(())
 }
 

@@ -65,6 +65,8 @@ struct RunArgs {
     /// the token itself instead.
     #[arg(long, env = dancegrpo_proto::auth::TOKEN_FILE_ENV)]
     auth_token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: dancegrpo_proto::tls::ClientTls,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
     log_format: LogFormat,
@@ -122,6 +124,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             pid: std::process::id(),
         },
         token: dancegrpo_proto::AuthToken::from_env(a.auth_token_file.as_deref())?,
+        tls: a.tls.clone(),
     };
     let settings = WorkerSettings {
         session,
@@ -155,7 +158,18 @@ async fn cancel_on_signal(token: CancellationToken) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(a).await,
+        Command::Run(a) => {
+            let code = exit_code(run(a).await);
+            // The compute thread may still be inside libtorch: a job cancelled or failed
+            // mid-iteration ends this process with a forward pass or a collective in flight.
+            // exit(3) would run libtorch's static destructors under it (a SIGSEGV, seen when
+            // cancelling); _exit skips them. Everything of ours has been dropped or flushed.
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            // SAFETY: _exit ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(code) }
+        }
         Command::Preprocess(a) => {
             init_tracing(LogFormat::Text);
             tokio::task::block_in_place(|| {
@@ -172,11 +186,16 @@ async fn main() -> ExitCode {
             tokio::task::block_in_place(|| dancegrpo_worker::check::hps::run_convert(&a))
         }
     };
+    ExitCode::from(exit_code(result) as u8)
+}
+
+/// The exit status of a command's result, its error printed.
+fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> i32 {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("dancegrpo-worker: error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
     }
 }
