@@ -290,13 +290,25 @@ impl Cluster {
 
     /// Starts a worker for the coordinator at `addr`.
     pub fn worker(&self, addr: &str, node_rank: u32, local_rank: u32, extra: &[&str]) -> Proc {
+        self.worker_with_env(addr, node_rank, local_rank, extra, &[])
+    }
+
+    /// [`Cluster::worker`] with extra environment variables (e.g. `FAILPOINTS`).
+    pub fn worker_with_env(
+        &self,
+        addr: &str,
+        node_rank: u32,
+        local_rank: u32,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let coord = format!("http://{addr}");
         let nr = node_rank.to_string();
         let lr = local_rank.to_string();
         let mut args =
             vec!["run", "--coordinator", &coord, "--node-rank", &nr, "--local-rank", &lr];
         args.extend_from_slice(extra);
-        self.spawn("dancegrpo-worker", &args, &[], &format!("worker-{node_rank}-{local_rank}.log"))
+        self.spawn("dancegrpo-worker", &args, envs, &format!("worker-{node_rank}-{local_rank}.log"))
     }
 
     /// The coordinator's CLI (`status`, `stop`, ...) with the cluster's token, if any, its

@@ -313,3 +313,31 @@ async fn restart_at_once(victim: u32) {
     .await;
     assert!(w0.log().matches("process group ready").count() >= 2, "{}", w0.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compute_panic_discards_the_rank_state_rejoins_and_the_job_completes() {
+    let c = Cluster::new("job_name = \"panic\"\nmax_train_steps = 3\nnum_generations = 2\n");
+    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "200"]);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    // Rank 1 panics in its second update, after step 1 (not checkpointed) was trained.
+    let fault = [("FAILPOINTS", "train=1*off->1*panic(injected fault)")];
+    let mut w1 = c.worker_with_env(&addr, 0, 1, &[], &fault);
+    let started = std::time::Instant::now();
+    for (rank, w) in [&mut w0, &mut w1].into_iter().enumerate() {
+        let st = w.wait_timeout(Duration::from_secs(180));
+        assert!(st.is_some_and(|s| s.success()), "rank {rank} ({st:?}):\n{}", c.logs());
+    }
+    let log = w1.log();
+    assert!(
+        log.contains("compute job panicked; rejoining from the last checkpoint")
+            && log.contains("injected fault"),
+        "{log}"
+    );
+    let s = job_status(&addr).await.unwrap();
+    assert_eq!((s.state, s.step), (pb::JobState::Completed as i32, 3), "{}", s.message);
+    assert!(s.generation >= 2, "the world re-formed around the panicked rank");
+    let rewards = std::fs::read_to_string(c.path("out/reward.txt")).unwrap();
+    assert_eq!(rewards.lines().count(), 3, "one line per step, none twice:\n{rewards}");
+    // The survivor's collective failed at once, not at the collective timeout (300 s).
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+}

@@ -48,8 +48,11 @@ impl<S: 'static> ComputeThread<S> {
     {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.clone();
+        // A panic is caught here and becomes this job's error, so the thread lives on for the
+        // next one; what the job left half-done is the caller's to discard.
         let job: Job<S> = Box::new(move |s| {
-            let _ = reply.send(f(s));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
+            let _ = reply.send(r.map_err(|payload| panic_message(payload.as_ref())));
         });
         // The queue is short and jobs are long: hand the (possibly blocking) send to the
         // blocking pool rather than stall a runtime thread.
@@ -57,8 +60,19 @@ impl<S: 'static> ComputeThread<S> {
             .await
             .map_err(|e| Error::Compute(e.to_string()))?
             .map_err(|_| Error::Compute("compute thread stopped".into()))?;
-        rx.await.map_err(|_| Error::Compute("compute job panicked".into()))
+        rx.await
+            .map_err(|_| Error::Compute("compute thread stopped".into()))?
+            .map_err(Error::Panicked)
     }
+}
+
+/// The message a panic was raised with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Describes the CPU device as libtorch sees it.
@@ -118,5 +132,24 @@ mod tests {
         };
         assert_eq!(ticked, 10);
         assert!(work.await.unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_thread_runs_the_next_one() {
+        let c = ComputeThread::spawn("test-panic", || 0u32).unwrap();
+        let e = c.run(|_: &mut u32| -> u32 { panic!("index 7 out of range") }).await.unwrap_err();
+        assert!(matches!(&e, Error::Panicked(m) if m == "index 7 out of range"), "{e}");
+        let e = c.run(|n: &mut u32| -> u32 { panic!("at {n}: {}", 3) }).await.unwrap_err();
+        assert!(matches!(&e, Error::Panicked(m) if m == "at 0: 3"), "{e}");
+        assert_eq!(
+            c.run(|n: &mut u32| {
+                *n += 1;
+                *n
+            })
+            .await
+            .unwrap(),
+            1,
+            "the state lives on"
+        );
     }
 }

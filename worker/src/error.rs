@@ -40,6 +40,10 @@ pub enum Error {
     /// libtorch failed on the compute thread.
     #[error("compute: {0}")]
     Compute(String),
+    /// A compute job panicked (a bug): the thread lives on, the rank's state is discarded and
+    /// restored from the last checkpoint, and the job fails only if it keeps happening.
+    #[error("compute job panicked: {0}")]
+    Panicked(String),
     /// The job this worker belongs to has failed (the coordinator's status says why).
     #[error("the job failed; `dancegrpo-coordinator status` says why")]
     JobFailed,
@@ -51,7 +55,8 @@ impl Error {
     /// reward). Such an error fails the job at once; a control-plane or collective failure
     /// does not, since a new world or a returning coordinator mends it.
     pub fn fails_the_job(&self) -> bool {
-        matches!(self, Error::Settings(_) | Error::Compute(_))
+        // A panic reaching this far happened again after rejoins (the worker's loop counts).
+        matches!(self, Error::Settings(_) | Error::Compute(_) | Error::Panicked(_))
     }
 }
 

@@ -77,6 +77,10 @@ type Training = Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send
 
 /// How long a paused rank waits for a new world before it asks for work again.
 const RETRY_PAUSED: Duration = Duration::from_secs(2);
+
+/// Compute panics a worker survives (each discards its trainer and rejoins); the next one
+/// fails the job, since a panic that keeps coming back is a bug no restart mends.
+const MAX_PANICS: u32 = 3;
 /// How long a signal during registration waits for an answer already on its way.
 const REGISTER_GRACE: Duration = Duration::from_secs(2);
 
@@ -123,6 +127,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     // The assignment whose group is formed, and when to try training on it again after a pause.
     let mut ready: Option<RankAssignment> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut panics = 0;
     let outcome = loop {
         let current = assignment.borrow_and_update().clone();
         if let Some(a) = &current {
@@ -200,6 +205,15 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                     Ok(train::driver::Ended::Done) => break Ok("job done".to_string()),
                     Ok(train::driver::Ended::Paused(why)) => {
                         tracing::warn!(cause = %why, "training paused until the world re-forms");
+                        retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);
+                    }
+                    Ok(train::driver::Ended::Panicked(m)) => {
+                        panics += 1;
+                        if panics >= MAX_PANICS {
+                            break Err(Error::Panicked(format!("{m} ({panics} times)")));
+                        }
+                        tracing::error!(cause = %m, panics,
+                            "compute job panicked; rejoining from the last checkpoint");
                         retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);
                     }
                     Err(e) => break Err(e),

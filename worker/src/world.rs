@@ -60,6 +60,14 @@ impl World {
         Ok(self.trainer.as_mut().expect("built above"))
     }
 
+    /// After a panic: drops the trainer, whose state is unknown (the next [`World::trainer`]
+    /// builds it again), and the process group, so that peers waiting in a collective with
+    /// this rank fail at once, as if it had died, instead of at the collective timeout.
+    pub fn discard_after_panic(&mut self) {
+        self.trainer = None;
+        self.group = None;
+    }
+
     /// The trainer built by [`World::trainer`].
     pub fn loaded_trainer(&mut self) -> Result<&mut Trainer, TrainError> {
         self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))
@@ -74,6 +82,8 @@ impl World {
     ) -> Result<StepMetrics, TrainError> {
         let trainer =
             self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
+        // Fault injection for the tests (`FAILPOINTS=train=1*panic(...)`); a no-op otherwise.
+        fail::fail_point!("train");
         trainer.train(iteration, work, advantages, self.group.as_mut())
     }
 

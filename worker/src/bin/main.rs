@@ -159,7 +159,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => {
+            // Fault injection for the tests: the `FAILPOINTS` variable, unset in production.
+            let failpoints = fail::FailScenario::setup();
             let code = exit_code(run(a).await);
+            failpoints.teardown();
             // The compute thread may still be inside libtorch: a job cancelled or failed
             // mid-iteration ends this process with a forward pass or a collective in flight.
             // exit(3) would run libtorch's static destructors under it (a SIGSEGV, seen when

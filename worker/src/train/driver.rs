@@ -25,6 +25,9 @@ pub enum Ended {
     /// This generation's world is gone (a rank was lost, or the world re-formed): wait for
     /// the next assignment.
     Paused(String),
+    /// A compute job panicked. This rank's trainer is discarded: it rejoins with no weights,
+    /// and the world restores the last checkpoint.
+    Panicked(String),
 }
 
 /// A refusal that means "this world is over", not "this worker is broken".
@@ -61,6 +64,13 @@ pub async fn run(
         Ok(()) => Ok(Ended::Done),
         // An operator stopped or cancelled the job: nothing more to do.
         Err(Error::Rejected { reason: Some(Reason::JobEnded), .. }) => Ok(Ended::Done),
+        Err(Error::Panicked(m)) => {
+            // Whatever the job left half-done goes with the trainer.
+            compute.run(|w: &mut World| w.discard_after_panic()).await?;
+            // The others wait in a collective this rank will not join: re-form the world.
+            session.reform(a.generation, &format!("rank {} panicked", a.rank)).await;
+            Ok(Ended::Panicked(m))
+        }
         Err(e) => match paused(&e) {
             Some(why) => {
                 if matches!(e, Error::Dist(_)) {
