@@ -243,10 +243,17 @@ pub fn iteration_row(h: &pb::IterationRecord) -> String {
 }
 
 /// `status`: one snapshot.
-pub async fn status(target: &Target, job_id: &str, as_json: bool) -> anyhow::Result<()> {
+pub async fn status(
+    target: &Target,
+    job_id: &str,
+    as_json: bool,
+    history: Option<u32>,
+) -> anyhow::Result<()> {
     let mut c = connect(target).await?;
+    // The text shows the last 10 iterations; JSON is for machines, and gets all unless told.
+    let history_limit = history.unwrap_or(if as_json { 0 } else { 10 });
     let s = c
-        .get_job_status(pb::GetJobStatusRequest { job_id: job_id.into() })
+        .get_job_status(pb::GetJobStatusRequest { job_id: job_id.into(), history_limit })
         .await
         .map_err(|e| refused("GetJobStatus", &e))?
         .into_inner()
@@ -266,10 +273,14 @@ pub async fn watch(
     job_id: &str,
     as_json: bool,
     table: bool,
+    history: Option<u32>,
 ) -> anyhow::Result<()> {
     let mut c = connect(target).await?;
+    // Each update carries only the latest iterations: the table prints the new ones, the
+    // text its last 10.
+    let history_limit = history.unwrap_or(if as_json { 0 } else { 10 });
     let mut stream = c
-        .watch_job(pb::WatchJobRequest { job_id: job_id.into() })
+        .watch_job(pb::WatchJobRequest { job_id: job_id.into(), history_limit })
         .await
         .map_err(|e| refused("WatchJob", &e))?
         .into_inner();

@@ -248,11 +248,19 @@ impl Db {
 
     /// The iteration history of a job, oldest first.
     pub fn iterations(&self, job: &str) -> Result<Vec<IterationRecord>> {
+        self.latest_iterations(job, None)
+    }
+
+    /// The latest `limit` completed iterations of `job` (all with `None`), in order; read
+    /// backwards through the primary key, so a short status of a long job stays cheap.
+    pub fn latest_iterations(&self, job: &str, limit: Option<u32>) -> Result<Vec<IterationRecord>> {
         let mut stmt = self.conn.prepare(
             "SELECT iteration, mean_rewards_json, metrics_json, cursor_json FROM iterations
-             WHERE job_id = ?1 ORDER BY iteration",
+             WHERE job_id = ?1 ORDER BY iteration DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map([job], |r| {
+        // SQLite reads a negative LIMIT as none.
+        let limit = limit.map_or(-1, i64::from);
+        let rows = stmt.query_map(rusqlite::params![job, limit], |r| {
             let rewards: String = r.get(1)?;
             Ok(IterationRecord {
                 iteration: r.get::<_, i64>(0)? as u64,
@@ -267,7 +275,9 @@ impl Db {
                 cursor_json: r.get(3)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
     }
 }
 
@@ -371,8 +381,18 @@ mod tests {
                 cursor_json: "{}".into(),
             };
             db.put_iteration(&job.id, &it).unwrap();
+            for i in [3, 2] {
+                db.put_iteration(&job.id, &IterationRecord { iteration: i, ..it.clone() }).unwrap();
+            }
         }
         let db = Db::open(&path).unwrap();
+        let its = |limit| -> Vec<u64> {
+            let all = db.latest_iterations(job.id.as_str(), limit).unwrap();
+            all.iter().map(|r| r.iteration).collect()
+        };
+        assert_eq!(its(None), [1, 2, 3]);
+        assert_eq!(its(Some(2)), [2, 3], "the latest two, in order");
+        assert_eq!(its(Some(10)), [1, 2, 3]);
         assert_eq!(db.find_active_job("j").unwrap(), Some(job.clone()));
         assert_eq!(db.workers(job.id.as_str()).unwrap(), vec![w]);
         assert_eq!(db.iterations(job.id.as_str()).unwrap()[0].mean_rewards, vec![0.5]);

@@ -234,7 +234,8 @@ impl JobService for CoordinatorService {
         &self,
         req: Request<pb::GetJobStatusRequest>,
     ) -> Result<Response<pb::GetJobStatusResponse>, Status> {
-        let snap = self.state.snapshot(job_filter(&req.get_ref().job_id))?;
+        let req = req.into_inner();
+        let snap = self.state.snapshot_with(job_filter(&req.job_id), history(req.history_limit))?;
         Ok(Response::new(pb::GetJobStatusResponse { status: Some(status_to_pb(&snap)) }))
     }
 
@@ -245,6 +246,7 @@ impl JobService for CoordinatorService {
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let job = job_filter(&req.get_ref().job_id).map(str::to_string);
+        let limit = history(req.get_ref().history_limit);
         // Fail fast on an unknown job instead of opening a stream that errors later.
         self.state.snapshot(job.as_deref())?;
         let state = self.state.clone();
@@ -252,7 +254,7 @@ impl JobService for CoordinatorService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
-                let item = state.snapshot(job.as_deref()).map_err(Status::from);
+                let item = state.snapshot_with(job.as_deref(), limit).map_err(Status::from);
                 let terminal = matches!(&item, Ok(s) if s.job.state.is_terminal());
                 let item =
                     item.map(|s| pb::GetJobStatusResponse { status: Some(status_to_pb(&s)) });
@@ -300,6 +302,11 @@ impl JobService for CoordinatorService {
         let status = status_to_pb(&self.state.snapshot(None)?);
         Ok(Response::new(pb::CancelJobResponse { status: Some(status) }))
     }
+}
+
+/// A request's `history_limit`: 0 is the whole history.
+fn history(limit: u32) -> Option<u32> {
+    (limit > 0).then_some(limit)
 }
 
 /// An operator's reason, cleaned for the log and the status; empty says so.

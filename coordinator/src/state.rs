@@ -1154,6 +1154,12 @@ impl CoordinatorState {
 
     /// A snapshot of a job: this one (`None` or its id) from memory, others from the database.
     pub fn snapshot(&self, job_id: Option<&str>) -> Result<JobSnapshot> {
+        self.snapshot_with(job_id, None)
+    }
+
+    /// [`CoordinatorState::snapshot`] with only the latest `history` iterations (all with
+    /// `None`).
+    pub fn snapshot_with(&self, job_id: Option<&str>, history: Option<u32>) -> Result<JobSnapshot> {
         let g = self.lock();
         match job_id {
             None => {}
@@ -1162,7 +1168,7 @@ impl CoordinatorState {
                 let job = g.db.job(id)?.ok_or_else(|| Error::UnknownJob(id.to_string()))?;
                 return Ok(JobSnapshot {
                     workers: g.db.workers(id)?,
-                    history: g.db.iterations(id)?,
+                    history: g.db.latest_iterations(id, history)?,
                     job,
                 });
             }
@@ -1170,7 +1176,7 @@ impl CoordinatorState {
         let mut workers: Vec<WorkerRecord> = g.workers.iter().map(|w| w.rec.clone()).collect();
         workers.sort_by_key(|w| (w.info.node_rank, w.info.local_rank, w.registered_ms));
         Ok(JobSnapshot {
-            history: g.db.iterations(g.job.id.as_str())?,
+            history: g.db.latest_iterations(g.job.id.as_str(), history)?,
             job: g.job.clone(),
             workers,
         })

@@ -48,6 +48,15 @@ async fn two_workers_train_log_checkpoint_and_finish() {
     assert_eq!(s.state, pb::JobState::Completed as i32, "{}", s.message);
     assert_eq!(s.step, 4);
     assert_eq!(s.history.len(), 4);
+    // A poller asks for what it shows; the CLI's text shows the last 10.
+    let mut jobs = dancegrpo_e2e::job_client(&addr, None).await.unwrap();
+    let req = pb::GetJobStatusRequest { history_limit: 2, ..Default::default() };
+    let short = jobs.get_job_status(req).await.unwrap().into_inner().status.unwrap();
+    let its: Vec<u64> = short.history.iter().map(|h| h.iteration).collect();
+    assert_eq!(its, [3, 4], "the latest two");
+    let out = c.cli(&["status", "--addr", &addr, "--json", "--history", "1"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["history"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(s.generation, 1, "the world was never re-formed:\n{}", c.logs());
     let logs = c.logs();
     assert!(!logs.contains("registering again"), "a leaving worker registered again:\n{logs}");

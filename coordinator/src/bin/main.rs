@@ -25,7 +25,7 @@ enum Command {
     /// Run a job: listen on MASTER_ADDR:MASTER_PORT and wait for the workers.
     Serve(ServeArgs),
     /// Print a job's status once.
-    Status(QueryArgs),
+    Status(StatusArgs),
     /// Follow a job's status as it changes.
     Watch(WatchArgs),
     /// List the jobs in the coordinator's database.
@@ -169,9 +169,23 @@ struct OperatorArgs {
 }
 
 #[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// How many of the latest iterations to fetch; 0 for all. Default: all with --json,
+    /// else 10.
+    #[arg(long)]
+    history: Option<u32>,
+}
+
+#[derive(Args, Debug)]
 struct WatchArgs {
     #[command(flatten)]
     query: QueryArgs,
+    /// How many of the latest iterations each update carries; 0 for all. Default: all with
+    /// --json, else 10.
+    #[arg(long)]
+    history: Option<u32>,
     /// One table row per finished iteration instead of the whole status on every change.
     #[arg(long, conflicts_with = "json")]
     table: bool,
@@ -274,12 +288,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => serve(a).await,
-        Command::Status(q) => match q.target() {
-            Ok(t) => cli::status(&t, &q.job, q.json).await,
+        Command::Status(s) => match s.query.target() {
+            Ok(t) => cli::status(&t, &s.query.job, s.query.json, s.history).await,
             Err(e) => Err(e),
         },
         Command::Watch(w) => match w.query.target() {
-            Ok(t) => cli::watch(&t, &w.query.job, w.query.json, w.table).await,
+            Ok(t) => cli::watch(&t, &w.query.job, w.query.json, w.table, w.history).await,
             Err(e) => Err(e),
         },
         Command::List(q) => match q.target() {
