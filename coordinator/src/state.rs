@@ -44,6 +44,9 @@ struct Training {
     /// An operator's stop: the step the job ends at once it is checkpointed, and why. Kept
     /// through rewinds (the world redoes the steps up to it).
     stop: Option<(u64, String)>,
+    /// Each rank's last ReportStepMetrics answer, by (generation, iteration): a report retried
+    /// because its answer was lost gets the same answer, instead of an error and a rewind.
+    answered: std::collections::BTreeMap<u32, (u64, u64, (bool, String))>,
 }
 
 /// Whether rank 0 writes `checkpoint-<step>` once `step` is trained: every
@@ -347,6 +350,7 @@ impl CoordinatorState {
             done: BTreeSet::new(),
             resumed_from,
             stop: None,
+            answered: Default::default(),
         };
         training.rewind(&db, &mut job, dataset_len)?;
         db.put_job(&job)?;
@@ -977,6 +981,18 @@ impl CoordinatorState {
         let mut g = self.lock();
         let rank = Self::working_rank(&mut g, who, generation)?;
         let Inner { db, job, training, .. } = &mut *g;
+        if let Some((_, _, answer)) = training
+            .answered
+            .get(&rank)
+            .filter(|(g, i, _)| (*g, *i) == (generation, metrics.iteration))
+        {
+            tracing::info!(
+                rank,
+                iteration = metrics.iteration,
+                "repeated step metrics answered again"
+            );
+            return Ok(answer.clone());
+        }
         let cfg = job.config.clone();
         let it = Self::current(&mut training.iteration, metrics.iteration)?;
         let index = it.index;
@@ -1007,6 +1023,8 @@ impl CoordinatorState {
             reward_history,
         };
         let state_json = serde_json::to_string_pretty(&state).expect("trainer state serializes");
+        let answer = (checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() });
+        training.answered.insert(rank, (generation, index, answer.clone()));
         if complete {
             if let Err(IterationError::Fatal(m) | IterationError::Invalid(m)) = it.check_replicas()
             {
@@ -1041,7 +1059,7 @@ impl CoordinatorState {
             drop(g);
             self.notify();
         }
-        Ok((checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() }))
+        Ok(answer)
     }
 
     /// An operator's stop: the iteration in flight finishes, rank 0 checkpoints it, and the
@@ -1562,6 +1580,29 @@ mod tests {
         let a = s.register(info(0), None).unwrap().caller();
         let b = s.register(info(1), None).unwrap().caller();
         (s, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_repeated_step_report_gets_the_same_answer_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = last_iteration_world(dir.path());
+        roll_out_and_score(&s, &[&a, &b]).await;
+        let first = s.report_step_metrics(&a, 1, metrics()).unwrap();
+        assert!(first.0 && !first.1.is_empty(), "rank 0 checkpoints step 1");
+        s.report_step_metrics(&b, 1, metrics()).unwrap();
+        let before = s.snapshot(None).unwrap();
+        assert_eq!(before.job.step, 1, "the iteration is recorded");
+        // Rank 0's answer was lost; it asks again after the iteration has completed.
+        assert_eq!(s.report_step_metrics(&a, 1, metrics()).unwrap(), first);
+        assert_eq!(s.report_step_metrics(&b, 1, metrics()).unwrap(), (false, String::new()));
+        let after = s.snapshot(None).unwrap();
+        assert_eq!((after.job.step, after.job.generation), (1, 1), "no rewind, no new world");
+        assert_eq!(after.history, before.history, "recorded once");
+        let rewards = std::fs::read_to_string(dir.path().join("out/hps_reward.txt")).unwrap();
+        assert_eq!(rewards.lines().count(), 1, "{rewards}");
+        // Another iteration is not answered from the cache.
+        let e = s.report_step_metrics(&a, 1, StepMetrics { iteration: 1, ..metrics() });
+        assert!(matches!(e, Err(Error::InvalidRequest(_))), "{e:?}");
     }
 
     #[tokio::test]

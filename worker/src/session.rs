@@ -72,6 +72,35 @@ fn is_transient(code: tonic::Code) -> bool {
     matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
 }
 
+/// How long a report whose connection failed is sent again. The coordinator answers a repeated
+/// report as it answered the first, so a lost answer costs a retry, not a rewind to the last
+/// checkpoint (up to 40 FLUX iterations).
+const REPORT_RETRY: Duration = Duration::from_secs(20);
+
+/// Runs `call` until it gets an answer, or an error of the coordinator's own (one with a
+/// reason), or `REPORT_RETRY` has passed; with backoff from 100 ms to 2 s.
+async fn retried<T, F, Fut>(what: &str, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(Error::Rejected { reason: None, code, message, .. })
+                if matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown)
+                    && start.elapsed() + delay < REPORT_RETRY =>
+            {
+                tracing::warn!(cause = %message, "{what}: no answer; sending it again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Session {
     /// Connects and registers, retrying transient failures and a slot still held (by this
     /// worker's previous process, not yet declared lost) with exponential backoff until
@@ -302,7 +331,14 @@ impl Session {
             rewards: rewards.iter().map(Into::into).collect(),
             generation,
         };
-        self.client.clone().report_rewards(req).await.map_err(|s| rejected("ReportRewards", s))?;
+        retried("ReportRewards", || async {
+            self.client
+                .clone()
+                .report_rewards(req.clone())
+                .await
+                .map_err(|s| rejected("ReportRewards", s))
+        })
+        .await?;
         Ok(())
     }
 
@@ -334,13 +370,15 @@ impl Session {
             metrics: Some(metrics.into()),
             generation,
         };
-        let resp = self
-            .client
-            .clone()
-            .report_step_metrics(req)
-            .await
-            .map_err(|s| rejected("ReportStepMetrics", s))?
-            .into_inner();
+        let resp = retried("ReportStepMetrics", || async {
+            self.client
+                .clone()
+                .report_step_metrics(req.clone())
+                .await
+                .map_err(|s| rejected("ReportStepMetrics", s))
+        })
+        .await?
+        .into_inner();
         Ok(resp.checkpoint.then_some(resp.trainer_state_json))
     }
 
@@ -381,4 +419,40 @@ impl Session {
 pub fn rejected(rpc: &'static str, s: tonic::Status) -> Error {
     let reason = Reason::of(&s);
     Error::Rejected { rpc, message: s.message().to_string(), code: s.code(), reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: tonic::Code, reason: Option<Reason>) -> Error {
+        Error::Rejected { rpc: "ReportStepMetrics", code, reason, message: "lost".into() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_is_sent_again_while_the_connection_fails_and_not_after_a_refusal() {
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let r = retried("test", || async {
+            match tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 | 1 => Err(failure(tonic::Code::Unavailable, None)),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!((r.unwrap(), tries.load(std::sync::atomic::Ordering::SeqCst)), (7, 3));
+        // A refusal with the coordinator's reason is its answer: not sent again.
+        tries.store(0, std::sync::atomic::Ordering::SeqCst);
+        let r: Result<()> = retried("test", || async {
+            tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(failure(tonic::Code::Aborted, Some(Reason::Superseded)))
+        })
+        .await;
+        assert!(r.is_err() && tries.load(std::sync::atomic::Ordering::SeqCst) == 1);
+        // A connection that stays down gives up within the bound.
+        let start = tokio::time::Instant::now();
+        let r: Result<()> =
+            retried("test", || async { Err(failure(tonic::Code::Unavailable, None)) }).await;
+        assert!(r.is_err());
+        assert!(start.elapsed() <= REPORT_RETRY, "{:?}", start.elapsed());
+    }
 }
