@@ -69,7 +69,13 @@ pub(crate) fn forgotten(r: Reason) -> bool {
 }
 
 fn is_transient(code: tonic::Code) -> bool {
-    matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 /// How long a report whose connection failed is sent again. The coordinator answers a repeated
@@ -89,8 +95,10 @@ where
     loop {
         match call().await {
             Err(Error::Rejected { reason: None, code, message, .. })
-                if matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown)
-                    && start.elapsed() + delay < REPORT_RETRY =>
+                if matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) && start.elapsed() + delay < REPORT_RETRY =>
             {
                 tracing::warn!(cause = %message, "{what}: no answer; sending it again in {delay:?}");
                 tokio::time::sleep(delay).await;

@@ -40,11 +40,11 @@ fn paused(e: &Error) -> Option<String> {
         // The coordinator restarted or forgot this worker: the heartbeat loop registers again
         // and a new world forms.
         Error::Rejected { reason: Some(r), message, .. } if forgotten(*r) => Some(message.clone()),
-        // No reason: the transport failed (Unavailable, or Unknown while the coordinator
-        // restarts).
+        // No reason: the transport failed (Unavailable, Unknown while the coordinator
+        // restarts, Cancelled when it died during a long poll).
         Error::Rejected {
             reason: None,
-            code: tonic::Code::Unavailable | tonic::Code::Unknown,
+            code: tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled,
             message,
             ..
         } => Some(message.clone()),
@@ -245,6 +245,8 @@ mod tests {
         assert!(paused(&e(Reason::NotReady.status("x"))).is_some());
         // A transport failure carries no reason.
         assert!(paused(&e(tonic::Status::unavailable("connection refused"))).is_some());
+        // The coordinator killed during a long poll.
+        assert!(paused(&e(tonic::Status::cancelled("operation was canceled"))).is_some());
         assert!(paused(&e(tonic::Status::aborted("superseded"))).is_none());
     }
 }
