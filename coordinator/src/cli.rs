@@ -379,15 +379,7 @@ pub async fn stop(
         .await
         .map_err(|e| refused("StopJob", &e))?
         .into_inner();
-    let s = r.status.ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
-    if as_json {
-        let mut v = status_json(&s);
-        v["stop_step"] = json!(r.stop_step);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("job {}: {}", s.job_id, s.message);
-    }
-    Ok(())
+    operator_answer(r.status, Some(r.stop_step), as_json)
 }
 
 /// `cancel`: the job ends `cancelled` at once; its last checkpoint stays.
@@ -403,9 +395,22 @@ pub async fn cancel(
         .await
         .map_err(|e| refused("CancelJob", &e))?
         .into_inner();
-    let s = r.status.ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
+    operator_answer(r.status, None, as_json)
+}
+
+/// Prints the status an operator action answered with (and a stop's step).
+fn operator_answer(
+    status: Option<pb::JobStatus>,
+    stop_step: Option<u64>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let s = status.ok_or_else(|| anyhow::anyhow!("coordinator sent an empty status"))?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+        let mut v = status_json(&s);
+        if let Some(at) = stop_step {
+            v["stop_step"] = json!(at);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("job {}: {}", s.job_id, s.message);
     }
