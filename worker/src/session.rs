@@ -78,6 +78,13 @@ fn is_transient(code: tonic::Code) -> bool {
     )
 }
 
+/// Whether a refusal without a reason of the coordinator's is the transport failing: refused
+/// or dropped connections (Unavailable), a coordinator restarting (Unknown) or dying during a
+/// long poll (Cancelled). The call may or may not have arrived.
+pub(crate) fn transport_failed(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
 /// How long a report whose connection failed is sent again. The coordinator answers a repeated
 /// report as it answered the first, so a lost answer costs a retry, not a rewind to the last
 /// checkpoint (up to 40 FLUX iterations).
@@ -95,10 +102,7 @@ where
     loop {
         match call().await {
             Err(Error::Rejected { reason: None, code, message, .. })
-                if matches!(
-                    code,
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                ) && start.elapsed() + delay < REPORT_RETRY =>
+                if transport_failed(code) && start.elapsed() + delay < REPORT_RETRY =>
             {
                 tracing::warn!(cause = %message, "{what}: no answer; sending it again in {delay:?}");
                 tokio::time::sleep(delay).await;

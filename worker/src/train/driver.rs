@@ -40,14 +40,12 @@ fn paused(e: &Error) -> Option<String> {
         // The coordinator restarted or forgot this worker: the heartbeat loop registers again
         // and a new world forms.
         Error::Rejected { reason: Some(r), message, .. } if forgotten(*r) => Some(message.clone()),
-        // No reason: the transport failed (Unavailable, Unknown while the coordinator
-        // restarts, Cancelled when it died during a long poll).
-        Error::Rejected {
-            reason: None,
-            code: tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled,
-            message,
-            ..
-        } => Some(message.clone()),
+        // No reason: the transport failed.
+        Error::Rejected { reason: None, code, message, .. }
+            if crate::session::transport_failed(*code) =>
+        {
+            Some(message.clone())
+        }
         Error::Dist(d) => Some(format!("a collective failed: {d}")),
         _ => None,
     }
