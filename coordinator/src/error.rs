@@ -128,6 +128,9 @@ pub enum Error {
         .0.join("; ")
     )]
     Preflight(Vec<String>),
+    /// A job or worker state change that its lifecycle does not have.
+    #[error(transparent)]
+    Illegal(#[from] crate::lifecycle::Illegal),
     /// Not possible yet (e.g. no rank assigned).
     #[error("{0}")]
     NotReady(String),
@@ -158,7 +161,8 @@ impl Error {
             | Error::Convert(_)
             | Error::Config(_)
             | Error::ConfigChanged { .. }
-            | Error::Preflight(_) => Reason::InvalidRequest,
+            | Error::Preflight(_)
+            | Error::Illegal(_) => Reason::InvalidRequest,
             Error::WorldFull { .. } => Reason::WorldFull,
             Error::Superseded { .. } => Reason::Superseded,
             Error::JobFailed(_) => Reason::JobFailed,

@@ -15,6 +15,8 @@ pub mod db;
 pub mod error;
 /// One iteration's bookkeeping: work, rewards, advantages, refills, metrics.
 pub mod iteration;
+/// The job's and the workers' lifecycles as state machines.
+pub mod lifecycle;
 /// Reward log, metrics log, reward curve, trainer state, prompt count.
 pub mod outputs;
 /// Reward-curve PNG.

@@ -5,6 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use dancegrpo_proto::layout::{self, LeftoverKind};
 use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics};
@@ -253,6 +254,111 @@ impl Outputs {
     }
 }
 
+/// The output files, written in order by a thread of their own, so that the reward log's
+/// fsync and the PNG redraw never hold the state lock: training goes on while they are
+/// written. Commands run in the order they are sent; a reopen after a rewind therefore lands
+/// after the record of an iteration the rewind discards.
+#[derive(Debug, Clone)]
+pub struct OutputTask {
+    tx: mpsc::Sender<Command>,
+}
+
+#[derive(Debug)]
+enum Command {
+    /// Appends one finished iteration; `history` holds it and all before it.
+    Record { line: serde_json::Value, history: Vec<Vec<f64>>, done: mpsc::Sender<Result<()>> },
+    /// Cuts the files back to `history` (a rewind).
+    Reopen { cfg: Box<JobConfig>, history: Vec<Vec<f64>> },
+}
+
+fn writer_stopped() -> Error {
+    Error::Io {
+        context: "output files".into(),
+        source: std::io::Error::other("the output writer thread has stopped"),
+    }
+}
+
+impl OutputTask {
+    /// Starts the writer thread over files already opened.
+    pub fn start(outputs: Outputs) -> Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("outputs".into())
+            .spawn(move || write_in_order(outputs, rx))
+            .map_err(|source| Error::Io {
+                context: "cannot start the output writer".into(),
+                source,
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Sends one finished iteration to be recorded, at once: sent under the state lock, it is
+    /// ordered before any rewind's cut-back. Await [`Written::wait`] for its lines on disk.
+    pub fn record(&self, line: serde_json::Value, history: Vec<Vec<f64>>) -> Written {
+        let (done, rx) = mpsc::channel();
+        let sent = self.tx.send(Command::Record { line, history, done }).is_ok();
+        Written { rx: sent.then_some(rx) }
+    }
+
+    /// Cuts the files back to `history`, after every record sent before. A failure is logged,
+    /// and every later record fails with it until a reopen succeeds: lines appended to files
+    /// that were not cut back would not match the job.
+    pub fn reopen(&self, cfg: &JobConfig, history: &[Vec<f64>]) {
+        let cmd = Command::Reopen { cfg: Box::new(cfg.clone()), history: history.to_vec() };
+        if self.tx.send(cmd).is_err() {
+            tracing::error!("output files not cut back: {}", writer_stopped());
+        }
+    }
+}
+
+/// A record on its way to disk.
+#[derive(Debug)]
+pub struct Written {
+    /// `None`: the writer was gone before it was sent.
+    rx: Option<mpsc::Receiver<Result<()>>>,
+}
+
+impl Written {
+    /// Returns once the record's lines are on disk, or why they are not.
+    pub async fn wait(self) -> Result<()> {
+        let rx = self.rx.ok_or_else(writer_stopped)?;
+        // Waited for on the blocking pool, which also holds a paused test clock still.
+        tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(|_| writer_stopped())?
+            .map_err(|_| writer_stopped())?
+    }
+}
+
+/// The writer thread: runs the commands in order until every sender is gone.
+fn write_in_order(mut outputs: Outputs, rx: mpsc::Receiver<Command>) {
+    let mut broken: Option<String> = None;
+    for cmd in rx {
+        match cmd {
+            Command::Reopen { cfg, history } => match Outputs::open(&cfg, &history) {
+                Ok(o) => (outputs, broken) = (o, None),
+                Err(e) => {
+                    tracing::error!("output files not cut back to step {}: {e}", history.len());
+                    broken = Some(e.to_string());
+                }
+            },
+            Command::Record { line, history, done } => {
+                let r = match &broken {
+                    Some(why) => Err(Error::Io {
+                        context: "output files".into(),
+                        source: std::io::Error::other(format!(
+                            "not cut back after a rewind: {why}"
+                        )),
+                    }),
+                    None => outputs.record(&line, &history),
+                };
+                // The caller may have gone (its RPC was cancelled); the lines are written.
+                let _ = done.send(r);
+            }
+        }
+    }
+}
+
 /// Keeps the lines of iterations `1..=keep` of a JSONL file (rewritten through a temp file
 /// and a rename).
 fn truncate_jsonl(path: &Path, keep: u64) -> Result<()> {
@@ -345,5 +451,43 @@ mod tests {
         Outputs::open(&cfg, &history).unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
         assert_eq!(std::fs::read_to_string(dir.path().join(METRICS_LOG)).unwrap(), "");
+    }
+
+    #[tokio::test]
+    async fn the_output_task_writes_in_order_and_a_failed_cut_back_fails_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JobConfig {
+            output_dir: dir.path().display().to_string(),
+            reward_log: "reward.txt".into(),
+            ..Default::default()
+        };
+        let log = dir.path().join("reward.txt");
+        let task = OutputTask::start(Outputs::open(&cfg, &[]).unwrap()).unwrap();
+        task.record(serde_json::json!({"iteration": 1}), vec![vec![0.25]]).wait().await.unwrap();
+        let h2 = vec![vec![0.25], vec![0.5]];
+        // A record sent, then a rewind to step 1 before it is awaited: the cut-back lands
+        // after it, so the file ends at step 1 either way.
+        let pending = task.record(serde_json::json!({"iteration": 2}), h2.clone());
+        task.reopen(&cfg, &h2[..1]);
+        pending.wait().await.unwrap();
+        task.record(serde_json::json!({"iteration": 2}), vec![vec![0.25], vec![0.75]])
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.75\n");
+        let metrics = std::fs::read_to_string(dir.path().join(METRICS_LOG)).unwrap();
+        assert_eq!(metrics.lines().count(), 2, "{metrics}");
+
+        // A cut-back that fails poisons the records after it, until one succeeds.
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, "a file where a folder should be").unwrap();
+        let bad = JobConfig { output_dir: blocked.display().to_string(), ..cfg.clone() };
+        task.reopen(&bad, &h2[..1]);
+        let e = task.record(serde_json::json!({"iteration": 2}), h2.clone()).wait().await;
+        let e = e.unwrap_err();
+        assert!(e.to_string().contains("not cut back after a rewind"), "{e}");
+        task.reopen(&cfg, &h2[..1]);
+        task.record(serde_json::json!({"iteration": 2}), h2.clone()).wait().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
     }
 }

@@ -155,7 +155,7 @@ impl Coordinator for CoordinatorService {
         let m = StepMetrics::try_from(m).map_err(Error::from)?;
         let who = caller(r.worker_id, r.session_secret);
         let (checkpoint, trainer_state_json) =
-            self.state.report_step_metrics(&who, r.generation, m)?;
+            self.state.report_step_metrics(&who, r.generation, m).await?;
         Ok(Response::new(pb::ReportStepMetricsResponse { checkpoint, trainer_state_json }))
     }
 
