@@ -1,13 +1,18 @@
 //! The gRPC services. Handlers convert the wire types at the edge, call into
 //! [`CoordinatorState`], and end with `?`; errors map to `Status` in one place (`error.rs`).
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dancegrpo_proto::convert::{clean_text, job_config_to_wire};
 use dancegrpo_proto::pb::coordinator_server::Coordinator;
 use dancegrpo_proto::pb::job_service_server::JobService;
-use dancegrpo_proto::{StepMetrics, TrajectoryRewards, WorkerId, WorkerInfo, WorkerState, pb};
+use dancegrpo_proto::{
+    JobState, StepMetrics, TrajectoryRewards, WorkerId, WorkerInfo, WorkerState, pb,
+};
+use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -22,12 +27,53 @@ pub struct CoordinatorService {
     /// Whether calls are checked against a job token, without which nobody may stop or
     /// cancel the job (anyone who reaches the port could).
     authenticated: bool,
+    statuses: Arc<Mutex<StatusCache>>,
+}
+
+/// How long a converted status answer is reused while nothing else changes. Only heartbeat
+/// times change without a new status version, so they are at most this much behind.
+pub const STATUS_REUSE: Duration = Duration::from_millis(250);
+
+/// At most this many (job, history limit) answers are kept: both are chosen by clients.
+const STATUS_ENTRIES: usize = 16;
+
+/// Converted status answers by (job, history limit), all of one status version: many pollers
+/// and every watcher woken by one change share one conversion.
+#[derive(Debug, Default)]
+struct StatusCache {
+    version: u64,
+    entries: HashMap<(Option<String>, Option<u32>), (Instant, pb::JobStatus)>,
 }
 
 impl CoordinatorService {
     /// Wraps the state; `authenticated` says whether the server checks a job token.
     pub fn new(state: Arc<CoordinatorState>, authenticated: bool) -> Self {
-        Self { state, authenticated }
+        Self { state, authenticated, statuses: Default::default() }
+    }
+
+    /// The status of `job` (`None`: this one) with its latest `history` iterations, converted
+    /// once per status version and reused for [`STATUS_REUSE`].
+    fn status(&self, job: Option<&str>, history: Option<u32>) -> Result<pb::JobStatus, Error> {
+        // Read before the snapshot: a change after it makes the entry stale, never the
+        // other way round.
+        let version = self.state.version();
+        let key = (job.map(str::to_string), history);
+        {
+            let cache = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, status)) = cache.entries.get(&key) {
+                if cache.version == version && at.elapsed() < STATUS_REUSE {
+                    return Ok(status.clone());
+                }
+            }
+        }
+        let status = status_to_pb(&self.state.snapshot_with(job, history)?);
+        let mut cache = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.version != version || cache.entries.len() >= STATUS_ENTRIES {
+            cache.version = version;
+            cache.entries.clear();
+        }
+        cache.entries.insert(key, (Instant::now(), status.clone()));
+        Ok(status)
     }
 
     /// Operator actions need the token: refused outright when the server has none.
@@ -235,8 +281,8 @@ impl JobService for CoordinatorService {
         req: Request<pb::GetJobStatusRequest>,
     ) -> Result<Response<pb::GetJobStatusResponse>, Status> {
         let req = req.into_inner();
-        let snap = self.state.snapshot_with(job_filter(&req.job_id), history(req.history_limit))?;
-        Ok(Response::new(pb::GetJobStatusResponse { status: Some(status_to_pb(&snap)) }))
+        let status = self.status(job_filter(&req.job_id), history(req.history_limit))?;
+        Ok(Response::new(pb::GetJobStatusResponse { status: Some(status) }))
     }
 
     type WatchJobStream = StatusStream;
@@ -249,15 +295,15 @@ impl JobService for CoordinatorService {
         let limit = history(req.get_ref().history_limit);
         // Fail fast on an unknown job instead of opening a stream that errors later.
         self.state.snapshot(job.as_deref())?;
-        let state = self.state.clone();
-        let mut changes = state.subscribe();
+        let svc = self.clone();
+        let mut changes = self.state.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
-                let item = state.snapshot_with(job.as_deref(), limit).map_err(Status::from);
-                let terminal = matches!(&item, Ok(s) if s.job.state.is_terminal());
-                let item =
-                    item.map(|s| pb::GetJobStatusResponse { status: Some(status_to_pb(&s)) });
+                let item = svc.status(job.as_deref(), limit).map_err(Status::from);
+                let terminal = matches!(&item,
+                    Ok(s) if JobState::try_from(s.state()).is_ok_and(JobState::is_terminal));
+                let item = item.map(|s| pb::GetJobStatusResponse { status: Some(s) });
                 // A send error means the client went away: stop following.
                 if tx.send(item).await.is_err() || terminal {
                     break;
@@ -313,4 +359,67 @@ fn history(limit: u32) -> Option<u32> {
 fn operator_reason(reason: &str) -> String {
     let r = clean_text(reason);
     if r.is_empty() { "no reason given".into() } else { r }
+}
+
+#[cfg(test)]
+mod tests {
+    use dancegrpo_proto::{JobConfig, WorkerInfo, WorkerState};
+
+    use super::*;
+    use crate::config::{CoordinatorSettings, Topology};
+
+    fn info(local_rank: u32) -> WorkerInfo {
+        WorkerInfo {
+            host: "h".into(),
+            node_rank: 0,
+            local_rank,
+            device: "cpu".into(),
+            device_description: "cpu".into(),
+            pid: 1,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_is_converted_once_per_change_and_heartbeat_times_lag_by_at_most_the_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("videos2caption.json");
+        std::fs::write(&data, r#"[{"caption": "a"}]"#).unwrap();
+        let state = CoordinatorState::open(CoordinatorSettings {
+            job: JobConfig {
+                data_json_path: data.display().to_string(),
+                output_dir: dir.path().join("out").display().to_string(),
+                ..JobConfig::default()
+            },
+            topology: Topology::new(1, 2, None).unwrap(),
+            db_path: dir.path().join("db.sqlite"),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            store_port: 29501,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            adopt_config: false,
+        })
+        .unwrap();
+        let svc = CoordinatorService::new(state.clone(), true);
+        let a = state.register(info(0), None).unwrap().caller();
+        let first = svc.status(None, None).unwrap();
+        assert_eq!(first.workers.len(), 1);
+        // A heartbeat changes only its time: the answer is reused for a while.
+        std::thread::sleep(Duration::from_millis(5));
+        state.heartbeat(&a, WorkerState::Waiting).unwrap();
+        assert_eq!(svc.status(None, None).unwrap(), first, "reused");
+        let beat = |s: &pb::JobStatus| s.workers[0].last_heartbeat_unix_ms;
+        tokio::time::advance(STATUS_REUSE).await;
+        assert!(beat(&svc.status(None, None).unwrap()) > beat(&first), "then converted again");
+        // Any other change is seen at once, by every (job, limit).
+        state.register(info(1), None).unwrap();
+        assert_eq!(svc.status(None, None).unwrap().workers.len(), 2);
+        let id = state.job_id().to_string();
+        assert_eq!(svc.status(Some(&id), Some(1)).unwrap().workers.len(), 2);
+        assert!(svc.status(Some("no-such-job"), None).is_err(), "errors are not kept");
+        // Clients choose the keys: the kept answers stay few.
+        for limit in 1..100 {
+            svc.status(None, Some(limit)).unwrap();
+        }
+        assert!(svc.statuses.lock().unwrap().entries.len() <= STATUS_ENTRIES);
+    }
 }

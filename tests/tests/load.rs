@@ -23,11 +23,32 @@ fn job() -> String {
     format!("job_name = \"load\"\nmax_train_steps = {}\nnum_generations = 2\n", steps())
 }
 
-/// Seconds per iteration from step 2 to the end (the first ones load the model), and the run's
-/// status at the end.
-async fn run(clients: usize) -> (f64, pb::JobStatus, u64, u64) {
+/// CPU seconds (user and system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process runs");
+    // `pid (comm) S ...`: utime and stime are fields 14 and 15, the 12th and 13th after ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// What one run measured.
+struct Run {
+    /// Seconds per iteration from step 2 to the end (the first ones load the model).
+    per_iteration: f64,
+    /// The status at the end.
+    status: pb::JobStatus,
+    calls: u64,
+    updates: u64,
+    /// CPU seconds the coordinator used over the run.
+    coordinator_cpu: f64,
+}
+
+async fn run(clients: usize) -> Run {
     let c = Cluster::new(&job());
-    let (_coord, addr) = c.coordinator(COORD);
+    let (coord, addr) = c.coordinator(COORD);
     let mut ws = [c.worker(&addr, 0, 0, &[]), c.worker(&addr, 0, 1, &[])];
     let calls = Arc::new(AtomicU64::new(0));
     let updates = Arc::new(AtomicU64::new(0));
@@ -91,23 +112,35 @@ async fn run(clients: usize) -> (f64, pb::JobStatus, u64, u64) {
             c.logs()
         );
     }
-    let s = job_status(&addr).await.unwrap();
-    (per_iteration, s, calls.load(Ordering::Relaxed), updates.load(Ordering::Relaxed))
+    let status = job_status(&addr).await.unwrap();
+    Run {
+        per_iteration,
+        status,
+        calls: calls.load(Ordering::Relaxed),
+        updates: updates.load(Ordering::Relaxed),
+        coordinator_cpu: cpu_seconds(coord.child.id()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_pollers_and_watchers_do_not_disturb_training() {
     let clients = std::env::var("LOAD_CLIENTS").map_or(8, |n| n.parse().expect("a count"));
-    let (unloaded, _, _, _) = run(0).await;
-    let (loaded, s, calls, updates) = run(clients).await;
+    let idle = run(0).await;
+    let Run { per_iteration: loaded, status: s, calls, updates, coordinator_cpu } =
+        run(clients).await;
+    let unloaded = idle.per_iteration;
     assert_eq!((s.step, s.generation), (steps(), 1), "no re-formed world: {}", s.message);
     assert!(s.workers.iter().all(|w| w.state == pb::WorkerState::Stopped as i32), "{s:?}");
     assert!(calls > 0 && updates >= clients as u64, "{calls} calls, {updates} updates");
     println!(
         "load: {clients} pollers at 20/s and {clients} watchers; {calls} polls and {updates} \
-         stream updates answered; {:.3} s per iteration loaded vs {:.3} s unloaded ({:+.1} %)",
+         stream updates answered; {:.3} s per iteration loaded vs {:.3} s unloaded ({:+.1} %); \
+         coordinator CPU {:.2} s loaded vs {:.2} s unloaded, {:.0} µs per poll or update",
         loaded,
         unloaded,
-        (loaded / unloaded - 1.0) * 100.0
+        (loaded / unloaded - 1.0) * 100.0,
+        coordinator_cpu,
+        idle.coordinator_cpu,
+        (coordinator_cpu - idle.coordinator_cpu) * 1e6 / (calls + updates) as f64
     );
 }

@@ -263,6 +263,11 @@ impl CoordinatorState {
         self.changed.subscribe()
     }
 
+    /// A counter that grows with every change of the status but heartbeat times.
+    pub fn version(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would be a bug; the state is still the last
         // persisted one, so keep serving rather than poisoning every later request.
