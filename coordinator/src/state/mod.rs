@@ -12,14 +12,11 @@
 //! [`training`] holds the prompt stream and the iteration in flight.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dancegrpo_proto::{
-    Advantages, JobConfig, JobId, JobState, NonFinitePolicy, PROTOCOL_VERSION, RankAssignment,
-    Restore, SessionSecret, StepMetrics, StoreAddress, TrajectoryRewards, Work, WorkerId,
-    WorkerInfo, WorkerState,
+    JobConfig, JobId, JobState, PROTOCOL_VERSION, RankAssignment, SessionSecret, WorkerId,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -27,7 +24,6 @@ use tokio::time::Instant;
 use crate::config::CoordinatorSettings;
 use crate::db::{Db, IterationRecord, JobRecord, WorkerRecord};
 use crate::error::{Error, Result};
-use crate::iteration::{Iteration, IterationError};
 use crate::lifecycle::{JobEvent, Lifecycle, WorkerEvent};
 use crate::outputs::{self, OutputTask, Outputs, TrainerState};
 use crate::schedule::{Cursor, PromptSampler};

@@ -1,4 +1,7 @@
-use super::*;
+use super::{CoordinatorState, Inner, checkpoint_due};
+use crate::db::JobRecord;
+use crate::error::{Error, Result};
+use crate::lifecycle::{JobEvent, Lifecycle};
 
 impl CoordinatorState {
     /// An operator's stop: the iteration in flight finishes, rank 0 checkpoints it, and the

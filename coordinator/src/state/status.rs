@@ -1,4 +1,10 @@
-use super::*;
+use std::sync::Arc;
+
+use dancegrpo_proto::JobId;
+
+use super::{CoordinatorState, JobSnapshot};
+use crate::db::{JobRecord, WorkerRecord};
+use crate::error::{Error, Result};
 
 impl CoordinatorState {
     /// The job this coordinator runs.

@@ -1,5 +1,16 @@
-use super::*;
-use crate::outputs::Written;
+use std::sync::Arc;
+
+use dancegrpo_proto::{
+    Advantages, JobState, NonFinitePolicy, Restore, StepMetrics, TrajectoryRewards, Work,
+};
+use tokio::time::Instant;
+
+use super::{Caller, CoordinatorState, Inner, LONG_POLL, Training, checkpoint_due};
+use crate::db::IterationRecord;
+use crate::error::{Error, Result};
+use crate::iteration::{Iteration, IterationError};
+use crate::lifecycle::{JobEvent, Lifecycle};
+use crate::outputs::{self, TrainerState, Written};
 
 /// An iteration every rank has reported, on its way to the files and the database.
 #[derive(Debug)]

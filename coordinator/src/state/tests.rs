@@ -1,5 +1,7 @@
 //! The state machine driven through its public calls, as the service drives it.
 
+use dancegrpo_proto::{NonFinitePolicy, StepMetrics, TrajectoryRewards, WorkerInfo, WorkerState};
+
 use super::*;
 use crate::config::Topology;
 

@@ -1,9 +1,15 @@
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::*;
-use crate::lifecycle::job_next;
+use dancegrpo_proto::{JobConfig, layout};
+
+use crate::db::{Db, IterationRecord, JobRecord};
+use crate::error::{Error, Result};
+use crate::iteration::Iteration;
+use crate::lifecycle::{JobEvent, Lifecycle, job_next};
 use crate::outputs::OutputTask;
-use dancegrpo_proto::layout;
+use crate::schedule::{Cursor, PromptSampler};
 
 /// The training side of the job: the prompt stream, the iteration in flight and the outputs.
 #[derive(Debug)]

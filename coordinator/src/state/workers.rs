@@ -1,4 +1,15 @@
-use super::*;
+use std::time::Duration;
+
+use dancegrpo_proto::{
+    JobState, RankAssignment, SessionSecret, StoreAddress, WorkerId, WorkerInfo, WorkerState,
+};
+use tokio::time::Instant;
+
+use super::{Caller, CoordinatorState, Inner, Registration, now_ms};
+use crate::config::CoordinatorSettings;
+use crate::db::{Db, JobRecord, WorkerRecord};
+use crate::error::{Error, Result};
+use crate::lifecycle::{JobEvent, Lifecycle, WorkerEvent};
 
 #[derive(Debug)]
 pub(super) struct Worker {
