@@ -23,6 +23,8 @@ pub mod error;
 pub mod flux;
 /// FLUX latent packing and position ids.
 pub mod latents;
+/// The worker's side of the world's lifecycle: joining, training, paused.
+pub mod lifecycle;
 /// Prompts file to text embeddings (`preprocess`).
 pub mod preprocess;
 /// The one reader of `torch.save` files: one tensor, or a state dict.
@@ -50,12 +52,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use dancegrpo_proto::{JobState, RankAssignment};
+use dancegrpo_proto::JobState;
 pub use error::{Error, Result};
 use session::{Session, SessionSettings};
 
 use crate::compute::ComputeThread;
 use crate::device::Device;
+use crate::lifecycle::{Action, Event, Phase};
 use crate::world::World;
 
 /// A worker process's settings.
@@ -72,8 +75,27 @@ pub struct WorkerSettings {
     pub threads: Option<usize>,
 }
 
-type Joining = Pin<Box<dyn Future<Output = (RankAssignment, Result<String>)> + Send>>;
-type Training = Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send>>;
+/// The work of the current [`Phase`]: the rendezvous of `Joining` or the driver of
+/// `Training`. Dropping it voids it (a re-formed world restores from the checkpoint).
+enum Work {
+    Join(Pin<Box<dyn Future<Output = Result<String>> + Send>>),
+    Train(Pin<Box<dyn Future<Output = Result<train::driver::Ended>> + Send>>),
+}
+
+/// How a [`Work`] ended: the backend of the formed group, or how training stopped.
+enum Finished {
+    Join(Result<String>),
+    Train(Result<train::driver::Ended>),
+}
+
+impl Work {
+    async fn finish(&mut self) -> Finished {
+        match self {
+            Work::Join(f) => Finished::Join(f.await),
+            Work::Train(f) => Finished::Train(f.await),
+        }
+    }
+}
 
 /// How long a paused rank waits for a new world before it asks for work again.
 const RETRY_PAUSED: Duration = Duration::from_secs(2);
@@ -117,42 +139,38 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
     let mut heartbeats = tokio::spawn(session.clone().heartbeat_loop(hb_stop.clone()));
     let mut assignment = session.assignment();
     let mut job_state = session.job_state();
-    // The generation whose process group this rank has formed (or is forming).
-    let mut formed: Option<u64> = None;
     // The newest generation assigned, which a rendezvous in progress on the compute thread
     // watches: a newer one calls it off at once.
     let generations = dist::Generations::default();
-    let mut joining: Option<Joining> = None;
-    let mut training: Option<Training> = None;
-    // The assignment whose group is formed, and when to try training on it again after a pause.
-    let mut ready: Option<RankAssignment> = None;
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut phase = Phase::default();
+    let mut work: Option<Work> = None;
     let mut panics = 0;
-    let outcome = loop {
-        let current = assignment.borrow_and_update().clone();
-        if let Some(a) = &current {
-            generations.assigned(a.generation);
-        }
-        if let Some(a) = current.filter(|a| joining.is_none() && formed != Some(a.generation)) {
+    // What a transition starts; a join or a training started replaces the work before it.
+    let start = |action: Action, work: &mut Option<Work>| match action {
+        Action::None | Action::ReportFailedJoin { .. } => {}
+        Action::Join(a) => {
             tracing::info!(rank = a.rank, world_size = a.world_size, generation = a.generation,
                 store = %format!("{}:{}", a.store.host, a.store.port), "rank assigned; forming the process group");
-            formed = Some(a.generation);
-            // The old world's work is void; the new one restores from the last checkpoint.
-            training = None;
-            ready = None;
-            retry_at = None;
-            let compute = compute.clone();
-            let backend = backend_override.clone();
-            let generations = generations.clone();
-            joining = Some(Box::pin(async move {
-                let r = compute
-                    .run({
-                        let a = a.clone();
-                        move |w: &mut World| w.join(&a, &backend, collective_timeout, &generations)
+            let (compute, backend, generations) =
+                (compute.clone(), backend_override.clone(), generations.clone());
+            *work = Some(Work::Join(Box::pin(async move {
+                compute
+                    .run(move |w: &mut World| {
+                        w.join(&a, &backend, collective_timeout, &generations)
                     })
-                    .await;
-                (a, r.and_then(|r| r.map(|b| b.to_string())))
-            }));
+                    .await
+                    .and_then(|r| r.map(|b| b.to_string()))
+            })));
+        }
+        Action::Train(a) => {
+            let run = train::driver::run(session.clone(), compute.clone(), a, job_config.clone());
+            *work = Some(Work::Train(Box::pin(run)));
+        }
+    };
+    let outcome = loop {
+        if let Some(a) = assignment.borrow_and_update().clone() {
+            generations.assigned(a.generation);
+            start(phase.on(Event::Assigned(a)), &mut work);
         }
         let js = *job_state.borrow_and_update();
         if js == JobState::Failed {
@@ -162,7 +180,11 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
             tracing::info!(state = %js, "job ended");
             break Ok(format!("job {js}"));
         }
-        tokio::select! {
+        let retry_at = match &phase {
+            Phase::Paused { until, .. } => Some(*until),
+            _ => None,
+        };
+        let event = tokio::select! {
             _ = shutdown.cancelled() => break Ok("signal".to_string()),
             r = &mut heartbeats => {
                 break match r {
@@ -171,71 +193,54 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> Resul
                     Err(e) => Err(Error::Compute(format!("heartbeat task: {e}"))),
                 };
             }
-            (a, r) = async { joining.as_mut().expect("guarded").await }, if joining.is_some() => {
-                joining = None;
-                match r {
-                    Ok(backend) => {
-                        tracing::info!(rank = a.rank, world_size = a.world_size,
-                            generation = a.generation, %backend, "process group ready");
-                        ready = Some(a.clone());
-                        training = Some(Box::pin(train::driver::run(
-                            session.clone(),
-                            compute.clone(),
-                            a,
-                            job_config.clone(),
-                        )));
+            f = async { work.as_mut().expect("guarded").finish().await }, if work.is_some() => {
+                work = None;
+                let generation = phase.generation().unwrap_or_default();
+                let retry = tokio::time::Instant::now() + RETRY_PAUSED;
+                match f {
+                    Finished::Join(Ok(backend)) => {
+                        tracing::info!(generation, %backend, "process group ready");
+                        Event::Joined
                     }
                     // The coordinator has moved on: the new assignment is already here.
-                    Err(Error::Dist(e @ dist::DistError::Abandoned { .. })) => {
+                    Finished::Join(Err(Error::Dist(e @ dist::DistError::Abandoned { .. }))) => {
                         tracing::info!(cause = %e, "process group not formed; joining the newer world");
+                        Event::Abandoned
                     }
                     // A peer that is slow, gone or not yet back: this generation cannot
                     // form. Wait for the next one instead of exiting.
-                    Err(Error::Dist(e)) => {
-                        tracing::warn!(generation = a.generation, cause = %e,
+                    Finished::Join(Err(Error::Dist(e))) => {
+                        tracing::warn!(generation, cause = %e,
                             "process group not formed; waiting for a new world");
-                        session.reform(a.generation, &e.to_string()).await;
+                        Event::JoinFailed(e.to_string())
                     }
-                    Err(e) => break Err(e),
-                }
-            }
-            r = async { training.as_mut().expect("guarded").await }, if training.is_some() => {
-                training = None;
-                match r {
-                    Ok(train::driver::Ended::Done) => break Ok("job done".to_string()),
-                    Ok(train::driver::Ended::Paused(why)) => {
+                    Finished::Train(Ok(train::driver::Ended::Done)) => break Ok("job done".into()),
+                    Finished::Train(Ok(train::driver::Ended::Paused(why))) => {
                         tracing::warn!(cause = %why, "training paused until the world re-forms");
-                        retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);
+                        Event::Paused(retry)
                     }
-                    Ok(train::driver::Ended::Panicked(m)) => {
+                    Finished::Train(Ok(train::driver::Ended::Panicked(m))) => {
                         panics += 1;
                         if panics >= MAX_PANICS {
                             break Err(Error::Panicked(format!("{m} ({panics} times)")));
                         }
                         tracing::error!(cause = %m, panics,
                             "compute job panicked; rejoining from the last checkpoint");
-                        retry_at = Some(tokio::time::Instant::now() + RETRY_PAUSED);
+                        Event::Paused(retry)
                     }
-                    Err(e) => break Err(e),
+                    Finished::Join(Err(e)) | Finished::Train(Err(e)) => break Err(e),
                 }
             }
             // Nothing re-formed the world (a transient error, a coordinator that came back
             // with the same world): ask for work again; a stale world is told so and waits.
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
-                if retry_at.is_some() && training.is_none() && joining.is_none() =>
-            {
-                retry_at = None;
-                if let Some(a) = ready.clone() {
-                    training = Some(Box::pin(train::driver::run(
-                        session.clone(),
-                        compute.clone(),
-                        a,
-                        job_config.clone(),
-                    )));
-                }
-            }
-            _ = assignment.changed() => {}
-            _ = job_state.changed() => {}
+                if retry_at.is_some() => Event::RetryDue,
+            _ = assignment.changed() => continue,
+            _ = job_state.changed() => continue,
+        };
+        match phase.on(event) {
+            Action::ReportFailedJoin { generation, why } => session.reform(generation, &why).await,
+            action => start(action, &mut work),
         }
     };
     let reason = match &outcome {
