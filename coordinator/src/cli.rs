@@ -1,6 +1,7 @@
 //! The client side of the job API: `status`, `watch` and `list`, printed for humans or as JSON,
 //! and the operator's `stop` and `cancel`.
 
+use std::error::Error as _;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -28,15 +29,23 @@ pub struct Target {
 /// A job API client that sends the job token with every call.
 pub type Client = JobServiceClient<InterceptedService<Channel, ClientAuth>>;
 
-/// The message of a refused call; a missing or wrong token says how to give one.
-fn refused(rpc: &str, e: &tonic::Status) -> anyhow::Error {
-    let mut m = format!("{rpc} failed: {}", e.message());
-    // A failed handshake shows only in the causes (an untrusted certificate, a missing one).
-    let mut cause = std::error::Error::source(e);
+/// `m` followed by each cause in the chain from `cause`, each text once: some causes print
+/// their own source too.
+fn with_causes(mut m: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(c) = cause {
-        m += &format!(": {c}");
+        let text = c.to_string();
+        if !m.contains(&text) {
+            m += &format!(": {text}");
+        }
         cause = c.source();
     }
+    m
+}
+
+/// The message of a refused call; a missing or wrong token says how to give one.
+fn refused(rpc: &str, e: &tonic::Status) -> anyhow::Error {
+    // A failed handshake shows only in the causes (an untrusted certificate, a missing one).
+    let mut m = with_causes(format!("{rpc} failed: {}", e.message()), std::error::Error::source(e));
     // No reason of ours: the connection failed, not the call.
     if dancegrpo_proto::Reason::of(e).is_none() {
         m += " (a coordinator serving TLS needs --tls-ca; under mutual TLS also \
@@ -58,7 +67,10 @@ pub async fn connect(target: &Target) -> anyhow::Result<Client> {
         .connect()
         .await
         // The causes say what went wrong: a refused connection, an untrusted certificate.
-        .map_err(|e| anyhow::Error::new(e).context(format!("cannot reach coordinator at {uri}")))?;
+        .map_err(|e| {
+            let m = with_causes(format!("cannot reach coordinator at {uri}: {e}"), e.source());
+            anyhow::anyhow!(m)
+        })?;
     Ok(JobServiceClient::with_interceptor(channel, ClientAuth::new(target.token.clone())))
 }
 

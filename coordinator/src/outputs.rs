@@ -65,19 +65,10 @@ pub fn in_output_dir(cfg: &JobConfig, path: &str) -> PathBuf {
 /// worker yet) every temporary one. A replaced copy whose checkpoint is missing is that step's
 /// only complete copy, and stays. Best effort: what cannot be removed is logged and left.
 pub fn sweep_leftovers(cfg: &JobConfig, upto: Option<u64>) {
-    for l in layout::leftovers(Path::new(&cfg.output_dir)) {
+    layout::remove_leftovers(Path::new(&cfg.output_dir), |l| {
         let done = upto.is_none_or(|at| l.step <= at);
-        let stale = done && (l.kind == LeftoverKind::Tmp || l.published());
-        if !stale {
-            continue;
-        }
-        match std::fs::remove_dir_all(&l.path) {
-            Ok(()) => tracing::info!(path = %l.path.display(),
-                "removed a checkpoint folder that an interrupted write left behind"),
-            Err(e) => tracing::warn!(path = %l.path.display(), cause = %e,
-                "cannot remove a stale checkpoint folder"),
-        }
-    }
+        done && (l.kind == LeftoverKind::Tmp || l.published())
+    });
 }
 
 /// Finds the checkpoint a new job starts from: `latest` is the newest complete

@@ -89,6 +89,20 @@ pub fn leftovers(output_dir: &Path) -> Vec<Leftover> {
     found
 }
 
+/// Removes the leftovers of `output_dir` that `stale` picks, with a log line for each: the
+/// coordinator at start and rank 0 before each checkpoint write, each with its own rule for
+/// which may still have a writer at work.
+pub fn remove_leftovers(output_dir: &Path, stale: impl Fn(&Leftover) -> bool) {
+    for l in leftovers(output_dir).into_iter().filter(|l| stale(l)) {
+        match std::fs::remove_dir_all(&l.path) {
+            Ok(()) => tracing::info!(path = %l.path.display(),
+                "removed a checkpoint folder that an interrupted write left behind"),
+            Err(e) => tracing::warn!(path = %l.path.display(), cause = %e,
+                "cannot remove a stale checkpoint folder"),
+        }
+    }
+}
+
 /// A step as written in a folder name: digits only (`u64::from_str` would take a `+`).
 fn step_of(digits: &str) -> Option<u64> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {

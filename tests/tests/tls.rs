@@ -13,6 +13,8 @@ fn path(p: &std::path::Path) -> String {
 fn refused(out: &std::process::Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(needle), "wanted {needle:?}: {err}");
+    // Each cause is said once, though some print their own source too.
+    assert_eq!(err.matches(needle).count(), 1, "{needle:?} repeated: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

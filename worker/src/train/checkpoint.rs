@@ -414,20 +414,10 @@ where
 /// `checkpoint-<N>` is the only complete copy of that step, and stays. Best effort: what
 /// cannot be removed is logged and left.
 fn remove_stale(output_dir: &Path, own_pid: u32) {
-    for l in layout::leftovers(output_dir) {
-        let stale = match l.kind {
-            LeftoverKind::Tmp => l.pid != own_pid,
-            LeftoverKind::Old => l.published(),
-        };
-        if stale {
-            match fs::remove_dir_all(&l.path) {
-                Ok(()) => tracing::info!(path = %l.path.display(),
-                    "removed a checkpoint folder that an interrupted write left behind"),
-                Err(err) => tracing::warn!(path = %l.path.display(), cause = %err,
-                    "cannot remove a stale checkpoint folder"),
-            }
-        }
-    }
+    layout::remove_leftovers(output_dir, |l| match l.kind {
+        LeftoverKind::Tmp => l.pid != own_pid,
+        LeftoverKind::Old => l.published(),
+    });
 }
 
 /// The `checkpoint-<step>` folder in `output_dir` with the highest step, ignoring temporary
