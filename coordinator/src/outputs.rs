@@ -101,7 +101,7 @@ pub fn dataset_len(cfg: &JobConfig) -> Result<u64> {
     let bad = |message: String| Error::Data { path: raw.clone(), message };
     let p = Path::new(raw);
     let file = if p.is_dir() {
-        ["manifest.json", "videos2caption.json"]
+        [layout::DATA_MANIFEST, layout::REFERENCE_INDEX]
             .iter()
             .map(|n| p.join(n))
             .find(|f| f.is_file())

@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use dancegrpo_proto::JobConfig;
 use dancegrpo_proto::config::MODEL_REWARDS;
 use dancegrpo_proto::files::{self, FileError, HpsFiles};
+use dancegrpo_proto::{JobConfig, layout};
 
 use crate::error::{Error, Result};
 use crate::outputs::{self, TrainerState};
@@ -69,7 +69,7 @@ fn shown(key: &str, e: &FileError) -> String {
 fn data(cfg: &JobConfig) -> Vec<FileError> {
     let p = Path::new(&cfg.data_json_path);
     let dir = if p.is_dir() { p } else { p.parent().unwrap_or(Path::new(".")) };
-    let manifest = if p.is_dir() { p.join("manifest.json") } else { p.to_path_buf() };
+    let manifest = if p.is_dir() { p.join(layout::DATA_MANIFEST) } else { p.to_path_buf() };
     let text = |f: &Path| std::fs::read_to_string(f).ok();
     let json = |f: &Path| text(f).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     // What cannot be read at all is `dataset_len`'s error.

@@ -1,5 +1,7 @@
 //! The names of checkpoint folders in a job's `output_dir`, said once: rank 0 writes them, the
-//! coordinator resumes from them and sweeps what interrupted writes left behind.
+//! coordinator resumes from them and sweeps what interrupted writes left behind. Also the
+//! names of the prompt dataset's index files, which the coordinator counts and the workers
+//! read.
 //!
 //! A checkpoint is written as `.checkpoint-<step>.tmp-<pid>` and renamed to
 //! `checkpoint-<step>` once complete; replacing one parks the old copy as
@@ -8,6 +10,11 @@
 use std::path::{Path, PathBuf};
 
 const PREFIX: &str = "checkpoint-";
+
+/// The prompt dataset's manifest in this project's layout (`dancegrpo-worker preprocess`).
+pub const DATA_MANIFEST: &str = "manifest.json";
+/// The prompt dataset's index in the reference's layout (DanceGRPO, MindSpeed-MM).
+pub const REFERENCE_INDEX: &str = "videos2caption.json";
 
 /// The finished checkpoint of `step`.
 pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {

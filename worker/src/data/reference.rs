@@ -11,7 +11,7 @@ use super::{DataError, DatasetSpec, PromptDataset, PromptItem};
 use crate::pt;
 
 /// The index file's name.
-pub const INDEX: &str = "videos2caption.json";
+pub const INDEX: &str = dancegrpo_proto::layout::REFERENCE_INDEX;
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Entry {

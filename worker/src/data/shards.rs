@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 use super::{DataError, DatasetSpec, PromptDataset, PromptItem};
 
 /// The manifest's file name.
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = dancegrpo_proto::layout::DATA_MANIFEST;
 /// The format tag in manifests and shard metadata.
 pub const FORMAT: &str = "dancegrpo-prompt-embeds/1";
 
