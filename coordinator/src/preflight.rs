@@ -81,7 +81,7 @@ fn data(cfg: &JobConfig) -> Vec<FileError> {
             .filter_map(|s| files::check_safetensors(&dir.join(s)).err())
             .collect();
     }
-    let index = if p.is_dir() { p.join("videos2caption.json") } else { p.to_path_buf() };
+    let index = if p.is_dir() { p.join(layout::REFERENCE_INDEX) } else { p.to_path_buf() };
     let Some(serde_json::Value::Array(items)) = json(&index) else { return vec![] };
     let mut problems = Vec::new();
     for (i, item) in items.iter().enumerate() {
