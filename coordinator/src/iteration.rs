@@ -68,6 +68,8 @@ pub struct Iteration {
     groups: BTreeMap<u64, Group>,
     refill: BTreeMap<u32, Vec<WorkItem>>,
     metrics: BTreeMap<u32, StepMetrics>,
+    /// Ranks that were handed their advantages: only they can have trained on them.
+    handed: BTreeSet<u32>,
     num_rewards: usize,
     num_generations: u32,
 }
@@ -116,6 +118,7 @@ impl Iteration {
             groups,
             refill: BTreeMap::new(),
             metrics: BTreeMap::new(),
+            handed: BTreeSet::new(),
             num_rewards: cfg.rewards.len(),
             num_generations: cfg.num_generations,
         })
@@ -290,6 +293,7 @@ impl Iteration {
             let pos = self.members(s.item.group_id).position(|m| m.item == s.item)?;
             out.push(TrajectoryAdvantage { item: s.item, advantages: adv[pos].clone() });
         }
+        self.handed.insert(rank);
         Some(Advantages { iteration: self.index, advantages: out, refill: vec![] })
     }
 
@@ -298,10 +302,23 @@ impl Iteration {
         self.metrics.contains_key(&rank)
     }
 
-    /// Records `rank`'s step metrics; true once every rank has reported.
-    pub fn record_metrics(&mut self, rank: u32, m: StepMetrics) -> bool {
+    /// Records `rank`'s step metrics; true once every rank has reported. A rank that was
+    /// never handed its advantages cannot have trained on them: its report is refused.
+    pub fn record_metrics(&mut self, rank: u32, m: StepMetrics) -> Result<bool, IterationError> {
+        self.check_handed(rank)?;
         self.metrics.insert(rank, m);
-        self.metrics.len() == self.plan.len()
+        Ok(self.metrics.len() == self.plan.len())
+    }
+
+    /// Refuses a report of `rank`'s update before it was handed the advantages of it.
+    pub fn check_handed(&self, rank: u32) -> Result<(), IterationError> {
+        if self.handed.contains(&rank) {
+            return Ok(());
+        }
+        Err(IterationError::Invalid(format!(
+            "rank {rank} reports its update of iteration {} before it was given its advantages",
+            self.index + 1
+        )))
     }
 
     /// Checks that every rank ended the iteration with the same weights.
@@ -508,10 +525,18 @@ mod tests {
         let mut s = PromptSampler::new(1, 10, Cursor::default());
         let mut it = Iteration::plan(0, 1, &c, 2, &mut s).unwrap();
         let m = |f: f64| StepMetrics { weights_fingerprint: f, ..Default::default() };
-        assert!(!it.record_metrics(0, m(1.5)));
-        assert!(it.record_metrics(1, m(1.5)));
+        let e = it.record_metrics(0, m(1.5)).unwrap_err();
+        assert!(e.to_string().contains("before it was given its advantages"), "{e}");
+        for rank in [0, 1] {
+            it.report(rank, rewards_for(&it, rank, |_| 0.5), &c, &mut s).unwrap();
+        }
+        for rank in [0, 1] {
+            it.advantages(rank).unwrap();
+        }
+        assert!(!it.record_metrics(0, m(1.5)).unwrap());
+        assert!(it.record_metrics(1, m(1.5)).unwrap());
         it.check_replicas().unwrap();
-        it.record_metrics(1, m(1.5000001));
+        it.record_metrics(1, m(1.5000001)).unwrap();
         let e = it.check_replicas().unwrap_err();
         assert!(e.to_string().contains("replicas diverged"), "{e}");
     }

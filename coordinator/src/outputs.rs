@@ -251,7 +251,7 @@ impl Outputs {
 
 /// The output files, written in order by a thread of their own, so that the reward log's
 /// fsync and the PNG redraw never hold the state lock: training goes on while they are
-/// written. Commands run in the order they are sent; a reopen after a rewind therefore lands
+/// written. Commands run in the order they are sent; a cut-back after a rewind therefore lands
 /// after the record of an iteration the rewind discards.
 #[derive(Debug, Clone)]
 pub struct OutputTask {
@@ -263,7 +263,7 @@ enum Command {
     /// Appends one finished iteration; `history` holds it and all before it.
     Record { line: serde_json::Value, history: Vec<Vec<f64>>, done: mpsc::Sender<Result<()>> },
     /// Cuts the files back to `history` (a rewind).
-    Reopen { cfg: Box<JobConfig>, history: Vec<Vec<f64>> },
+    Reopen { cfg: Box<JobConfig>, history: Vec<Vec<f64>>, done: mpsc::Sender<Result<()>> },
 }
 
 fn writer_stopped() -> Error {
@@ -295,14 +295,16 @@ impl OutputTask {
         Written { rx: sent.then_some(rx) }
     }
 
-    /// Cuts the files back to `history`, after every record sent before. A failure is logged,
-    /// and every later record fails with it until a reopen succeeds: lines appended to files
-    /// that were not cut back would not match the job.
-    pub fn reopen(&self, cfg: &JobConfig, history: &[Vec<f64>]) {
-        let cmd = Command::Reopen { cfg: Box::new(cfg.clone()), history: history.to_vec() };
-        if self.tx.send(cmd).is_err() {
-            tracing::error!("output files not cut back: {}", writer_stopped());
-        }
+    /// Cuts the files back to `history`, after every record sent before, and returns once
+    /// they are. A rewind waits for it under the state lock: it is rare, and no file may be
+    /// longer than the job a status shows. A failure also fails every later record until a
+    /// cut-back succeeds: lines appended to files that were not cut back would not match the
+    /// job.
+    pub fn reopen(&self, cfg: &JobConfig, history: &[Vec<f64>]) -> Result<()> {
+        let (done, rx) = mpsc::channel();
+        let cmd = Command::Reopen { cfg: Box::new(cfg.clone()), history: history.to_vec(), done };
+        self.tx.send(cmd).map_err(|_| writer_stopped())?;
+        rx.recv().map_err(|_| writer_stopped())?
     }
 }
 
@@ -359,16 +361,21 @@ fn write_in_order(mut outputs: Outputs, rx: mpsc::Receiver<Command>) {
             }
         };
         match cmd {
-            Command::Reopen { cfg, history } => match Outputs::open(&cfg, &history) {
-                Ok(o) => {
-                    (outputs, broken) = (o, None);
-                    due = Some(history);
-                }
-                Err(e) => {
-                    tracing::error!("output files not cut back to step {}: {e}", history.len());
-                    broken = Some(e.to_string());
-                }
-            },
+            Command::Reopen { cfg, history, done } => {
+                let r = match Outputs::open(&cfg, &history) {
+                    Ok(o) => {
+                        (outputs, broken) = (o, None);
+                        due = Some(history);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!("output files not cut back to step {}: {e}", history.len());
+                        broken = Some(e.to_string());
+                        Err(e)
+                    }
+                };
+                let _ = done.send(r);
+            }
             Command::Record { line, history, done } => {
                 let r = match &broken {
                     Some(why) => Err(Error::Io {
@@ -498,7 +505,7 @@ mod tests {
         // A record sent, then a rewind to step 1 before it is awaited: the cut-back lands
         // after it, so the file ends at step 1 either way.
         let pending = task.record(serde_json::json!({"iteration": 2}), h2.clone());
-        task.reopen(&cfg, &h2[..1]);
+        task.reopen(&cfg, &h2[..1]).unwrap();
         pending.wait().await.unwrap();
         task.record(serde_json::json!({"iteration": 2}), vec![vec![0.25], vec![0.75]])
             .wait()
@@ -512,11 +519,11 @@ mod tests {
         let blocked = dir.path().join("blocked");
         std::fs::write(&blocked, "a file where a folder should be").unwrap();
         let bad = JobConfig { output_dir: blocked.display().to_string(), ..cfg.clone() };
-        task.reopen(&bad, &h2[..1]);
+        task.reopen(&bad, &h2[..1]).unwrap_err();
         let e = task.record(serde_json::json!({"iteration": 2}), h2.clone()).wait().await;
         let e = e.unwrap_err();
         assert!(e.to_string().contains("not cut back after a rewind"), "{e}");
-        task.reopen(&cfg, &h2[..1]);
+        task.reopen(&cfg, &h2[..1]).unwrap();
         task.record(serde_json::json!({"iteration": 2}), h2.clone()).wait().await.unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
     }

@@ -28,52 +28,69 @@ pub struct CoordinatorService {
     /// cancel the job (anyone who reaches the port could).
     authenticated: bool,
     statuses: Arc<Mutex<StatusCache>>,
+    /// The job this coordinator runs, whose status is kept.
+    job_id: String,
 }
 
 /// How long a converted status answer is reused while nothing else changes. Only heartbeat
 /// times change without a new status version, so they are at most this much behind.
 pub const STATUS_REUSE: Duration = Duration::from_millis(250);
 
-/// At most this many (job, history limit) answers are kept: both are chosen by clients.
+/// At most this many history limits are kept per version: clients choose them.
 const STATUS_ENTRIES: usize = 16;
 
-/// Converted status answers by (job, history limit), all of one status version: many pollers
-/// and every watcher woken by one change share one conversion.
+/// This job's status, converted once per status version: the job and its workers, taken at
+/// one moment and shared by every answer of the version (so no two answers disagree on a
+/// heartbeat time), and the history per limit asked for.
 #[derive(Debug, Default)]
 struct StatusCache {
     version: u64,
-    entries: HashMap<(Option<String>, Option<u32>), (Instant, pb::JobStatus)>,
+    /// The status without its history, and when it was taken.
+    base: Option<(Instant, pb::JobStatus)>,
+    histories: HashMap<Option<u32>, Vec<pb::IterationRecord>>,
 }
 
 impl CoordinatorService {
     /// Wraps the state; `authenticated` says whether the server checks a job token.
     pub fn new(state: Arc<CoordinatorState>, authenticated: bool) -> Self {
-        Self { state, authenticated, statuses: Default::default() }
+        let job_id = state.job_id().to_string();
+        Self { state, authenticated, statuses: Default::default(), job_id }
     }
 
-    /// The status of `job` (`None`: this one) with its latest `history` iterations, converted
-    /// once per status version and reused for [`STATUS_REUSE`].
+    /// The status of `job` (`None`: this one) with its latest `history` iterations. This
+    /// job's is converted once per status version and reused for up to [`STATUS_REUSE`];
+    /// another job's, read from the database, each time.
     fn status(&self, job: Option<&str>, history: Option<u32>) -> Result<pb::JobStatus, Error> {
+        if job.is_some_and(|id| id != self.job_id) {
+            return Ok(status_to_pb(&self.state.snapshot_with(job, history)?));
+        }
         // Read before the snapshot: a change after it makes the entry stale, never the
         // other way round.
         let version = self.state.version();
-        let key = (job.map(str::to_string), history);
         {
             let cache = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, status)) = cache.entries.get(&key) {
-                if cache.version == version && at.elapsed() < STATUS_REUSE {
-                    return Ok(status.clone());
+            if let (true, Some((at, base)), Some(h)) =
+                (cache.version == version, &cache.base, cache.histories.get(&history))
+            {
+                if at.elapsed() < STATUS_REUSE {
+                    return Ok(pb::JobStatus { history: h.clone(), ..base.clone() });
                 }
             }
         }
-        let status = status_to_pb(&self.state.snapshot_with(job, history)?);
+        let fresh = status_to_pb(&self.state.snapshot_with(None, history)?);
         let mut cache = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.version != version || cache.entries.len() >= STATUS_ENTRIES {
+        let stale = |c: &StatusCache| {
+            c.version != version
+                || c.base.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATUS_REUSE)
+        };
+        if stale(&cache) || cache.histories.len() >= STATUS_ENTRIES {
             cache.version = version;
-            cache.entries.clear();
+            cache.histories.clear();
+            cache.base = Some((Instant::now(), pb::JobStatus { history: vec![], ..fresh.clone() }));
         }
-        cache.entries.insert(key, (Instant::now(), status.clone()));
-        Ok(status)
+        cache.histories.insert(history, fresh.history.clone());
+        let (_, base) = cache.base.as_ref().expect("set above");
+        Ok(pb::JobStatus { history: fresh.history, ..base.clone() })
     }
 
     /// Operator actions need the token: refused outright when the server has none.
@@ -420,6 +437,12 @@ mod tests {
         for limit in 1..100 {
             svc.status(None, Some(limit)).unwrap();
         }
-        assert!(svc.statuses.lock().unwrap().entries.len() <= STATUS_ENTRIES);
+        assert!(svc.statuses.lock().unwrap().histories.len() <= STATUS_ENTRIES);
+        // Whatever the limit or the way the job is named, one version shows one moment.
+        let beats: Vec<i64> = [(None, None), (Some(id.as_str()), Some(3)), (None, Some(7))]
+            .into_iter()
+            .map(|(j, h)| beat(&svc.status(j, h).unwrap()))
+            .collect();
+        assert!(beats.windows(2).all(|w| w[0] == w[1]), "{beats:?}");
     }
 }

@@ -12,6 +12,15 @@
 /// Added to the std, outside the square root, as the reference does.
 pub const STD_EPS: f64 = 1e-8;
 
+/// The largest reward magnitude taken. No reward model scores near it, and beyond it the sums
+/// and squares of a group's statistics would overflow to an infinite mean or a NaN advantage.
+pub const MAX_ABS_REWARD: f64 = 1e12;
+
+/// Whether a reward can be used: finite and within [`MAX_ABS_REWARD`].
+pub fn usable_reward(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_ABS_REWARD
+}
+
 /// Why a group's advantages cannot be computed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AdvantageError {

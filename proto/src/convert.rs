@@ -1,6 +1,7 @@
 //! Wire <-> domain conversions. A missing required sub-message is a [`ConvertError`], never a
 //! panic: a client that omits a field gets INVALID_ARGUMENT, not a crashed handler.
 
+use crate::advantage::{MAX_ABS_REWARD, usable_reward};
 use crate::config::JobConfig;
 use crate::pb;
 use crate::types::{
@@ -280,12 +281,12 @@ impl TryFrom<pb::TrajectoryReward> for TrajectoryRewards {
         if !t.error.is_empty() {
             return Ok(TrajectoryRewards { item, outcome: Err(clean_text(&t.error)) });
         }
-        if let Some((k, v)) = t.rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        if let Some((k, v)) = t.rewards.iter().enumerate().find(|(_, v)| !usable_reward(**v)) {
             return Err(ConvertError::Invalid {
                 field: "rewards.rewards",
                 reason: format!(
-                    "reward {k} of group {} member {} (iteration {}) is {v}; a non-finite score \
-                     is reported as an error",
+                    "reward {k} of group {} member {} (iteration {}) is {v}; a score that is \
+                     not finite or beyond ±{MAX_ABS_REWARD:e} is reported as an error",
                     item.group_id, item.member_index, item.iteration
                 ),
             });
@@ -487,8 +488,9 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_rewards_are_refused_at_the_edge() {
-        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+    fn non_finite_and_overflowing_rewards_are_refused_at_the_edge() {
+        // f64::MAX is finite, but a group's sum of it is not (found by the RPC property test).
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, f64::MAX, -1.5e12] {
             let wire = pb::TrajectoryReward {
                 item: Some((&item(1, 2)).into()),
                 rewards: vec![0.5, v],
@@ -497,6 +499,12 @@ mod tests {
             let e = TrajectoryRewards::try_from(wire).unwrap_err().to_string();
             assert!(e.contains("reward 1 of group 1 member 2 (iteration 3) is"), "{e}");
         }
+        let wire = |v| pb::TrajectoryReward {
+            item: Some((&item(1, 2)).into()),
+            rewards: vec![v],
+            error: String::new(),
+        };
+        assert!(TrajectoryRewards::try_from(wire(-1e12)).is_ok(), "the bound itself is taken");
     }
 
     #[test]

@@ -36,6 +36,8 @@ mod tests;
 mod training;
 mod workers;
 
+pub use status::Counters;
+pub use training::ReformCause;
 use training::{Training, checkpoint_due};
 use workers::Worker;
 
@@ -231,6 +233,8 @@ impl CoordinatorState {
             resumed_from,
             stop: None,
             records: None,
+            reforms: Default::default(),
+            checkpoints: 0,
             answered: Default::default(),
         };
         training.rewind(&db, &mut job, dataset_len)?;
@@ -299,6 +303,7 @@ impl CoordinatorState {
             Err(e) => tracing::error!("job failed: {message}; cannot record the failure: {e}"),
         }
         inner.training.iteration = None;
+        self.notify();
         Error::JobFailed(message)
     }
 }

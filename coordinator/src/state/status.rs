@@ -2,7 +2,16 @@ use std::sync::Arc;
 
 use dancegrpo_proto::JobId;
 
-use super::{CoordinatorState, JobSnapshot};
+use super::{CoordinatorState, JobSnapshot, ReformCause};
+
+/// Counts since this coordinator started, for the metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Counters {
+    /// Checkpoints rank 0 has reported written.
+    pub checkpoints: u64,
+    /// Re-formations of a running world, by cause.
+    pub reforms: Vec<(ReformCause, u64)>,
+}
 use crate::db::{JobRecord, WorkerRecord};
 use crate::error::{Error, Result};
 
@@ -48,6 +57,19 @@ impl CoordinatorState {
         workers.sort_by_key(|w| (w.info.node_rank, w.info.local_rank, w.registered_ms));
         let skip = history.map_or(0, |n| records.len().saturating_sub(n as usize));
         Ok(JobSnapshot { history: records[skip..].to_vec(), job, workers })
+    }
+
+    /// What the metrics count since this coordinator started: checkpoints written, and
+    /// re-formations of a running world by cause (every cause, zeros included).
+    pub fn counters(&self) -> Counters {
+        let g = self.lock();
+        Counters {
+            checkpoints: g.training.checkpoints,
+            reforms: ReformCause::ALL
+                .iter()
+                .map(|c| (*c, g.training.reforms.get(c).copied().unwrap_or(0)))
+                .collect(),
+        }
     }
 
     /// Every job in the database, newest first.

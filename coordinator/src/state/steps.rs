@@ -5,6 +5,7 @@ use dancegrpo_proto::{
 };
 use tokio::time::Instant;
 
+use super::training::ReformCause;
 use super::{Caller, CoordinatorState, Inner, LONG_POLL, Training, checkpoint_due};
 use crate::db::IterationRecord;
 use crate::error::{Error, Result};
@@ -107,6 +108,9 @@ impl CoordinatorState {
         if rank == 0 && checkpointed_step > job.checkpoint_step && checkpointed_step <= job.step {
             job.checkpoint_step = checkpointed_step;
             db.put_job(job)?;
+            training.checkpoints += 1;
+            // A status change like any other: a kept status answer is stale now.
+            self.notify();
         }
         let cfg = job.config.clone();
         if job.step >= end {
@@ -153,7 +157,8 @@ impl CoordinatorState {
         // the last one together.
         if ready_for != Some(job.step) && job.step != 0 && job.step != job.checkpoint_step {
             let at = job.step;
-            let current = training.reform(db, job, *dataset_len, |generation, step| {
+            let cause = ReformCause::RankLostStep;
+            let current = training.reform(db, job, *dataset_len, cause, |generation, step| {
                 format!(
                     "rank {rank} lost step {at}, which has no checkpoint; world re-formed \
                      (generation {generation}), continuing from step {step}"
@@ -303,6 +308,8 @@ impl CoordinatorState {
         let cfg = job.config.clone();
         let it = Self::current(&mut training.iteration, metrics.iteration)?;
         let index = it.index;
+        // Before its content is looked at: a report out of order must not fail the job.
+        it.check_handed(rank).map_err(|e| Error::InvalidRequest(e.to_string()))?;
         // A NaN or Inf loss or gradient norm: the worker has skipped the update (its weights
         // are those of the step before); `fail` ends the job here, `drop_group` goes on.
         if !(metrics.loss.is_finite() && metrics.grad_norm.is_finite()) {
@@ -317,7 +324,9 @@ impl CoordinatorState {
             }
             tracing::warn!("{what} (non_finite_policy = drop_group: the job goes on)");
         }
-        let complete = it.record_metrics(rank, StepMetrics { rank, ..metrics });
+        let complete = it
+            .record_metrics(rank, StepMetrics { rank, ..metrics })
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let means = it.mean_rewards();
         let step = index + 1;
         let checkpoint = checkpoint_due(&cfg, step, training.stop.as_ref().map(|(at, _)| *at));
@@ -411,7 +420,8 @@ impl CoordinatorState {
         if rank == u32::MAX || job.state != JobState::Running || !intact {
             return Ok(job.generation);
         }
-        let current = training.reform(db, job, *dataset_len, |generation, step| {
+        let cause = ReformCause::CollectiveFailed;
+        let current = training.reform(db, job, *dataset_len, cause, |generation, step| {
             format!(
                 "rank {rank} reported a failed collective ({reason}); world re-formed \
                  (generation {generation}), continuing from step {step}"

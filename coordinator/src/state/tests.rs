@@ -592,3 +592,60 @@ fn world_full_and_restart_keeps_the_record() {
     assert_eq!(snap.workers.len(), 1);
     assert_eq!(snap.workers[0].state, WorkerState::Lost);
 }
+
+/// Found by the RPC property test: a restart may re-form the world with other slots, and a
+/// slot's old rank may then be another live worker's.
+#[tokio::test]
+async fn a_slot_whose_old_rank_is_held_by_a_live_worker_is_not_admitted_to_the_running_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = settings(dir.path(), 2);
+    // `--world-size` alone: any local rank may join.
+    st.topology = Topology::new(1, 1, Some(2)).unwrap();
+    {
+        let s = CoordinatorState::open(st.clone()).unwrap();
+        s.register(info(0), None).unwrap();
+        assert_eq!(s.register(info(1), None).unwrap().assignment.unwrap().rank, 1);
+    }
+    let s = CoordinatorState::open(st).unwrap();
+    let a = s.register(info(0), None).unwrap();
+    let c = s.register(info(2), None).unwrap();
+    assert_eq!(c.assignment.unwrap().rank, 1, "slot 2 holds rank 1 now");
+    s.goodbye(&a.caller(), "leaving", None).unwrap();
+    // Slot 1 held rank 1 before the restart; rank 1 is slot 2's now, and rank 0 is missing.
+    let e = s.register(info(1), None).unwrap_err();
+    assert!(e.to_string().contains("its rank 1 is held by a live worker"), "{e}");
+    let again = s.register(info(0), None).unwrap();
+    assert_eq!(again.assignment.unwrap().rank, 0, "rank 0's own slot takes it back");
+    let mut ranks: Vec<u32> = s
+        .snapshot(None)
+        .unwrap()
+        .workers
+        .iter()
+        .filter(|w| w.state.is_live())
+        .filter_map(|w| w.rank)
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1], "one process per rank");
+}
+
+/// Found by the RPC property test: metrics before the advantages were recorded as a step with
+/// a made-up mean reward.
+#[tokio::test]
+async fn an_update_reported_before_its_advantages_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = settings(dir.path(), 1);
+    st.job.num_generations = 2;
+    st.job.non_finite_policy = NonFinitePolicy::Fail;
+    let s = CoordinatorState::open(st).unwrap();
+    let a = s.register(info(0), None).unwrap().caller();
+    let work = s.get_work(&a, Some(0), 1, 0).await.unwrap();
+    assert!(!work.items.is_empty());
+    // Not even a NaN loss, which fails the job under `fail`, is looked at out of order.
+    let bad = StepMetrics { loss: f64::NAN, ..metrics() };
+    let e = s.report_step_metrics(&a, 1, bad).await.unwrap_err();
+    assert!(e.to_string().contains("before it was given its advantages"), "{e}");
+    let snap = s.snapshot(None).unwrap();
+    assert_eq!((snap.job.state, snap.job.step, snap.history.len()), (JobState::Running, 0, 0));
+    let log = dir.path().join("out/hps_reward.txt");
+    assert_eq!(std::fs::read_to_string(log).unwrap_or_default(), "");
+}

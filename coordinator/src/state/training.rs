@@ -11,6 +11,32 @@ use crate::lifecycle::{JobEvent, Lifecycle, job_next};
 use crate::outputs::OutputTask;
 use crate::schedule::{Cursor, PromptSampler};
 
+/// Why a running world was re-formed, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReformCause {
+    /// A worker came back in the slot of a lost one.
+    RankRejoined,
+    /// A rank's weights fell behind a step that has no checkpoint.
+    RankLostStep,
+    /// A rank reported a failed collective or rendezvous.
+    CollectiveFailed,
+}
+
+impl ReformCause {
+    /// Every cause, for series that exist before the first re-formation.
+    pub const ALL: [ReformCause; 3] =
+        [ReformCause::RankRejoined, ReformCause::RankLostStep, ReformCause::CollectiveFailed];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReformCause::RankRejoined => "rank_rejoined",
+            ReformCause::RankLostStep => "rank_lost_step",
+            ReformCause::CollectiveFailed => "collective_failed",
+        }
+    }
+}
+
 /// The training side of the job: the prompt stream, the iteration in flight and the outputs.
 #[derive(Debug)]
 pub(super) struct Training {
@@ -29,6 +55,10 @@ pub(super) struct Training {
     /// The iteration records of this job as the database has them, read once for the status
     /// and kept up to date by each commit; `None` until read, and after a rewind.
     pub(super) records: Option<Arc<Vec<IterationRecord>>>,
+    /// Re-formations of a running world since this coordinator started, by cause.
+    pub(super) reforms: std::collections::BTreeMap<ReformCause, u64>,
+    /// Checkpoints rank 0 has reported written since this coordinator started.
+    pub(super) checkpoints: u64,
     /// Each rank's last ReportStepMetrics answer, by (generation, iteration): a report retried
     /// because its answer was lost gets the same answer, instead of an error and a rewind.
     pub(super) answered: std::collections::BTreeMap<u32, (u64, u64, (bool, String))>,
@@ -84,7 +114,7 @@ impl Training {
         self.iteration = None;
         self.done.clear();
         self.records = None;
-        self.outputs.reopen(&job.config, &self.history);
+        self.outputs.reopen(&job.config, &self.history)?;
         Ok(())
     }
 
@@ -95,6 +125,7 @@ impl Training {
         db: &Db,
         job: &mut JobRecord,
         dataset_len: u64,
+        cause: ReformCause,
         why: impl FnOnce(u64, u64) -> String,
     ) -> Result<u64> {
         // Refused before anything is rewound: only a running world is re-formed.
@@ -103,6 +134,7 @@ impl Training {
         let message = why(job.generation + 1, job.step);
         tracing::warn!("{message}");
         Lifecycle::new(db).job(job, JobEvent::Reformed, message)?;
+        *self.reforms.entry(cause).or_default() += 1;
         Ok(job.generation)
     }
 }

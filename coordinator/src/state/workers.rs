@@ -5,6 +5,7 @@ use dancegrpo_proto::{
 };
 use tokio::time::Instant;
 
+use super::training::ReformCause;
 use super::{Caller, CoordinatorState, Inner, Registration, now_ms};
 use crate::config::CoordinatorSettings;
 use crate::db::{Db, JobRecord, WorkerRecord};
@@ -95,15 +96,23 @@ impl CoordinatorState {
         // A worker taking over the slot of a lost one inherits its rank (and the world is
         // re-formed under a new generation); otherwise it waits for the world to fill.
         let formed = job.state == JobState::Running;
+        // The slot's rank is that of its latest record (a slot may have held another rank
+        // before a coordinator restart re-formed the world), and only while no live worker
+        // holds it: one rank, one process.
+        let held = |r: u32| workers.iter().any(|w| w.rec.rank == Some(r) && w.rec.state.is_live());
         let inherited = if formed {
-            workers.iter().filter(|w| same_slot(w)).filter_map(|w| w.rec.rank).next()
+            workers.iter().rev().filter(|w| same_slot(w)).find_map(|w| w.rec.rank)
         } else {
             None
         };
-        if formed && inherited.is_none() {
+        if formed && inherited.is_none_or(held) {
             return Err(Error::InvalidRequest(format!(
-                "node_rank {} local_rank {} is not a slot of the running world",
-                info.node_rank, info.local_rank
+                "node_rank {} local_rank {} is not a slot of the running world{}",
+                info.node_rank,
+                info.local_rank,
+                inherited.map_or(String::new(), |r| format!(
+                    " (its rank {r} is held by a live worker of a later world)"
+                ))
             )));
         }
         // A rank told the job is done has nothing left to do; re-forming the world around its
@@ -139,12 +148,18 @@ impl CoordinatorState {
         });
         if formed {
             let rank = inherited.unwrap_or_default();
-            training.reform(db, job, *dataset_len, |generation, _| {
-                format!(
-                    "worker {worker_id} rejoined as rank {rank}; world re-formed (generation \
+            training.reform(
+                db,
+                job,
+                *dataset_len,
+                ReformCause::RankRejoined,
+                |generation, _| {
+                    format!(
+                        "worker {worker_id} rejoined as rank {rank}; world re-formed (generation \
                      {generation})"
-                )
-            })?;
+                    )
+                },
+            )?;
         } else if live + 1 == job.world_size {
             Self::form_world(db, job, workers)?;
             training.rewind(db, job, *dataset_len)?;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use dancegrpo_proto::advantage::{MAX_ABS_REWARD, usable_reward};
 use dancegrpo_proto::{
     JobConfig, PhaseTimings, RewardConfig, StepMetrics, TrajectoryRewards, WorkItem,
 };
@@ -363,11 +364,16 @@ impl Trainer {
     }
 }
 
-/// A trajectory's scores, or the error that names the first non-finite one: the coordinator
-/// refuses NaN and Inf on the wire, and applies `non_finite_policy` to the error.
+/// A trajectory's scores, or the error that names the first unusable one (not finite, or
+/// beyond `MAX_ABS_REWARD`): the coordinator refuses those on the wire, and applies
+/// `non_finite_policy` to the error.
 fn finite_scores(scores: Vec<f64>, rewards: &[RewardConfig]) -> Result<Vec<f64>, String> {
-    match scores.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+    match scores.iter().enumerate().find(|(_, v)| !usable_reward(**v)) {
         None => Ok(scores),
+        Some((k, v)) if v.is_finite() => {
+            let name = rewards.get(k).map_or("?", |r| r.name.as_str());
+            Err(format!("reward {name} is {v}, beyond ±{MAX_ABS_REWARD:e}"))
+        }
         Some((k, v)) => {
             let name = rewards.get(k).map_or("?", |r| r.name.as_str());
             Err(format!("reward {name} is {v}"))
@@ -396,5 +402,11 @@ mod tests {
             Err("reward jpeg_compressibility is NaN".into())
         );
         assert_eq!(finite_scores(vec![f64::INFINITY], &rewards), Err("reward hpsv2 is inf".into()));
+        // Finite, but its group's statistics would overflow.
+        assert_eq!(
+            finite_scores(vec![0.5, -f64::MAX], &rewards),
+            Err(format!("reward jpeg_compressibility is {}, beyond ±1e12", -f64::MAX))
+        );
+        assert_eq!(finite_scores(vec![1e12, -1e12], &rewards), Ok(vec![1e12, -1e12]));
     }
 }
