@@ -34,6 +34,7 @@ const PROCESS_ENV: &[&str] = &[
     "tls_client_cert",
     "tls_client_key",
     "tls_domain",
+    "metrics_listen",
 ];
 
 /// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,

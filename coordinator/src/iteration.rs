@@ -355,6 +355,24 @@ impl Iteration {
             .collect()
     }
 
+    /// Per reward, the standard deviation (population) of the trajectories' rewards that were
+    /// reported: how far apart the group members are, which is what the advantages divide by.
+    pub fn std_rewards(&self) -> Vec<f64> {
+        (0..self.num_rewards)
+            .map(|k| {
+                let v: Vec<f64> = self
+                    .slots
+                    .values()
+                    .filter_map(|s| s.outcome.as_ref()?.as_ref().ok())
+                    .map(|r| r[k])
+                    .collect();
+                let n = v.len().max(1) as f64;
+                let mean = v.iter().sum::<f64>() / n;
+                (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt()
+            })
+            .collect()
+    }
+
     /// The ranks' metrics folded into one record: mean loss and ratios, the max ratio
     /// deviation and the slowest rank's timings (the one everybody waited for).
     pub fn summary(&self) -> StepMetrics {
@@ -514,6 +532,8 @@ mod tests {
         it.report(0, rewards_for(&it, 0, |_| 0.0), &c, &mut s).unwrap();
         assert!(it.advantages(0).is_none(), "global needs every rank");
         it.report(1, rewards_for(&it, 1, |_| 1.0), &c, &mut s).unwrap();
+        // Rewards 0 (rank 0's) and 1 (rank 1's), half each: mean 0.5, std 0.5.
+        assert_eq!((it.mean_rewards(), it.std_rewards()), (vec![0.5], vec![0.5]));
         let a0 = it.advantages(0).unwrap().advantages[0].advantages[0];
         let a1 = it.advantages(1).unwrap().advantages[0].advantages[0];
         assert!(a0 < 0.0 && a1 > 0.0 && (a0 + a1).abs() < 1e-12, "{a0} {a1}");

@@ -17,6 +17,8 @@ pub mod error;
 pub mod iteration;
 /// The job's and the workers' lifecycles as state machines.
 pub mod lifecycle;
+/// Prometheus `/metrics`.
+pub mod metrics;
 /// Reward log, metrics log, reward curve, trainer state, prompt count.
 pub mod outputs;
 /// Reward-curve PNG.

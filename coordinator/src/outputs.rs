@@ -134,11 +134,17 @@ pub fn dataset_len(cfg: &JobConfig) -> Result<u64> {
 }
 
 /// One iteration's line of `metrics.jsonl` (and the record the status API shows).
-pub fn metrics_json(step: u64, mean_rewards: &[f64], m: &StepMetrics) -> serde_json::Value {
+pub fn metrics_json(
+    step: u64,
+    mean_rewards: &[f64],
+    std_rewards: &[f64],
+    m: &StepMetrics,
+) -> serde_json::Value {
     let t = &m.timings;
     serde_json::json!({
         "iteration": step,
         "mean_rewards": mean_rewards,
+        "std_rewards": std_rewards,
         "loss": m.loss,
         "grad_norm": m.grad_norm,
         "ratio_dev_mean": m.ratio_dev_mean,

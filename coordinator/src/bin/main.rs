@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use dancegrpo_coordinator::config::{
     CoordinatorSettings, MindSpeedFiles, Topology, load_job_config_with,
 };
-use dancegrpo_coordinator::{cli, preflight, server, state::CoordinatorState};
+use dancegrpo_coordinator::{cli, metrics, preflight, server, state::CoordinatorState};
 use dancegrpo_proto::AuthToken;
 use tokio_util::sync::CancellationToken;
 
@@ -130,6 +130,10 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9400); off by default.
+    /// Read-only and without the token, as scrape targets are.
+    #[arg(long, env = "DANCEGRPO_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -252,9 +256,23 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
+    let metrics = match a.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen for metrics on {addr} (--metrics-listen): {e}")
+        })?),
+        None => None,
+    };
     let state = CoordinatorState::open(settings)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    if let Some(listener) = metrics {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, state, shutdown).await {
+                tracing::error!(cause = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     server::run(listener, state, token, tls, shutdown).await?;
     Ok(())
 }

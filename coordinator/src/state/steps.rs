@@ -348,7 +348,7 @@ impl CoordinatorState {
             return Err(self.fail_job(&mut g, m));
         }
         let summary = it.summary();
-        let line = outputs::metrics_json(step, &means, &summary);
+        let line = outputs::metrics_json(step, &means, &it.std_rewards(), &summary);
         let message = format!(
             "iteration {step}/{}: reward {:.6}, loss {:.3e}",
             cfg.max_train_steps,
