@@ -1,14 +1,41 @@
 #!/usr/bin/env bash
 # Multi-node launcher with the interface of MindSpeed-MM's posttrain_flux_dancegrpo.sh.
-# Run it on every node with the same MASTER_ADDR/MASTER_PORT and its own NODE_RANK:
+# Run it on every node, from the same directory, with the same MASTER_ADDR/MASTER_PORT and
+# its own NODE_RANK:
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPUS_PER_NODE=8 deploy/launch.sh
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NPUS_PER_NODE=8 deploy/launch.sh
 #
 # Node rank 0 also starts the coordinator. Each node starts NPUS_PER_NODE workers with
-# LOCAL_RANK 0..NPUS_PER_NODE-1. DEVICE=npu (default) | cuda | cpu.
+# LOCAL_RANK 0..NPUS_PER_NODE-1. DEVICE=npu (default) | cuda | cpu. The script returns when its
+# workers have exited (stopping the coordinator then), with the first failing one's status:
+# 0 when the job finished. BIN_DIR (default: this checkout's target/release), LOG_DIR (logs).
+#
+# The job is CONFIG (default: this checkout's deploy/configs/dancegrpo_flux.toml), overridden
+# by MindSpeed-MM's variables, overridden in turn by DANCEGRPO_<KEY> variables (and the
+# coordinator's own rule: its --mm-data/--mm-model files lose to DANCEGRPO_<KEY> too):
+#
+#   MindSpeed-MM          job config key                       its default there
+#   LOAD_PATH             pretrained_model_name_or_path        ckpt/flux
+#   SAVE_PATH             output_dir (checkpoint-N/, and the   save_dir
+#                         job database, samples/)
+#   HPS_REWARD_SAVE_PATH  reward_log (metrics.jsonl and        ./hps_reward.txt
+#                         reward_curve.png go beside it)
+#   MM_DATA               serve --mm-data: data_path           ./examples/dancegrpo/data_dancegrpo.json
+#   MM_MODEL              serve --mm-model: an hpsv2 reward    ./examples/dancegrpo/model_dancegrpo.json
+#                         with model_dir = reward.ckpt_dir
+#   MM_TOOL               (its profiler: not supported, ignored with a note)
+#
+# Set none of them and the job is CONFIG's, as before. Set any of them without CONFIG and the
+# others take MindSpeed-MM's defaults: a copied MindSpeed-MM variable block, whole or in part,
+# runs that script's job (its hyperparameters are the recipe's). Set CONFIG too and the ones
+# you leave unset keep the file's values. Relative paths, in these variables, in CONFIG and in
+# the JSON files, are taken from the current directory, as MindSpeed-MM takes them from its
+# root, where its script runs; HPS_REWARD_SAVE_PATH is made absolute for that (reward_log
+# alone would be relative to output_dir). A data_path naming a videos2caption.json that does
+# not exist, beside a manifest.json (what deploy/preprocess.sh writes), reads that folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
@@ -17,12 +44,12 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
 DEVICE=${DEVICE:-npu}
-CONFIG=${CONFIG:-deploy/configs/dancegrpo_flux.toml}
-BIN_DIR=${BIN_DIR:-target/release}
+BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 LOG_DIR=${LOG_DIR:-logs}
 export NPUS_PER_NODE MASTER_ADDR MASTER_PORT NNODES NODE_RANK
 
 die() { echo "launch.sh: error: $*" >&2; exit 1; }
+note() { echo "launch.sh: $*" >&2; }
 [[ "$NODE_RANK" -lt "$NNODES" ]] || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
 for b in dancegrpo-coordinator dancegrpo-worker; do
   [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b not found; build with: cargo build --release (add --features npu or cuda)"
@@ -40,7 +67,7 @@ case "$MASTER_ADDR" in
     ;;
 esac
 
-count_devices() { local IFS=,; local a=($1); echo "${#a[@]}"; }
+count_devices() { local IFS=,; local a; read -ra a <<< "$1"; echo "${#a[@]}"; }
 
 case "$DEVICE" in
   npu)
@@ -71,7 +98,7 @@ case "$DEVICE" in
     elif ((WORLD_SIZE >= 16)); then
       export HCCL_OP_EXPANSION_MODE=${HCCL_OP_EXPANSION_MODE:-AIV}
     fi
-    ((WORLD_SIZE <= 8)) && export HCCL_DETERMINISTIC=${HCCL_DETERMINISTIC:-true}
+    if ((WORLD_SIZE <= 8)); then export HCCL_DETERMINISTIC=${HCCL_DETERMINISTIC:-true}; fi
     n=$(count_devices "$ASCEND_RT_VISIBLE_DEVICES")
     [[ "$n" -eq "$NPUS_PER_NODE" ]] ||
       die "ASCEND_RT_VISIBLE_DEVICES=$ASCEND_RT_VISIBLE_DEVICES lists $n devices, NPUS_PER_NODE=$NPUS_PER_NODE"
@@ -87,16 +114,105 @@ case "$DEVICE" in
   *) die "DEVICE must be npu, cuda or cpu (got $DEVICE)" ;;
 esac
 
+# The job's arguments for `serve`, from CONFIG and MindSpeed-MM's variables (see the top).
+# Only node rank 0 runs the coordinator, so only it needs them.
+serve_args=()
+if [[ "$NODE_RANK" -eq 0 ]]; then
+  given=()
+  for v in LOAD_PATH SAVE_PATH HPS_REWARD_SAVE_PATH MM_DATA MM_MODEL; do
+    if [[ -n "${!v:-}" ]]; then given+=("$v"); fi
+  done
+  defaulted=()
+  if [[ ${#given[@]} -gt 0 && -z "${CONFIG:-}" ]]; then
+    for v in LOAD_PATH SAVE_PATH HPS_REWARD_SAVE_PATH MM_DATA MM_MODEL; do
+      if [[ -z "${!v:-}" ]]; then defaulted+=("$v"); fi
+    done
+    LOAD_PATH=${LOAD_PATH:-ckpt/flux}
+    SAVE_PATH=${SAVE_PATH:-save_dir}
+    HPS_REWARD_SAVE_PATH=${HPS_REWARD_SAVE_PATH:-./hps_reward.txt}
+    # A DANCEGRPO_ variable that sets the key makes the file moot: it is not defaulted.
+    if [[ -z "${DANCEGRPO_DATA_JSON_PATH:-}" ]]; then
+      MM_DATA=${MM_DATA:-./examples/dancegrpo/data_dancegrpo.json}
+    fi
+    if [[ -z "${DANCEGRPO_REWARDS:-}" ]]; then
+      MM_MODEL=${MM_MODEL:-./examples/dancegrpo/model_dancegrpo.json}
+    fi
+  fi
+  CONFIG=${CONFIG:-$ROOT/deploy/configs/dancegrpo_flux.toml}
+  serve_args+=(--config "$CONFIG")
+
+  # One variable, one key, unless the key's DANCEGRPO_ variable is set (it wins).
+  set_key() {
+    local var=$1 key=$2 value=$3 env="DANCEGRPO_${2^^}"
+    if false; then
+      note "$var=${!var} not used: $env=${!env} sets $key"
+    else
+      serve_args+=(--set "$key=$value")
+      echo "$var=${!var} -> $key=$value"
+    fi
+  }
+  mm_file() {
+    local var=$1
+    if [[ ! -f "${!var}" ]]; then
+      local why=""
+      if [[ " ${defaulted[*]} " == *" $var "* ]]; then
+        why=" (MindSpeed-MM's default, used because ${given[*]} set without CONFIG): set $var, or CONFIG"
+      fi
+      die "$var=${!var} does not exist$why"
+    fi
+  }
+  if [[ -n "${MM_MODEL:-}" ]]; then mm_file MM_MODEL; fi
+  if [[ -n "${MM_DATA:-}" ]]; then mm_file MM_DATA; fi
+  if [[ -n "${LOAD_PATH:-}" ]]; then set_key LOAD_PATH pretrained_model_name_or_path "$LOAD_PATH"; fi
+  if [[ -n "${SAVE_PATH:-}" ]]; then set_key SAVE_PATH output_dir "$SAVE_PATH"; fi
+  if [[ -n "${HPS_REWARD_SAVE_PATH:-}" ]]; then
+    reward_log=$HPS_REWARD_SAVE_PATH
+    [[ "$reward_log" == /* ]] || reward_log="$PWD/${reward_log#./}"
+    set_key HPS_REWARD_SAVE_PATH reward_log "$reward_log"
+  fi
+  if [[ -n "${MM_MODEL:-}" ]]; then
+    serve_args+=(--mm-model "$MM_MODEL")
+    echo "MM_MODEL=$MM_MODEL -> serve --mm-model (rewards: hpsv2 from its reward.ckpt_dir)"
+  fi
+  if [[ -n "${MM_DATA:-}" ]]; then
+    serve_args+=(--mm-data "$MM_DATA")
+    echo "MM_DATA=$MM_DATA -> serve --mm-data (data_json_path: its data_path)"
+    # MindSpeed-MM's data_path names its preprocessing's videos2caption.json; deploy/preprocess.sh
+    # writes manifest.json instead. A data_path that is missing beside a manifest reads the folder.
+    if [[ -z "${DANCEGRPO_DATA_JSON_PATH:-}" ]]; then
+      data_path=$(sed -n -e 's/.*"data_path"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' \
+        -e "s/^[[:space:]]*data_path:[[:space:]]*[\"']\{0,1\}\([^\"']*\)[\"']\{0,1\}[[:space:]]*\$/\1/p" \
+        "$MM_DATA" | head -n 1)
+      data_dir=$(dirname "${data_path:-.}")
+      if [[ "$data_path" == */videos2caption.json && ! -e "$data_path" && -f "$data_dir/manifest.json" ]]; then
+        note "$data_path (MM_DATA's data_path) does not exist; reading $data_dir, whose manifest.json deploy/preprocess.sh wrote"
+        serve_args+=(--set "data_json_path=$data_dir")
+      fi
+    fi
+  fi
+  if [[ -n "${MM_TOOL:-}" ]]; then
+    note "MM_TOOL=$MM_TOOL ignored: MindSpeed-MM's profiler settings have no counterpart here"
+  fi
+fi
+
 mkdir -p "$LOG_DIR"
 stamp=$(date +%Y%m%d_%H%M%S)
-pids=()
-stop() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap stop INT TERM
+coordinator=""
+workers=()
+stopping=0
+stop() {
+  for p in ${coordinator:+"$coordinator"} ${workers[@]+"${workers[@]}"}; do
+    kill -TERM "$p" 2> /dev/null || true
+  done
+}
+# shellcheck disable=SC2317 # invoked by the traps
+on_signal() { stopping=1; stop; }
+trap on_signal INT TERM
 
 if [[ "$NODE_RANK" -eq 0 ]]; then
-  "$BIN_DIR/dancegrpo-coordinator" serve --config "$CONFIG" \
+  "$BIN_DIR/dancegrpo-coordinator" serve "${serve_args[@]}" \
     > >(tee "$LOG_DIR/coordinator_$stamp.log") 2>&1 &
-  pids+=($!)
+  coordinator=$!
   echo "coordinator on $MASTER_ADDR:$MASTER_PORT (world size $WORLD_SIZE); status: $BIN_DIR/dancegrpo-coordinator status --addr $MASTER_ADDR:$MASTER_PORT"
 fi
 
@@ -106,9 +222,40 @@ for ((local = 0; local < NPUS_PER_NODE; local++)); do
   RANK=$((NODE_RANK * NPUS_PER_NODE + local)) LOCAL_RANK=$local WORLD_SIZE=$WORLD_SIZE \
     LOCAL_WORLD_SIZE=$NPUS_PER_NODE "$BIN_DIR/dancegrpo-worker" run --device "$dev" \
     > "$LOG_DIR/worker_${NODE_RANK}_${local}_$stamp.log" 2>&1 &
-  pids+=($!)
+  workers+=($!)
 done
 echo "node $NODE_RANK: started $NPUS_PER_NODE workers ($DEVICE); logs in $LOG_DIR/"
+
+# Wait for the workers. The coordinator serves on after its job has ended, so it is stopped
+# once they are gone; if it exits first (a bad config, a missing file), the workers are stopped.
 status=0
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
+running=("${workers[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  still=()
+  for p in "${running[@]}"; do
+    if kill -0 "$p" 2> /dev/null; then
+      still+=("$p")
+    else
+      s=0
+      wait "$p" || s=$?
+      if [[ "$status" -eq 0 ]]; then status=$s; fi
+    fi
+  done
+  running=(${still[@]+"${still[@]}"})
+  if [[ -n "$coordinator" ]] && ! kill -0 "$coordinator" 2> /dev/null; then
+    s=0
+    wait "$coordinator" || s=$?
+    coordinator=""
+    if [[ ${#running[@]} -gt 0 && "$stopping" -eq 0 ]]; then
+      note "the coordinator exited (status $s) before the workers; stopping them"
+      if [[ "$status" -eq 0 ]]; then status=$((s == 0 ? 1 : s)); fi
+      stop
+    fi
+  fi
+  if [[ ${#running[@]} -gt 0 ]]; then sleep 0.5; fi
+done
+if [[ -n "$coordinator" ]]; then
+  kill -TERM "$coordinator" 2> /dev/null || true
+  wait "$coordinator" || true
+fi
 exit "$status"

@@ -284,9 +284,25 @@ impl Db {
 /// Floats as JSON that reads back as written. JSON has no NaN or Inf (serde_json writes them as
 /// `null`, which no f64 reads), so those are written as the strings `"NaN"`, `"inf"`, `"-inf"`.
 fn floats_to_json(v: &[f64]) -> String {
-    let items: Vec<serde_json::Value> =
-        v.iter().map(|x| if x.is_finite() { (*x).into() } else { x.to_string().into() }).collect();
-    serde_json::Value::Array(items).to_string()
+    serde_json::Value::Array(v.iter().copied().map(float_to_json).collect()).to_string()
+}
+
+/// A float as JSON that reads back: a number, or for NaN and ±Inf (which JSON has no number
+/// for, and serde_json would write as `null`) the string Rust prints, `"NaN"`, `"inf"`.
+pub fn float_to_json(x: f64) -> serde_json::Value {
+    if x.is_finite() { x.into() } else { x.to_string().into() }
+}
+
+/// The inverse of [`float_to_json`]; a `null` (what earlier releases wrote for a NaN) reads as
+/// NaN.
+pub fn float_from_json(v: &serde_json::Value) -> Option<f64> {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok().filter(|x: &f64| !x.is_finite()),
+        Value::Null => Some(f64::NAN),
+        _ => None,
+    }
 }
 
 /// The inverse of [`floats_to_json`]; a `null` (what earlier releases wrote for a NaN) reads as
@@ -296,13 +312,7 @@ fn floats_from_json(text: &str) -> std::result::Result<Vec<f64>, String> {
     let items: Vec<Value> = serde_json::from_str(text).map_err(|e| e.to_string())?;
     items
         .iter()
-        .map(|v| match v {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.parse().ok().filter(|x: &f64| !x.is_finite()),
-            Value::Null => Some(f64::NAN),
-            _ => None,
-        })
-        .map(|x| x.ok_or_else(|| format!("not a float list: {text}")))
+        .map(|v| float_from_json(v).ok_or_else(|| format!("not a float list: {text}")))
         .collect()
 }
 

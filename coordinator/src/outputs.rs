@@ -12,6 +12,7 @@ use dancegrpo_proto::layout::{self, LeftoverKind};
 use dancegrpo_proto::{JobConfig, PhaseTimings, StepMetrics};
 use serde::{Deserialize, Serialize};
 
+use crate::db::{float_from_json, float_to_json};
 use crate::error::{Error, Result};
 use crate::reward_log::RewardLog;
 use crate::schedule::Cursor;
@@ -145,11 +146,12 @@ pub fn metrics_json(
         "iteration": step,
         "mean_rewards": mean_rewards,
         "std_rewards": std_rewards,
-        "loss": m.loss,
-        "grad_norm": m.grad_norm,
-        "ratio_dev_mean": m.ratio_dev_mean,
-        "ratio_dev_max": m.ratio_dev_max,
-        "clip_fraction": m.clip_fraction,
+        // NaN under `drop_group` (the update was skipped): written so that it reads back.
+        "loss": float_to_json(m.loss),
+        "grad_norm": float_to_json(m.grad_norm),
+        "ratio_dev_mean": float_to_json(m.ratio_dev_mean),
+        "ratio_dev_max": float_to_json(m.ratio_dev_max),
+        "clip_fraction": float_to_json(m.clip_fraction),
         "optimizer_steps": m.optimizer_steps,
         "timings_s": {
             "rollout": t.rollout_s,
@@ -164,7 +166,7 @@ pub fn metrics_json(
 /// Reads back [`metrics_json`]; `None` for iterations without metrics (resumed history).
 pub fn metrics_from_json(text: &str) -> Option<StepMetrics> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let f = |k: &str| v.get(k).and_then(float_from_json).unwrap_or(0.0);
     let t = v.get("timings_s")?;
     let tf = |k: &str| t.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
     Some(StepMetrics {

@@ -289,8 +289,13 @@ async fn a_non_finite_loss_fails_the_job_or_goes_on_by_policy() {
                 s.report_step_metrics(&b, 1, metrics()).await.unwrap();
                 let job = s.snapshot(None).unwrap().job;
                 assert_eq!((job.state, job.step), (JobState::Running, 1), "{}", job.message);
-                // What the database holds reads back.
-                assert_eq!(s.snapshot(None).unwrap().history.len(), 1);
+                // What the database and metrics.jsonl hold reads back: NaN, not 0 or null.
+                let history = s.snapshot(None).unwrap().history;
+                assert_eq!(history.len(), 1);
+                let m = crate::outputs::metrics_from_json(&history[0].metrics_json).unwrap();
+                assert!(m.loss.is_nan() && m.grad_norm == f64::INFINITY, "{m:?}");
+                let jsonl = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+                assert!(jsonl.contains(r#""loss":"NaN""#) && !jsonl.contains("null"), "{jsonl}");
             }
         }
     }
