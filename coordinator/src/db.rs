@@ -121,7 +121,10 @@ impl Db {
                 job_id TEXT NOT NULL REFERENCES jobs(id), iteration INTEGER NOT NULL,
                 mean_rewards_json TEXT NOT NULL, metrics_json TEXT NOT NULL,
                 cursor_json TEXT NOT NULL,
-                PRIMARY KEY (job_id, iteration));",
+                PRIMARY KEY (job_id, iteration));
+             CREATE TABLE IF NOT EXISTS stops (
+                job_id TEXT PRIMARY KEY REFERENCES jobs(id), at INTEGER NOT NULL,
+                reason TEXT NOT NULL);",
         )?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
@@ -169,6 +172,23 @@ impl Db {
             ],
         )?;
         Ok(())
+    }
+
+    /// Records an operator's pending stop of `job`: at step `at`, and why. Kept so that a
+    /// restarted coordinator still stops there.
+    pub fn put_stop(&self, job: &JobId, at: u64, reason: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO stops VALUES (?1,?2,?3)",
+            params![job.as_str(), at as i64, reason],
+        )?;
+        Ok(())
+    }
+
+    /// The pending stop of `job`, if an operator asked for one.
+    pub fn stop(&self, job: &str) -> Result<Option<(u64, String)>> {
+        let mut stmt = self.conn.prepare("SELECT at, reason FROM stops WHERE job_id = ?1")?;
+        let row = stmt.query_row([job], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)));
+        Ok(row.optional()?)
     }
 
     /// Inserts or replaces a worker of `job`.

@@ -231,7 +231,7 @@ impl CoordinatorState {
             history,
             done: BTreeSet::new(),
             resumed_from,
-            stop: None,
+            stop: db.stop(job.id.as_str())?,
             records: None,
             reforms: Default::default(),
             checkpoints: 0,

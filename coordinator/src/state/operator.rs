@@ -25,6 +25,7 @@ impl CoordinatorState {
         let at = training.stop.as_ref().map_or(at, |(first, _)| at.min(*first));
         let why = format!("operator: {reason}");
         training.stop = Some((at, why.clone()));
+        db.put_stop(&job.id, at, &why)?;
         let life = Lifecycle::new(&*db);
         if job.step >= at && job.step == job.checkpoint_step && training.iteration.is_none() {
             let message = format!(

@@ -471,6 +471,39 @@ async fn a_stop_finishes_the_iteration_in_flight_checkpoints_it_and_ends_stopped
     }
 }
 
+/// Found by the RPC property test's author: a pending stop was kept in memory only.
+#[tokio::test]
+async fn a_pending_stop_survives_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, a, b) = three_step_world(dir.path());
+    roll_out_and_score(&s, &[&a, &b]).await;
+    assert_eq!(s.stop(None, "maintenance").unwrap(), 1);
+    let st = s.settings().clone();
+    drop((s, a, b));
+    // The coordinator restarts before step 1 is recorded; the world re-forms from step 0.
+    let s = CoordinatorState::open(st).unwrap();
+    let a = s.register(info(0), None).unwrap().caller();
+    let b = s.register(info(1), None).unwrap().caller();
+    let g = s.snapshot(None).unwrap().job.generation;
+    for id in [&a, &b] {
+        let items = s.get_work(id, None, g, 0).await.unwrap().items;
+        let rewards = items
+            .iter()
+            .map(|it| TrajectoryRewards { item: *it, outcome: Ok(vec![it.member_index as f64]) });
+        s.report_rewards(id, 0, g, rewards.collect()).unwrap();
+    }
+    for id in [&a, &b] {
+        s.get_advantages(id, 0, g).await.unwrap();
+    }
+    assert!(s.report_step_metrics(&a, g, metrics()).await.unwrap().0, "the stop's checkpoint");
+    s.report_step_metrics(&b, g, metrics()).await.unwrap();
+    assert!(s.get_work(&a, Some(1), g, 1).await.unwrap().done);
+    assert!(s.get_work(&b, Some(1), g, 0).await.unwrap().done);
+    let job = s.snapshot(None).unwrap().job;
+    assert_eq!((job.state, job.step), (JobState::Stopped, 1), "{}", job.message);
+    assert!(job.message.contains("operator: maintenance"), "{}", job.message);
+}
+
 #[tokio::test]
 async fn a_stop_after_rank_0_reported_trains_one_more_iteration_and_never_moves_later() {
     let dir = tempfile::tempdir().unwrap();

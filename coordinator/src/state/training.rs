@@ -50,7 +50,8 @@ pub(super) struct Training {
     /// A checkpoint outside `output_dir` this job was resumed from, and its step.
     pub(super) resumed_from: Option<(u64, PathBuf)>,
     /// An operator's stop: the step the job ends at once it is checkpointed, and why. Kept
-    /// through rewinds (the world redoes the steps up to it).
+    /// through rewinds (the world redoes the steps up to it) and, in the database, through a
+    /// coordinator restart.
     pub(super) stop: Option<(u64, String)>,
     /// The iteration records of this job as the database has them, read once for the status
     /// and kept up to date by each commit; `None` until read, and after a rewind.
