@@ -144,7 +144,7 @@ if [[ "$NODE_RANK" -eq 0 ]]; then
   # One variable, one key, unless the key's DANCEGRPO_ variable is set (it wins).
   set_key() {
     local var=$1 key=$2 value=$3 env="DANCEGRPO_${2^^}"
-    if false; then
+    if [[ -n "${!env:-}" ]]; then
       note "$var=${!var} not used: $env=${!env} sets $key"
     else
       serve_args+=(--set "$key=$value")
