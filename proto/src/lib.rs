@@ -28,6 +28,8 @@ pub mod files;
 pub mod ids;
 /// Checkpoint folder names in a job's `output_dir`.
 pub mod layout;
+/// The log output of both binaries (`--log-format`).
+pub mod logging;
 /// Machine-readable reasons of refusals (`google.rpc.ErrorInfo`).
 pub mod reason;
 /// TLS and mutual TLS of the gRPC connections.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use dancegrpo_coordinator::config::{
     CoordinatorSettings, MindSpeedFiles, Topology, load_job_config_with,
 };
@@ -127,9 +127,8 @@ struct ServeArgs {
     /// that listen on port 0.
     #[arg(long)]
     addr_file: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: dancegrpo_proto::logging::LogArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9400); off by default.
     /// Read-only and without the token, as scrape targets are.
     #[arg(long, env = "DANCEGRPO_METRICS_LISTEN")]
@@ -195,30 +194,14 @@ struct WatchArgs {
     table: bool,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.with_ansi(false).init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(a.log_format);
+    a.log.init();
     let mindspeed = MindSpeedFiles { model: a.mm_model.clone(), data: a.mm_data.clone() };
     let job = load_job_config_with(a.config.as_deref(), &mindspeed, std::env::vars(), &a.set)?;
     if a.skip_file_checks {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use dancegrpo_proto::WorkerInfo;
 use dancegrpo_worker::WorkerSettings;
 use dancegrpo_worker::device::Device;
@@ -67,29 +67,12 @@ struct RunArgs {
     auth_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: dancegrpo_proto::tls::ClientTls,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DANCEGRPO_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: dancegrpo_proto::logging::LogArgs,
     /// libtorch's intra-op threads, fixed for the whole run so that a resume rounds as the run
     /// it resumes; default `OMP_NUM_THREADS`, else one per core.
     #[arg(long, env = "DANCEGRPO_THREADS")]
     threads: Option<usize>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.with_ansi(false).init(),
-        LogFormat::Json => b.json().init(),
-    }
 }
 
 fn hostname() -> String {
@@ -102,7 +85,7 @@ fn hostname() -> String {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    init_tracing(a.log_format);
+    a.log.init();
     let coordinator = a.coordinator.unwrap_or_else(|| {
         if a.master_addr.contains(':') && !a.master_addr.starts_with('[') {
             format!("[{}]:{}", a.master_addr, a.master_port)
@@ -174,7 +157,10 @@ async fn main() -> ExitCode {
             unsafe { libc::_exit(code) }
         }
         Command::Preprocess(a) => {
-            init_tracing(LogFormat::Text);
+            dancegrpo_proto::logging::LogArgs {
+                log_format: dancegrpo_proto::logging::LogFormat::Text,
+            }
+            .init();
             tokio::task::block_in_place(|| {
                 dancegrpo_worker::threads::pin_default();
                 a.run()
