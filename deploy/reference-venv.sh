@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Python reference packages (diffusers, transformers, open_clip), pinned, used by the golden
-# scripts and the side-by-side benchmarks; and the Prometheus project's parser, which reads our
-# /metrics back in the tests. They go into the project venv next to torch, with
-# torch itself held at the pinned version, so torch (4.6 GB) exists once.
+# scripts and the side-by-side benchmarks; and the Prometheus project's parser and TensorBoard's
+# event reader, which read our /metrics and event files back in the tests. They go into the
+# project venv next to torch, with torch itself held at the pinned version, so torch (4.6 GB)
+# exists once.
 # Idempotent. Prints the python to use on stdout.
 set -euo pipefail
 
@@ -11,7 +12,7 @@ VENV="${DANCEGRPO_VENV:-$HOME/.cache/dancegrpo/torch-$TORCH_VERSION}"
 PINS=(diffusers==0.42.1 transformers==5.24.0 open-clip-torch==3.3.0 safetensors==0.8.0
       ftfy==6.3.1 regex pillow
       sentencepiece==0.2.3 protobuf==7.36.2 tokenizers==0.23.3 peft==0.21.2
-      prometheus-client==0.26.0)
+      prometheus-client==0.26.0 tensorboard==2.21.0)
 
 "$(dirname "$0")/bootstrap.sh" >&2
 stamp="$VENV/.reference-$(echo "${PINS[*]}" | md5sum | cut -c1-12)"
@@ -21,7 +22,7 @@ if [ ! -f "$stamp" ]; then
   echo "torch==$TORCH_VERSION" > "$constraints"
   "$VENV/bin/pip" install -q -c "$constraints" "${PINS[@]}" >&2
   rm -f "$constraints"
-  "$VENV/bin/python" -c "import torch, diffusers, transformers, open_clip, peft, prometheus_client; assert torch.__version__.startswith('$TORCH_VERSION')" >&2
+  "$VENV/bin/python" -c "import torch, diffusers, transformers, open_clip, peft, prometheus_client, tensorboard; assert torch.__version__.startswith('$TORCH_VERSION')" >&2
   touch "$stamp"
 fi
 echo "$VENV/bin/python"

@@ -35,5 +35,7 @@ pub mod server;
 pub mod service;
 /// The job's live state.
 pub mod state;
+/// TensorBoard event files: scalars and sample grids.
+pub mod tensorboard;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! What a job leaves in `output_dir` for people and for resuming: the reward log (one float
-//! per line), `metrics.jsonl` (one JSON object per iteration), the reward-curve PNG, and the
-//! `trainer_state.json` a checkpoint carries. Also where the prompt count comes from.
+//! per line), `metrics.jsonl` (one JSON object per iteration), the reward-curve PNG, the
+//! TensorBoard event files, and the `trainer_state.json` a checkpoint carries. Also where the
+//! prompt count comes from.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -16,6 +17,7 @@ use crate::db::{float_from_json, float_to_json};
 use crate::error::{Error, Result};
 use crate::reward_log::RewardLog;
 use crate::schedule::Cursor;
+use crate::tensorboard::{self, EventWriter};
 
 /// The metrics log's file name, next to the reward log.
 pub const METRICS_LOG: &str = "metrics.jsonl";
@@ -196,6 +198,10 @@ pub struct Outputs {
     curve: PathBuf,
     title: String,
     reward_names: Vec<String>,
+    /// `None` when the event file could not be opened: TensorBoard is a view, like the curve.
+    tensorboard: Option<EventWriter>,
+    /// Where rank 0 writes the sample grids.
+    samples: PathBuf,
 }
 
 impl Outputs {
@@ -216,12 +222,20 @@ impl Outputs {
         let dir = log_path.parent().map(Path::to_path_buf).unwrap_or_default();
         let metrics = dir.join(METRICS_LOG);
         truncate_jsonl(&metrics, completed)?;
+        let tb_dir = Path::new(&cfg.output_dir).join(tensorboard::TENSORBOARD_DIR);
+        let tensorboard = EventWriter::create(&tb_dir, completed + 1)
+            .inspect_err(|e| {
+                tracing::warn!(dir = %tb_dir.display(), "no TensorBoard event file: {e}");
+            })
+            .ok();
         Ok(Self {
             reward_log,
             metrics,
             curve: dir.join(REWARD_CURVE),
             title: cfg.job_name.clone(),
             reward_names: cfg.rewards.iter().map(|r| r.name.clone()).collect(),
+            tensorboard,
+            samples: Path::new(&cfg.output_dir).join("samples"),
         })
     }
 
@@ -234,7 +248,26 @@ impl Outputs {
             .append(true)
             .open(&self.metrics)
             .map_err(io(&self.metrics, "cannot open"))?;
-        writeln!(f, "{line}").map_err(io(&self.metrics, "cannot append to"))
+        writeln!(f, "{line}").map_err(io(&self.metrics, "cannot append to"))?;
+        self.write_tensorboard(line);
+        Ok(())
+    }
+
+    /// Writes `line`'s scalars to the event file at its iteration, with the sample grid if
+    /// rank 0 wrote one this iteration where this process can see it (same node or a shared
+    /// file system): the worker names it by the 1-based iteration, as `line` counts.
+    fn write_tensorboard(&mut self, line: &serde_json::Value) {
+        let (Some(tb), Some(step)) =
+            (&mut self.tensorboard, line.get("iteration").and_then(|i| i.as_u64()))
+        else {
+            return;
+        };
+        let scalars = tensorboard::scalars(line, &self.reward_names);
+        let image = tensorboard::png_image(&self.samples.join(format!("iteration-{step:06}.png")));
+        // Like the curve: a view that fails to write must not stop training.
+        if let Err(e) = tb.write_step(step, &scalars, image) {
+            tracing::warn!(path = %tb.path().display(), "TensorBoard not written: {e}");
+        }
     }
 
     /// Redraws the reward curve from `history`.
@@ -534,6 +567,107 @@ mod tests {
         task.reopen(&cfg, &h2[..1]).unwrap();
         task.record(serde_json::json!({"iteration": 2}), h2.clone()).wait().await.unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "0.25\n0.5\n");
+    }
+
+    /// TensorBoard's own reader (`EventAccumulator`, from `deploy/reference-venv.sh`) over
+    /// `dir`: `{"scalars": {tag: [[step, value]]}, "images": {tag: [[step, width, height]]}}`.
+    fn read_tensorboard(dir: &Path) -> serde_json::Value {
+        let script = r#"
+import json, math, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "images": 0})
+ea.Reload()
+t = ea.Tags()
+num = lambda x: None if math.isnan(x) else x
+print(json.dumps({
+    "scalars": {k: [[e.step, num(e.value)] for e in ea.Scalars(k)] for k in t["scalars"]},
+    "images": {k: [[e.step, e.width, e.height] for e in ea.Images(k)] for k in t["images"]},
+}))
+"#;
+        let out = std::process::Command::new("python")
+            .args(["-c", script])
+            .arg(dir)
+            .output()
+            .expect("python on PATH: the venv of deploy/reference-venv.sh");
+        assert!(
+            out.status.success(),
+            "the tensorboard reader failed (run deploy/reference-venv.sh):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tensorboard_shows_each_step_once_with_its_last_values_after_a_rewind_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JobConfig {
+            output_dir: dir.path().display().to_string(),
+            reward_log: "reward.txt".into(),
+            ..Default::default()
+        };
+        let name = cfg.rewards[0].name.clone();
+        // A line per iteration, its loss telling the run apart.
+        let line = |step: u64, run: f64| {
+            let m = StepMetrics { loss: run + step as f64 / 8.0, ..Default::default() };
+            metrics_json(step, &[run], &[0.5], &m)
+        };
+        let grid = dir.path().join("samples").join("iteration-000002.png");
+        std::fs::create_dir_all(grid.parent().unwrap()).unwrap();
+        let png = |w: u32, h: u32| {
+            let mut bytes = Vec::new();
+            let mut enc = png::Encoder::new(&mut bytes, w, h);
+            enc.set_color(png::ColorType::Rgb);
+            let mut wr = enc.write_header().unwrap();
+            wr.write_image_data(&vec![128; (w * h * 3) as usize]).unwrap();
+            wr.finish().unwrap();
+            bytes
+        };
+        std::fs::write(&grid, png(6, 4)).unwrap();
+        let task = OutputTask::start(Outputs::open(&cfg, &[]).unwrap()).unwrap();
+        let mut history = Vec::new();
+        for step in 1..=3 {
+            history.push(vec![1.0]);
+            task.record(line(step, 1.0), history.clone()).wait().await.unwrap();
+        }
+        // A rewind to step 1; steps 2 and 3 are redone with other values and another grid.
+        history.truncate(1);
+        task.reopen(&cfg, &history).unwrap();
+        std::fs::write(&grid, png(5, 3)).unwrap();
+        for step in 2..=4 {
+            history.push(vec![2.0]);
+            task.record(line(step, 2.0), history.clone()).wait().await.unwrap();
+        }
+        drop(task);
+        // A coordinator restart from step 3 (its record of step 4 lost): step 4 is redone.
+        history.truncate(3);
+        let task = OutputTask::start(Outputs::open(&cfg, &history).unwrap()).unwrap();
+        for step in 4..=5 {
+            history.push(vec![3.0]);
+            task.record(line(step, 3.0), history.clone()).wait().await.unwrap();
+        }
+        drop(task);
+
+        let files = std::fs::read_dir(dir.path().join("tensorboard")).unwrap().count();
+        assert_eq!(files, 3, "a new event file per open");
+        let tb = read_tensorboard(&dir.path().join("tensorboard"));
+        let want = [(1, 1.0), (2, 2.0), (3, 2.0), (4, 3.0), (5, 3.0)];
+        let want_loss: Vec<(u64, f64)> =
+            want.iter().map(|&(s, run)| (s, run + s as f64 / 8.0)).collect();
+        let series = |tag: &str| -> Vec<(u64, f64)> {
+            tb["scalars"][tag]
+                .as_array()
+                .unwrap_or_else(|| panic!("no {tag}: {tb}"))
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        };
+        assert_eq!(series(&format!("mean_rewards/{name}")), want, "{tb}");
+        let loss = series("loss");
+        assert_eq!(loss.len(), want_loss.len(), "{tb}");
+        for ((s, v), (ws, wv)) in loss.iter().zip(&want_loss) {
+            assert_eq!((*s, *v), (*ws, f64::from(*wv as f32)), "{tb}");
+        }
+        assert_eq!(tb["images"]["samples"], serde_json::json!([[2, 5, 3]]), "{tb}");
     }
 
     #[tokio::test]
