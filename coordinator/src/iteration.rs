@@ -343,16 +343,12 @@ impl Iteration {
     /// Mean of each reward over all trajectories (the reward log's value is the first).
     pub fn mean_rewards(&self) -> Vec<f64> {
         let n = self.slots.len().max(1) as f64;
-        (0..self.num_rewards)
-            .map(|k| {
-                self.slots
-                    .values()
-                    .filter_map(|s| s.outcome.as_ref()?.as_ref().ok())
-                    .map(|r| r[k])
-                    .sum::<f64>()
-                    / n
-            })
-            .collect()
+        (0..self.num_rewards).map(|k| self.reported(k).sum::<f64>() / n).collect()
+    }
+
+    /// Reward `k` of every trajectory whose rewards were reported.
+    fn reported(&self, k: usize) -> impl Iterator<Item = f64> + '_ {
+        self.slots.values().filter_map(move |s| Some(s.outcome.as_ref()?.as_ref().ok()?[k]))
     }
 
     /// Per reward, the standard deviation (population) of the trajectories' rewards that were
@@ -360,12 +356,7 @@ impl Iteration {
     pub fn std_rewards(&self) -> Vec<f64> {
         (0..self.num_rewards)
             .map(|k| {
-                let v: Vec<f64> = self
-                    .slots
-                    .values()
-                    .filter_map(|s| s.outcome.as_ref()?.as_ref().ok())
-                    .map(|r| r[k])
-                    .collect();
+                let v: Vec<f64> = self.reported(k).collect();
                 let n = v.len().max(1) as f64;
                 let mean = v.iter().sum::<f64>() / n;
                 (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt()

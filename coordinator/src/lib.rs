@@ -37,5 +37,8 @@ pub mod service;
 pub mod state;
 /// TensorBoard event files: scalars and sample grids.
 pub mod tensorboard;
+/// Shared builders of the unit tests.
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};

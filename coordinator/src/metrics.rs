@@ -204,39 +204,13 @@ pub fn render(state: &CoordinatorState) -> Result<String> {
 mod tests {
     use std::time::Duration;
 
-    use dancegrpo_proto::{JobConfig, WorkerInfo};
-
     use super::*;
-    use crate::config::{CoordinatorSettings, Topology};
+    use crate::testing::{info, settings};
 
     #[tokio::test(start_paused = true)]
     async fn re_formations_are_counted_by_cause() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("videos2caption.json");
-        std::fs::write(&data, r#"[{"caption": "a"}]"#).unwrap();
-        let s = CoordinatorState::open(CoordinatorSettings {
-            job: JobConfig {
-                data_json_path: data.display().to_string(),
-                output_dir: dir.path().join("out").display().to_string(),
-                ..JobConfig::default()
-            },
-            topology: Topology::new(1, 2, None).unwrap(),
-            db_path: dir.path().join("db.sqlite"),
-            heartbeat_interval: Duration::from_millis(100),
-            heartbeat_timeout: Duration::from_secs(1),
-            store_port: 29501,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            adopt_config: false,
-        })
-        .unwrap();
-        let info = |local_rank| WorkerInfo {
-            host: "h".into(),
-            node_rank: 0,
-            local_rank,
-            device: "cpu".into(),
-            device_description: "cpu".into(),
-            pid: 1,
-        };
+        let s = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
         let a = s.register(info(0), None).unwrap().caller();
         let b = s.register(info(1), None).unwrap().caller();
         s.reform(&a, 1, "collective failed").unwrap();

@@ -345,7 +345,30 @@ impl OutputTask {
         let (done, rx) = mpsc::channel();
         let cmd = Command::Reopen { cfg: Box::new(cfg.clone()), history: history.to_vec(), done };
         self.tx.send(cmd).map_err(|_| writer_stopped())?;
-        rx.recv().map_err(|_| writer_stopped())?
+        answer(&rx)
+    }
+}
+
+/// How long a caller waits for the writer thread: a disk (or network filesystem) that does not
+/// take a few lines in this time is not coming back, and the job fails with this reason
+/// instead of waiting for good.
+pub const OUTPUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The writer's answer to one command, within [`OUTPUT_TIMEOUT`].
+fn answer(rx: &mpsc::Receiver<Result<()>>) -> Result<()> {
+    match rx.recv_timeout(OUTPUT_TIMEOUT) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(writer_stopped()),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Io {
+            context: "output files".into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "not written within {}s: the output folder's disk is stuck",
+                    OUTPUT_TIMEOUT.as_secs()
+                ),
+            ),
+        }),
     }
 }
 
@@ -361,10 +384,7 @@ impl Written {
     pub async fn wait(self) -> Result<()> {
         let rx = self.rx.ok_or_else(writer_stopped)?;
         // Waited for on the blocking pool, which also holds a paused test clock still.
-        tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(|_| writer_stopped())?
-            .map_err(|_| writer_stopped())?
+        tokio::task::spawn_blocking(move || answer(&rx)).await.map_err(|_| writer_stopped())?
     }
 }
 

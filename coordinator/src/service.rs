@@ -380,42 +380,15 @@ fn operator_reason(reason: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use dancegrpo_proto::{JobConfig, WorkerInfo, WorkerState};
+    use dancegrpo_proto::WorkerState;
 
     use super::*;
-    use crate::config::{CoordinatorSettings, Topology};
-
-    fn info(local_rank: u32) -> WorkerInfo {
-        WorkerInfo {
-            host: "h".into(),
-            node_rank: 0,
-            local_rank,
-            device: "cpu".into(),
-            device_description: "cpu".into(),
-            pid: 1,
-        }
-    }
+    use crate::testing::{info, settings};
 
     #[tokio::test(start_paused = true)]
     async fn a_status_is_converted_once_per_change_and_heartbeat_times_lag_by_at_most_the_reuse() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("videos2caption.json");
-        std::fs::write(&data, r#"[{"caption": "a"}]"#).unwrap();
-        let state = CoordinatorState::open(CoordinatorSettings {
-            job: JobConfig {
-                data_json_path: data.display().to_string(),
-                output_dir: dir.path().join("out").display().to_string(),
-                ..JobConfig::default()
-            },
-            topology: Topology::new(1, 2, None).unwrap(),
-            db_path: dir.path().join("db.sqlite"),
-            heartbeat_interval: Duration::from_secs(1),
-            heartbeat_timeout: Duration::from_secs(10),
-            store_port: 29501,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            adopt_config: false,
-        })
-        .unwrap();
+        let state = CoordinatorState::open(settings(dir.path(), 2)).unwrap();
         let svc = CoordinatorService::new(state.clone(), true);
         let a = state.register(info(0), None).unwrap().caller();
         let first = svc.status(None, None).unwrap();

@@ -4,36 +4,7 @@ use dancegrpo_proto::{NonFinitePolicy, StepMetrics, TrajectoryRewards, WorkerInf
 
 use super::*;
 use crate::config::Topology;
-
-fn settings(dir: &std::path::Path, world: u32) -> CoordinatorSettings {
-    let data = dir.join("videos2caption.json");
-    std::fs::write(&data, r#"[{"caption": "a"}, {"caption": "b"}]"#).unwrap();
-    CoordinatorSettings {
-        job: JobConfig {
-            data_json_path: data.display().to_string(),
-            output_dir: dir.join("out").display().to_string(),
-            ..JobConfig::default()
-        },
-        topology: Topology::new(1, world, None).unwrap(),
-        db_path: dir.join("db.sqlite"),
-        heartbeat_interval: Duration::from_millis(100),
-        heartbeat_timeout: Duration::from_secs(1),
-        store_port: 29501,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        adopt_config: false,
-    }
-}
-
-fn info(local_rank: u32) -> WorkerInfo {
-    WorkerInfo {
-        host: format!("host{local_rank}"),
-        node_rank: 0,
-        local_rank,
-        device: "cpu".into(),
-        device_description: "cpu".into(),
-        pid: 1,
-    }
-}
+use crate::testing::{info, settings};
 
 #[tokio::test(start_paused = true)]
 async fn ranks_follow_slots_and_lost_workers_are_replaced() {
