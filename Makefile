@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   set up this machine if needed, then run the local demo
 #   make test   set up this machine if needed, then run every check CI runs
-# Set-up (deploy/bootstrap.sh) is idempotent: Debian packages + the torch venv in a per-user cache.
+# Set-up (deploy/bootstrap.sh) is idempotent: Debian packages + the torch venv in a per-user cache;
+# `make test` adds the test-only packages (deploy/bootstrap.sh --test: Slurm, munge).
 
 VENV ?= $(or $(DANCEGRPO_VENV),$(HOME)/.cache/dancegrpo/torch-2.11.0)
 export DANCEGRPO_VENV := $(VENV)
@@ -10,10 +11,14 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: bootstrap reference build demo test lint unit-tests numeric-passes npu-check cuda-check
+.PHONY: bootstrap test-bootstrap reference build demo test lint unit-tests numeric-passes npu-check cuda-check
 
 bootstrap:
 	@./deploy/bootstrap.sh
+
+# What only the tests need on top (Slurm and munge, for tests/tests/slurm.rs); idempotent.
+test-bootstrap:
+	@./deploy/bootstrap.sh --test
 
 # The pinned Python reference packages (diffusers, open_clip, peft) that the parity tests
 # load saved checkpoints into; idempotent.
@@ -30,7 +35,7 @@ lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-unit-tests: build reference
+unit-tests: build reference test-bootstrap
 	cargo test --workspace --no-fail-fast
 
 # The test binaries that compare numbers with the Python reference or with torch (each includes
