@@ -35,6 +35,11 @@ const PROCESS_ENV: &[&str] = &[
     "tls_client_key",
     "tls_domain",
     "metrics_listen",
+    "heartbeat_interval_ms",
+    "heartbeat_timeout_ms",
+    "collective_timeout_s",
+    "connect_timeout_s",
+    "threads",
 ];
 
 /// MindSpeed-MM's `--mm-model` / `--mm-data` files (`model_dancegrpo.json`,
@@ -304,6 +309,26 @@ pub struct CoordinatorSettings {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn every_process_flag_variable_is_not_a_job_key() {
+        // launch.sh gives node 0's coordinator the workers' environment too: a variable of
+        // either binary that the job config refused would stop the job from starting.
+        let mains = [include_str!("bin/main.rs"), include_str!("../../worker/src/bin/main.rs")];
+        let mut seen = 0;
+        for src in mains {
+            for part in src.split("env = \"DANCEGRPO_").skip(1) {
+                let var = part.split('"').next().unwrap().to_ascii_lowercase();
+                assert!(
+                    PROCESS_ENV.contains(&var.as_str()),
+                    "DANCEGRPO_{} not in PROCESS_ENV",
+                    var.to_uppercase()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 8, "only {seen} variables found");
+    }
 
     fn file(ext: &str, body: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();

@@ -6,6 +6,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod scripts;
+
 use dancegrpo_proto::pb::coordinator_client::CoordinatorClient;
 use dancegrpo_proto::pb::job_service_client::JobServiceClient;
 use dancegrpo_proto::{AuthToken, ClientAuth, pb};

@@ -8,83 +8,12 @@
 //! looks, when every variable reached its key.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use dancegrpo_e2e::scripts::{self, logs};
 use dancegrpo_e2e::{bin, bin_dir, free_port, tiny_dataset, workspace_root};
-
-/// A script's run: its exit status and everything it printed.
-struct Run {
-    status: ExitStatus,
-    output: String,
-    took: Duration,
-}
-
-/// Kills a process group when dropped: a script and every process it started.
-struct Group(i32);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's process group; an exited group is ESRCH, harmless.
-        unsafe { libc::kill(-self.0, libc::SIGKILL) };
-    }
-}
-
-/// Runs `deploy/<name>` in `cwd` with only `vars` (and PATH, HOME) in its environment, so
-/// nothing of this process's (DANCEGRPO_*, RANK, ...) leaks in; killed, with all it started,
-/// after `limit`.
-fn script(name: &str, cwd: &Path, vars: &[(&str, &str)], limit: Duration) -> Run {
-    let out_path = cwd.join(format!("{name}.out"));
-    let out = std::fs::File::create(&out_path).expect("output file");
-    let mut cmd = Command::new("bash");
-    cmd.arg(workspace_root().join("deploy").join(name))
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::var("HOME").unwrap_or_default())
-        .env("RUST_LOG", "info")
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(out)
-        .process_group(0);
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("run bash");
-    let _group = Group(child.id() as i32);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{name} did not finish within {limit:?}:\n{}\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default(),
-                logs(cwd)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    Run { status, output, took: start.elapsed() }
-}
-
-/// The scripts' logs in `cwd/logs`, each under its name, for a failing assertion.
-fn logs(cwd: &Path) -> String {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(cwd.join("logs"))
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    names.sort();
-    names
-        .iter()
-        .map(|p| {
-            format!("==== {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default())
-        })
-        .collect()
-}
 
 fn mkdirs(p: &Path) {
     std::fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
@@ -227,7 +156,7 @@ fn preprocess_sh_takes_mindspeeds_variables_and_merges_what_preprocess_makes() {
     let bins = bin_dir().display().to_string();
     // MindSpeed-MM's variable block (not its defaults, so each one is seen to be read), two
     // local "devices", and 11 of the 16 prompts in shards of 3: 4 shards, 2 per rank.
-    let run = script(
+    let run = scripts::run(
         "preprocess.sh",
         d,
         &[
@@ -378,7 +307,7 @@ fn launch_sh_runs_the_job_of_a_mindspeed_variable_block() {
     ];
     vars.extend_from_slice(BLOCK);
 
-    let run = script("launch.sh", d, &vars, Duration::from_secs(180));
+    let run = scripts::run("launch.sh", d, &vars, Duration::from_secs(180));
     assert!(
         run.status.success(),
         "launch.sh failed ({}):\n{}\n{}",
@@ -436,7 +365,7 @@ fn launch_sh_runs_the_job_of_a_mindspeed_variable_block() {
         ("MM_DATA", "./examples/dancegrpo/data_elsewhere.json"),
         ("DANCEGRPO_PRETRAINED_MODEL_NAME_OR_PATH", "env_flux_not_here"),
     ]);
-    let run = script("launch.sh", d, &again, Duration::from_secs(60));
+    let run = scripts::run("launch.sh", d, &again, Duration::from_secs(60));
     assert!(!run.status.success(), "launch.sh succeeded:\n{}", run.output);
     for needle in [
         "LOAD_PATH=ckpt/flux not used: DANCEGRPO_PRETRAINED_MODEL_NAME_OR_PATH=env_flux_not_here",
@@ -454,7 +383,7 @@ fn launch_sh_runs_the_job_of_a_mindspeed_variable_block() {
     // its ./examples/dancegrpo/model_dancegrpo.json is not, that is an error that says so.
     let elsewhere = d.join("elsewhere");
     mkdirs(&elsewhere);
-    let run = script(
+    let run = scripts::run(
         "launch.sh",
         &elsewhere,
         &[

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -107,15 +108,22 @@ bool divide_after(const dg_group* g, bool average) {
   return average && g->size > 1 && reduce_op(g, average) != c10d::ReduceOp::AVG;
 }
 
-std::shared_ptr<::gloo::transport::Device> gloo_device(const char* host) {
-  if (host != nullptr && host[0] != '\0') {
-    return c10d::ProcessGroupGloo::createDeviceForHostname(host);
+// The Gloo devices of `spec`: "if:NAME[,NAME...]" one per interface (as torch reads
+// GLOO_SOCKET_IFNAME), another non-empty string the host to bind to, else torch's default.
+std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices(const char* spec) {
+  std::vector<std::shared_ptr<::gloo::transport::Device>> out;
+  std::string s = spec == nullptr ? "" : spec;
+  if (s.rfind("if:", 0) == 0) {
+    std::stringstream names(s.substr(3));
+    std::string name;
+    while (std::getline(names, name, ',')) {
+      if (!name.empty()) out.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+    }
+  } else if (!s.empty()) {
+    out.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(s));
   }
-  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-  if (ifname != nullptr && ifname[0] != '\0') {
-    return c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
-  }
-  return c10d::ProcessGroupGloo::createDefaultDevice();
+  if (out.empty()) out.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return out;
 }
 
 }  // namespace
@@ -207,7 +215,7 @@ char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, i
     switch (backend) {
       case DG_BACKEND_GLOO: {
         auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-        opts->devices.push_back(gloo_device(gloo_host));
+        opts->devices = gloo_devices(gloo_host);
         pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
         break;
       }

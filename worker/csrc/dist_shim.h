@@ -45,7 +45,7 @@ char* dg_store_get(dg_store* store, const char* key, int64_t timeout_ms, uint8_t
                    size_t cap, size_t* len);
 
 // A c10d backend over a PrefixStore(prefix, store). Blocks until every rank arrived or timeout.
-// gloo_host: the address Gloo binds to (NULL or "" = GLOO_SOCKET_IFNAME, else the default).
+// gloo_host: where Gloo binds: "if:NAME[,NAME...]" (interfaces), a host, or NULL/"" (default).
 char* dg_group_create(dg_store* store, const char* prefix, int rank, int size, int backend,
                       int64_t timeout_ms, const char* gloo_host, dg_group** out);
 void dg_group_destroy(dg_group* group);

@@ -118,10 +118,10 @@ struct ServeArgs {
     #[arg(long)]
     db: Option<PathBuf>,
     /// How often workers heartbeat, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "DANCEGRPO_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
     heartbeat_interval_ms: u64,
     /// A worker silent for this many milliseconds is marked lost.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "DANCEGRPO_HEARTBEAT_TIMEOUT_MS", default_value_t = 10_000)]
     heartbeat_timeout_ms: u64,
     /// Write the bound address (host:port) to this file once listening; for scripts and tests
     /// that listen on port 0.

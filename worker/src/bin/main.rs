@@ -56,10 +56,10 @@ struct RunArgs {
     device: Device,
     /// Bound, in seconds, on the rendezvous and every collective: a dead or missing peer is an
     /// error after this long.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, env = "DANCEGRPO_COLLECTIVE_TIMEOUT_S", default_value_t = 300)]
     collective_timeout_s: u64,
     /// Keep retrying an unreachable coordinator for this many seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, env = "DANCEGRPO_CONNECT_TIMEOUT_S", default_value_t = 300)]
     connect_timeout_s: u64,
     /// File holding the job's auth token (the coordinator's); `DANCEGRPO_AUTH_TOKEN` may give
     /// the token itself instead.
@@ -86,6 +86,7 @@ fn hostname() -> String {
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     a.log.init();
+    dancegrpo_worker::dist::check_socket_ifname().map_err(anyhow::Error::msg)?;
     let coordinator = a.coordinator.unwrap_or_else(|| {
         if a.master_addr.contains(':') && !a.master_addr.starts_with('[') {
             format!("[{}]:{}", a.master_addr, a.master_port)

@@ -206,8 +206,9 @@ pub struct GroupOptions {
     /// <= op.nbytes"), which no caller can catch; torch's default has that hazard. Costs two
     /// hops of 32 bytes over plain TCP per collective (see `check.rs` and `BENCHMARKS.md`).
     pub verify: bool,
-    /// The address Gloo binds to. `None`: loopback when the store is on loopback, else
-    /// `GLOO_SOCKET_IFNAME`, else the address this host's name resolves to.
+    /// The address Gloo binds to. `None`: loopback when the store is on loopback, else the
+    /// interfaces `GLOO_SOCKET_IFNAME` names, else the local address of the route to the
+    /// store's host (see `gloo_device`).
     pub gloo_host: Option<String>,
     /// This group's generation and where newer ones are announced: its rendezvous is
     /// abandoned once one is. `None`: only the timeout ends it.
@@ -319,12 +320,10 @@ impl ProcessGroup {
         }
         let c_prefix =
             CString::new(prefix).map_err(|_| err("prefix contains a NUL byte".into()))?;
-        let gloo_host = match &options.gloo_host {
-            Some(h) => h.clone(),
-            None if is_loopback(&store.host) => "127.0.0.1".into(),
-            None => String::new(),
-        };
-        let c_gloo = CString::new(gloo_host).map_err(|_| err("gloo host contains NUL".into()))?;
+        let gloo =
+            gloo_device(options.gloo_host.as_deref(), &store.host, store.port, socket_ifname())
+                .map_err(err)?;
+        let c_gloo = CString::new(gloo).map_err(|_| err("gloo host contains NUL".into()))?;
         if world_size > 1 {
             arrive(&Prefixed { store: &store, prefix }, rank, world_size, options).map_err(
                 |e| match e {
@@ -644,7 +643,100 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The variable that names the network interfaces Gloo's sockets use, as in torch.
+const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
+
+/// `GLOO_SOCKET_IFNAME` when set and not empty.
+fn socket_ifname() -> Option<String> {
+    std::env::var(GLOO_SOCKET_IFNAME).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Where Gloo's sockets go, as the shim takes it: `if:NAME[,NAME...]` for interfaces, else a
+/// host to bind to. In order: `gloo_host`; loopback when the store is there; the interfaces
+/// of `GLOO_SOCKET_IFNAME` (torch's rule: a comma-separated list, one Gloo device each), each
+/// checked to exist here; else the local address of the route to the store's host. torch's
+/// last resort is the address this host's name resolves to, which on clusters is often
+/// 127.0.1.1 or an interface the other hosts cannot reach, and then every rank hangs in
+/// connectFullMesh; every rank reaches the store's host, so the route there is reachable.
+fn gloo_device(
+    gloo_host: Option<&str>,
+    store_host: &str,
+    store_port: u16,
+    ifname: Option<String>,
+) -> std::result::Result<String, String> {
+    if let Some(h) = gloo_host.filter(|h| !h.is_empty()) {
+        return Ok(h.to_string());
+    }
+    if is_loopback(store_host) {
+        return Ok("127.0.0.1".into());
+    }
+    if let Some(list) = ifname {
+        return Ok(format!("if:{}", ifnames(&list)?.join(",")));
+    }
+    Ok(check::listen_host(None, store_host, store_port).to_string())
+}
+
+/// The interfaces of a `GLOO_SOCKET_IFNAME` value, each checked to exist here.
+fn ifnames(list: &str) -> std::result::Result<Vec<&str>, String> {
+    let names: Vec<&str> = list.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+    let have = interfaces();
+    match names.iter().find(|n| !have.iter().any(|h| h == *n)) {
+        Some(missing) => Err(format!(
+            "{GLOO_SOCKET_IFNAME}={list}: no interface {missing} on this host (it has: {})",
+            have.join(", ")
+        )),
+        None => Ok(names),
+    }
+}
+
+/// Checks `GLOO_SOCKET_IFNAME`, when set, at start-up: a misspelt interface is then one
+/// message before the worker joins, not a failed rendezvous of every generation.
+pub fn check_socket_ifname() -> std::result::Result<(), String> {
+    socket_ifname().map_or(Ok(()), |list| ifnames(&list).map(drop))
+}
+
+/// This network namespace's interfaces, sorted.
+fn interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gloo_binds_where_it_is_told_then_to_loopback_then_to_the_interfaces() {
+        let d = |host, store, ifname: Option<&str>| {
+            gloo_device(host, store, 1, ifname.map(String::from))
+        };
+        assert_eq!(d(Some("10.1.2.3"), "10.9.9.9", Some("lo")).unwrap(), "10.1.2.3");
+        assert_eq!(d(None, "localhost", Some("lo")).unwrap(), "127.0.0.1");
+        assert_eq!(d(None, "127.0.0.1", None).unwrap(), "127.0.0.1");
+        assert_eq!(d(None, "10.9.9.9", Some("lo")).unwrap(), "if:lo");
+        assert_eq!(d(None, "10.9.9.9", Some(" lo, lo ,")).unwrap(), "if:lo,lo");
+    }
+
+    #[test]
+    fn an_interface_that_is_not_here_is_named_with_the_ones_that_are() {
+        let e = gloo_device(None, "10.9.9.9", 1, Some("lo,nope7".into())).unwrap_err();
+        assert!(e.starts_with("GLOO_SOCKET_IFNAME=lo,nope7: no interface nope7"), "{e}");
+        assert!(e.contains("it has: ") && e.contains("lo"), "{e}");
+    }
+
+    #[test]
+    fn without_ifname_gloo_binds_to_the_address_that_routes_to_the_store() {
+        // Any address that is not loopback and is routed: the result is one of this host's.
+        let host = gloo_device(None, "192.0.2.1", 1, None).unwrap();
+        let ip: std::net::IpAddr = host.parse().unwrap_or_else(|e| panic!("{host}: {e}"));
+        std::net::UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    }
 }

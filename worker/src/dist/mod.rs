@@ -12,4 +12,4 @@ mod group;
 
 pub use backend::Backend;
 pub use error::{DistError, Result};
-pub use group::{Generations, GroupOptions, ProcessGroup, ReduceOp, Store};
+pub use group::{Generations, GroupOptions, ProcessGroup, ReduceOp, Store, check_socket_ifname};
