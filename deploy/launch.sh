@@ -6,10 +6,18 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPUS_PER_NODE=8 deploy/launch.sh
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NPUS_PER_NODE=8 deploy/launch.sh
 #
-# Node rank 0 also starts the coordinator. Each node starts NPUS_PER_NODE workers with
-# LOCAL_RANK 0..NPUS_PER_NODE-1. DEVICE=npu (default) | cuda | cpu. The script returns when its
-# workers have exited (stopping the coordinator then), with the first failing one's status:
-# 0 when the job finished. BIN_DIR (default: this checkout's target/release), LOG_DIR (logs).
+# Node rank 0 also starts the coordinator (START_COORDINATOR=0: not here, it runs elsewhere,
+# e.g. its own Kubernetes Deployment; the workers then dial DANCEGRPO_COORDINATOR or
+# MASTER_ADDR:MASTER_PORT). Each node starts NPUS_PER_NODE workers with LOCAL_RANK
+# 0..NPUS_PER_NODE-1. DEVICE=npu (default) | cuda | cpu. The script returns when its workers
+# have exited (stopping the coordinator then), with the first failing one's status: 0 when the
+# job finished; 2 when it refuses to start. BIN_DIR (default: this checkout's target/release).
+# LOG_DIR (default logs): one file per process there; LOG_DIR=- sends them all to this
+# script's output instead (a container's log).
+#
+# Networks: the workers' Gloo sockets use the interfaces in GLOO_SOCKET_IFNAME when it is set
+# (checked at start), else the address of the route to rank 0; NCCL_SOCKET_IFNAME and
+# HCCL_SOCKET_IFNAME are read by NCCL and HCCL themselves. All pass through from here.
 #
 # The job is CONFIG (default: this checkout's deploy/configs/dancegrpo_flux.toml), overridden
 # by MindSpeed-MM's variables, overridden in turn by DANCEGRPO_<KEY> variables (and the
@@ -48,11 +56,19 @@ BIN_DIR=${BIN_DIR:-$ROOT/target/release}
 LOG_DIR=${LOG_DIR:-logs}
 export NPUS_PER_NODE MASTER_ADDR MASTER_PORT NNODES NODE_RANK
 
-die() { echo "launch.sh: error: $*" >&2; exit 1; }
+die() { echo "launch.sh: error: $*" >&2; exit 2; }
 note() { echo "launch.sh: $*" >&2; }
-[[ "$NODE_RANK" -lt "$NNODES" ]] || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
-for b in dancegrpo-coordinator dancegrpo-worker; do
-  [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b not found; build with: cargo build --release (add --features npu or cuda)"
+for v in NNODES NODE_RANK NPUS_PER_NODE; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v=${!v} must be a number"
+done
+((NNODES >= 1 && NPUS_PER_NODE >= 1)) || die "NNODES=$NNODES and NPUS_PER_NODE=$NPUS_PER_NODE must be >= 1"
+((NODE_RANK < NNODES)) || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
+START_COORDINATOR=${START_COORDINATOR:-$((NODE_RANK == 0 ? 1 : 0))}
+[[ "$START_COORDINATOR" == [01] ]] || die "START_COORDINATOR=$START_COORDINATOR must be 0 or 1"
+needed=(dancegrpo-worker)
+if [[ "$START_COORDINATOR" == 1 ]]; then needed+=(dancegrpo-coordinator); fi
+for b in "${needed[@]}"; do
+  [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b not found (BIN_DIR); build with: cargo build --release (add --features npu or cuda)"
 done
 
 # Every node's processes need the job's token (DANCEGRPO_AUTH_TOKEN_FILE, a file all nodes can
@@ -73,10 +89,15 @@ case "$DEVICE" in
   npu)
     # The CANN / HCCL environment of the MindSpeed-MM script, exported before any NPU runtime
     # or HCCL communicator starts (CANN reads it at process start, HCCL at the first collective).
-    if [[ -f "${ASCEND_TOOLKIT_HOME:-/usr/local/Ascend/cann}/set_env.sh" ]]; then
-      # shellcheck disable=SC1091
-      source "${ASCEND_TOOLKIT_HOME:-/usr/local/Ascend/cann}/set_env.sh"
-    fi
+    # CANN 8.5+ installs to .../cann, earlier ones to .../ascend-toolkit.
+    for env_sh in ${ASCEND_TOOLKIT_HOME:+"$ASCEND_TOOLKIT_HOME/set_env.sh"} \
+      /usr/local/Ascend/cann/set_env.sh /usr/local/Ascend/ascend-toolkit/set_env.sh; do
+      if [[ -f "$env_sh" ]]; then
+        # shellcheck disable=SC1090
+        source "$env_sh"
+        break
+      fi
+    done
     export CUDA_DEVICE_MAX_CONNECTIONS=1
     export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0}
     export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}
@@ -117,7 +138,7 @@ esac
 # The job's arguments for `serve`, from CONFIG and MindSpeed-MM's variables (see the top).
 # Only node rank 0 runs the coordinator, so only it needs them.
 serve_args=()
-if [[ "$NODE_RANK" -eq 0 ]]; then
+if [[ "$START_COORDINATOR" == 1 ]]; then
   given=()
   for v in LOAD_PATH SAVE_PATH HPS_REWARD_SAVE_PATH MM_DATA MM_MODEL; do
     if [[ -n "${!v:-}" ]]; then given+=("$v"); fi
@@ -195,8 +216,16 @@ if [[ "$NODE_RANK" -eq 0 ]]; then
   fi
 fi
 
-mkdir -p "$LOG_DIR"
+if [[ "$LOG_DIR" != - ]]; then mkdir -p "$LOG_DIR"; fi
 stamp=$(date +%Y%m%d_%H%M%S)
+# Runs "$@" in place of this (background) subshell, so $! is its pid, with its output in
+# LOG_DIR/$1_<stamp>.log, or in this script's output when LOG_DIR=-.
+exec_logged() {
+  local name=$1
+  shift
+  if [[ "$LOG_DIR" == - ]]; then exec "$@" 2>&1; fi
+  exec "$@" > "$LOG_DIR/${name}_$stamp.log" 2>&1
+}
 coordinator=""
 workers=()
 stopping=0
@@ -209,9 +238,15 @@ stop() {
 on_signal() { stopping=1; stop; }
 trap on_signal INT TERM
 
-if [[ "$NODE_RANK" -eq 0 ]]; then
-  "$BIN_DIR/dancegrpo-coordinator" serve "${serve_args[@]}" \
-    > >(tee "$LOG_DIR/coordinator_$stamp.log") 2>&1 &
+if [[ "$START_COORDINATOR" == 1 ]]; then
+  if [[ "$LOG_DIR" == - ]]; then
+    "$BIN_DIR/dancegrpo-coordinator" serve "${serve_args[@]}" 2>&1 &
+  else
+    # tee ignores the signals that stop the job, so the coordinator's last lines (written while
+    # it shuts down) still reach the file: tee ends when the coordinator closes its output.
+    "$BIN_DIR/dancegrpo-coordinator" serve "${serve_args[@]}" \
+      > >(trap '' INT TERM; exec tee "$LOG_DIR/coordinator_$stamp.log") 2>&1 &
+  fi
   coordinator=$!
   echo "coordinator on $MASTER_ADDR:$MASTER_PORT (world size $WORLD_SIZE); status: $BIN_DIR/dancegrpo-coordinator status --addr $MASTER_ADDR:$MASTER_PORT"
 fi
@@ -219,12 +254,14 @@ fi
 for ((local = 0; local < NPUS_PER_NODE; local++)); do
   dev=cpu
   [[ "$DEVICE" != cpu ]] && dev="$DEVICE:$local"
-  RANK=$((NODE_RANK * NPUS_PER_NODE + local)) LOCAL_RANK=$local WORLD_SIZE=$WORLD_SIZE \
-    LOCAL_WORLD_SIZE=$NPUS_PER_NODE "$BIN_DIR/dancegrpo-worker" run --device "$dev" \
-    > "$LOG_DIR/worker_${NODE_RANK}_${local}_$stamp.log" 2>&1 &
+  exec_logged "worker_${NODE_RANK}_$local" env RANK=$((NODE_RANK * NPUS_PER_NODE + local)) \
+    LOCAL_RANK=$local WORLD_SIZE=$WORLD_SIZE LOCAL_WORLD_SIZE="$NPUS_PER_NODE" \
+    "$BIN_DIR/dancegrpo-worker" run --device "$dev" &
   workers+=($!)
 done
-echo "node $NODE_RANK: started $NPUS_PER_NODE workers ($DEVICE); logs in $LOG_DIR/"
+where="logs in $LOG_DIR/"
+[[ "$LOG_DIR" == - ]] && where="logs here"
+echo "node $NODE_RANK: started $NPUS_PER_NODE workers ($DEVICE); $where"
 
 # Wait for the workers. The coordinator serves on after its job has ended, so it is stopped
 # once they are gone; if it exits first (a bad config, a missing file), the workers are stopped.
@@ -256,6 +293,8 @@ while [[ ${#running[@]} -gt 0 ]]; do
 done
 if [[ -n "$coordinator" ]]; then
   kill -TERM "$coordinator" 2> /dev/null || true
-  wait "$coordinator" || true
+  # A trapped signal (a scheduler sends TERM more than once) interrupts `wait`: wait until the
+  # coordinator is really gone, so nothing of the job outlives the script and holds its port.
+  while kill -0 "$coordinator" 2> /dev/null; do wait "$coordinator" || true; done
 fi
 exit "$status"

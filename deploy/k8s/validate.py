@@ -269,7 +269,9 @@ class Reads:
         self.coordinator = env_names("coordinator/src/**/*.rs") | proto
         self.worker = env_names("worker/src/**/*.rs") | proto
         self.process = process_env()
-        self.node_sh = script_env("deploy/k8s/node.sh") | launch_npu_env()
+        # node.sh runs deploy/launch.sh, which reads the rest.
+        self.node_sh = (script_env("deploy/k8s/node.sh") | script_env("deploy/launch.sh")
+                        | launch_npu_env())
         self.health = healthy_services()
 
 
@@ -296,7 +298,7 @@ def check_env(c, where, reads, role):
                 problem(where, f"env {name}: workers take the job's keys from the coordinator; "
                         "set it there")
                 continue
-            problem(where, f"env {name}: neither dancegrpo-worker nor node.sh reads it")
+            problem(where, f"env {name}: neither dancegrpo-worker nor node.sh (launch.sh) reads it")
     return env
 
 

@@ -206,7 +206,11 @@ fn node_sh(dir: &Path, env: &[(&str, &str)], fail_rank: Option<u32>) -> (Output,
     {
         c.env_remove(v);
     }
-    c.env_remove("ASCEND_RT_VISIBLE_DEVICES").env("BIN_DIR", &bin).envs(env.iter().copied());
+    // The manifests give every pod NNODES; a case may set its own.
+    c.env_remove("ASCEND_RT_VISIBLE_DEVICES")
+        .env("BIN_DIR", &bin)
+        .env("NNODES", "4")
+        .envs(env.iter().copied());
     let out = c.output().expect("node.sh");
     let mut ranks = Vec::new();
     for i in 0.. {
