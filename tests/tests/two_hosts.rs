@@ -131,6 +131,19 @@ fn borrowed<'a>(v: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
     v.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
+/// Seconds since midnight UTC, now.
+fn now_of_day() -> f64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    t.as_secs_f64() % 86_400.0
+}
+
+/// Seconds since midnight UTC of a log line's leading RFC 3339 time (`...T13:59:14.056844Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let clock = line.split_whitespace().next()?.split('T').nth(1)?.strip_suffix('Z')?;
+    let mut parts = clock.split(':').map(|p| p.parse::<f64>().ok());
+    Some(parts.next()?? * 3600.0 + parts.next()?? * 60.0 + parts.next()??)
+}
+
 #[test]
 fn two_hosts_lose_and_regain_a_link_and_finish_as_an_uninterrupted_run() {
     if let Some(why) = cannot_make_namespaces() {
@@ -208,8 +221,10 @@ fn two_hosts_lose_and_regain_a_link_and_finish_as_an_uninterrupted_run() {
     let steps_before = reward_lines(&reward).len();
     hosts.link_b(false);
     let down = Instant::now();
+    let down_at = now_of_day();
     std::thread::sleep(Duration::from_secs(5));
     hosts.link_b(true);
+    let up_at = now_of_day();
     eprintln!(
         "host B's link down for {:.1} s after step {steps_before}",
         down.elapsed().as_secs_f64()
@@ -228,6 +243,17 @@ fn two_hosts_lose_and_regain_a_link_and_finish_as_an_uninterrupted_run() {
         if ["lost", "world formed", "rewind", "re-form"].iter().any(|w| line.contains(w)) {
             eprintln!("  {line}");
         }
+    }
+    // The figures of RELIABILITY.md, from the coordinator's log times.
+    let at = |needle: &str| coordinator.lines().filter(|l| l.contains(needle)).find_map(log_time);
+    if let (Some(lost), Some(reformed)) =
+        (at("no heartbeat for"), at("world re-formed (generation 2)"))
+    {
+        eprintln!(
+            "lost {:.1} s after the link went down; re-formed {:.1} s after it came back",
+            lost - down_at,
+            reformed - up_at
+        );
     }
     let lost = coordinator.matches("no heartbeat for").count();
     assert!(lost >= 2, "B's two workers were not both lost ({lost}):\n{all}");
