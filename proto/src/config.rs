@@ -15,45 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// One reward model, with the weight of its loss term.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RewardConfig {
-    /// Registered reward name, e.g. `hpsv2` or `jpeg_compressibility`.
-    pub name: String,
-    /// Weight of this reward's clipped loss in the total loss.
-    #[serde(default = "one")]
-    pub weight: f64,
-    /// Directory with the reward model's weights, for rewards that have any.
-    #[serde(default)]
-    pub model_dir: String,
-    /// Run the reward model on the CPU to save accelerator memory.
-    #[serde(default)]
-    pub on_cpu: bool,
-}
-
-/// The rewards a job may name in `[[rewards]] name`, the canonical name first, then the
-/// aliases it also answers to.
-pub const REWARDS: &[(&str, &[&str])] = &[
-    ("hpsv2", &["hps", "hps_v2.1"]),
-    ("jpeg_compressibility", &[]),
-    ("jpeg_incompressibility", &[]),
-    ("brightness", &[]),
-    ("contrast", &[]),
-];
-
-/// The rewards that score with a model, which `model_dir` must hold.
-pub const MODEL_REWARDS: &[&str] = &["hpsv2"];
-
-impl RewardConfig {
-    /// The canonical name of the configured reward, `None` when no reward has this name.
-    pub fn canonical_name(&self) -> Option<&'static str> {
-        REWARDS
-            .iter()
-            .find(|(name, aliases)| *name == self.name || aliases.contains(&self.name.as_str()))
-            .map(|(name, _)| *name)
-    }
-}
+pub use crate::rewards::{MODEL_REWARDS, REWARDS, RewardConfig};
 
 /// LoRA adapter settings (PEFT names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -163,10 +125,6 @@ pub struct JobConfig {
     /// Seconds a running job waits for a lost rank to be replaced (a worker restarted in its
     /// slot) before it fails, with the lost rank named in the status.
     pub rank_replace_timeout_s: u32,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 fn default_lora_targets() -> Vec<String> {

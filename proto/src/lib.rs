@@ -32,6 +32,8 @@ pub mod layout;
 pub mod logging;
 /// Machine-readable reasons of refusals (`google.rpc.ErrorInfo`).
 pub mod reason;
+/// The reward registry and one reward's config.
+pub mod rewards;
 /// TLS and mutual TLS of the gRPC connections.
 pub mod tls;
 /// Domain types of the control plane.
