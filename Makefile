@@ -16,7 +16,8 @@ export LIBTORCH_USE_PYTORCH := 1
 bootstrap:
 	@./deploy/bootstrap.sh
 
-# What only the tests need on top (Slurm and munge, for tests/tests/slurm.rs); idempotent.
+# What only the tests need on top (Slurm and munge for tests/tests/slurm.rs, iproute2, shellcheck);
+# idempotent.
 test-bootstrap:
 	@./deploy/bootstrap.sh --test
 
@@ -31,9 +32,12 @@ build: bootstrap
 demo: build
 	./deploy/demo.sh
 
-lint: bootstrap
+SHELL_SCRIPTS := deploy/*.sh deploy/slurm/dancegrpo.sbatch deploy/slurm/node.sh deploy/k8s/node.sh .ci/run
+
+lint: bootstrap test-bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	shellcheck -S warning $(SHELL_SCRIPTS)
 
 unit-tests: build reference test-bootstrap
 	cargo test --workspace --no-fail-fast

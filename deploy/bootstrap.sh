@@ -18,8 +18,8 @@ TORCH_VERSION=2.11.0
 VENV="${DANCEGRPO_VENV:-$HOME/.cache/dancegrpo/torch-$TORCH_VERSION}"
 APT_PACKAGES=(libgloo-dev protobuf-compiler unzip)
 # slurm-wlm: slurmctld, slurmd and the client tools (sbatch, srun, scontrol, ...); iproute2:
-# `ip netns` for the two-host test (tests/tests/two_hosts.rs).
-TEST_APT_PACKAGES=(slurm-wlm munge iproute2)
+# `ip netns` for the two-host test (tests/tests/two_hosts.rs); shellcheck for `make lint`.
+TEST_APT_PACKAGES=(slurm-wlm munge iproute2 shellcheck)
 if [[ "$MODE" == --test ]]; then APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}"); fi
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

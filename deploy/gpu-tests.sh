@@ -35,5 +35,7 @@ if [ $# -ge 1 ]; then
   log "running $1"
   exec "$1" cuda_ --test-threads=1
 fi
-export VIRTUAL_ENV="$(dirname "$(dirname "$PYTHON")")" PATH="$(dirname "$PYTHON"):$PATH" LIBTORCH_USE_PYTORCH=1
+VIRTUAL_ENV="$(dirname "$(dirname "$PYTHON")")"
+PATH="$(dirname "$PYTHON"):$PATH"
+export VIRTUAL_ENV PATH LIBTORCH_USE_PYTORCH=1
 exec cargo test --offline -p dancegrpo-worker --features cuda --test dist_loopback -- cuda_ --test-threads=1

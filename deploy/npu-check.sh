@@ -35,7 +35,7 @@ TORCH_DIR=$("$PY" -c "import importlib.util as u; print(u.find_spec('torch').sub
 if grep -q 'St7__cxx1112basic_string' "$TORCH_DIR/lib/libc10.so"; then ABI=1; else ABI=0; fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-FLAGS=(-std=c++17 -fPIC -O0 -DUSE_C10D_GLOO -DDG_WITH_HCCL -D_GLIBCXX_USE_CXX11_ABI=$ABI
+FLAGS=(-std=c++17 -fPIC -O0 -DUSE_C10D_GLOO -DDG_WITH_HCCL "-D_GLIBCXX_USE_CXX11_ABI=$ABI"
        -Iworker/csrc
        -isystem "$TORCH_DIR/include" -isystem "$TORCH_DIR/include/torch/csrc/api/include"
        -isystem "$TORCH_DIR/include/torch/csrc/distributed"
