@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dancegrpo_proto::advantage::group_advantages;
+use dancegrpo_proto::advantage::Aggregation;
 use dancegrpo_proto::{
     Advantages, JobConfig, NonFinitePolicy, PhaseTimings, StepMetrics, TrajectoryAdvantage,
     TrajectoryRewards, WorkItem,
@@ -244,6 +244,7 @@ impl Iteration {
         let fatal = |e: dancegrpo_proto::advantage::AdvantageError| {
             IterationError::Fatal(format!("advantages: {e}"))
         };
+        let aggregation = Aggregation::from_config(cfg);
         if cfg.use_group {
             let ready: Vec<u64> = self
                 .groups
@@ -257,8 +258,7 @@ impl Iteration {
                 .collect();
             for g in ready {
                 let adv =
-                    group_advantages(&rewards_of(self.members(g).collect()), cfg.adv_clip_max)
-                        .map_err(fatal)?;
+                    aggregation.group(&rewards_of(self.members(g).collect())).map_err(fatal)?;
                 self.groups.get_mut(&g).expect("listed").advantages = Some(adv);
             }
         } else if self.slots.values().all(|s| s.outcome.is_some())
@@ -267,7 +267,7 @@ impl Iteration {
             // Global normalisation over every trajectory of the iteration (the reference's
             // path without --use_group, which all-gathers the rewards of all ranks).
             let all: Vec<&Slot> = self.slots.values().collect();
-            let adv = group_advantages(&rewards_of(all), cfg.adv_clip_max).map_err(fatal)?;
+            let adv = aggregation.global(&rewards_of(all)).map_err(fatal)?;
             let mut adv = adv.into_iter();
             let keys: Vec<u64> = self.groups.keys().copied().collect();
             for g in keys {
@@ -528,6 +528,56 @@ mod tests {
         let a0 = it.advantages(0).unwrap().advantages[0].advantages[0];
         let a1 = it.advantages(1).unwrap().advantages[0].advantages[0];
         assert!(a0 < 0.0 && a1 > 0.0 && (a0 + a1).abs() < 1e-12, "{a0} {a1}");
+    }
+
+    #[test]
+    fn reward_aggr_hands_one_advantage_of_the_weighted_sum_with_trimmed_statistics() {
+        use dancegrpo_proto::RewardConfig;
+        use dancegrpo_proto::config::MultiRewardMix;
+        let mut c = cfg(NonFinitePolicy::Fail);
+        c.rewards[0].weight = 1.0;
+        c.rewards.push(RewardConfig {
+            name: "brightness".into(),
+            weight: 3.0,
+            model_dir: String::new(),
+            on_cpu: false,
+        });
+        c.multi_reward_mix = MultiRewardMix::RewardAggr;
+        // G = 4: int(4 · 0.25) = 1, the lowest reward, is left out of the statistics.
+        c.trimmed_ratio = 0.25;
+        c.validate().unwrap();
+        let mut s = PromptSampler::new(1, 10, Cursor::default());
+        let mut it = Iteration::plan(0, 1, &c, 2, &mut s).unwrap();
+        for rank in [0, 1] {
+            let r: Vec<TrajectoryRewards> = it
+                .work(rank)
+                .iter()
+                .map(|w| TrajectoryRewards {
+                    item: *w,
+                    outcome: Ok(vec![f64::from(w.member_index), 0.0]),
+                })
+                .collect();
+            it.report(rank, r, &c, &mut s).unwrap();
+        }
+        // Weights 1/4 and 3/4: rewards 0, .25, .5, .75; kept .25, .5, .75: mean .5, std .25.
+        let got: Vec<Vec<f64>> =
+            it.advantages(0).unwrap().advantages.into_iter().map(|a| a.advantages).collect();
+        let want: Vec<Vec<f64>> =
+            [0.0, 0.25, 0.5, 0.75].iter().map(|r| vec![(r - 0.5) / (0.25 + 1e-8)]).collect();
+        assert_eq!(got, want);
+        // The same rewards per reward (advantage_aggr, untrimmed): two advantages each.
+        let c =
+            JobConfig { multi_reward_mix: MultiRewardMix::AdvantageAggr, trimmed_ratio: 0.0, ..c };
+        let mut it = Iteration::plan(0, 1, &c, 2, &mut s).unwrap();
+        for rank in [0, 1] {
+            let r = it
+                .work(rank)
+                .iter()
+                .map(|w| TrajectoryRewards { item: *w, outcome: Ok(vec![1.0, 2.0]) })
+                .collect();
+            it.report(rank, r, &c, &mut s).unwrap();
+        }
+        assert!(it.advantages(1).unwrap().advantages.iter().all(|a| a.advantages == [0.0, 0.0]));
     }
 
     #[test]

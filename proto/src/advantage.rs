@@ -1,13 +1,24 @@
-//! Group-relative advantages, one per reward (ALGORITHM.md §4; DESIGN.md step 3):
+//! Group-relative advantages (ALGORITHM.md §4; DESIGN.md step 3):
 //! `A = (r − mean(r)) / (std(r) + 1e-8)` over the G members of a prompt group, with the
 //! unbiased std (divides by G − 1) and the epsilon outside the square root, then clamped to
-//! `±adv_clip_max`. With several rewards each gets its own normalisation (the HPS + CLIP
-//! pattern of the reference), and the loss weights them later.
+//! `±adv_clip_max`.
+//!
+//! Several rewards are combined as MixGRPO's `multi_reward_mix` says ([`Aggregation`]):
+//! - `advantage_aggr`: each reward gets its own normalisation (the HPS + CLIP pattern of the
+//!   reference), and the loss weights the per-reward clipped losses later. (MixGRPO instead
+//!   sums the weighted advantages before one clipped loss; the two agree for one reward.)
+//! - `reward_aggr`: the rewards are summed with their weights normalised to sum 1,
+//!   `r = Σ_k (w_k / Σ_j w_j)·r_k`, and that one reward is normalised.
+//!
+//! MixGRPO's `trimmed_ratio` takes the mean and std of a group without its lowest
+//! `min(int(G·ratio), G − 1)` rewards; every member's advantage is still computed from them.
 //!
 //! Non-finite rewards are checked before anything else: one NaN would otherwise turn every
 //! advantage of its group into NaN and silently poison the update.
 //!
 //! Arithmetic is f64 (the reference uses f32 tensors); the difference is below f32 rounding.
+
+use crate::config::{JobConfig, MultiRewardMix};
 
 /// Added to the std, outside the square root, as the reference does.
 pub const STD_EPS: f64 = 1e-8;
@@ -15,6 +26,16 @@ pub const STD_EPS: f64 = 1e-8;
 /// The largest reward magnitude taken. No reward model scores near it, and beyond it the sums
 /// and squares of a group's statistics would overflow to an infinite mean or a NaN advantage.
 pub const MAX_ABS_REWARD: f64 = 1e12;
+
+/// How many of a group of `g` MixGRPO's `trimmed_ratio` leaves out of the statistics:
+/// `min(int(g · ratio), g − 1)`, the lowest rewards.
+pub fn trim_count(g: usize, ratio: f64) -> usize {
+    // NaN and ratios ≤ 0 trim nothing.
+    if ratio.is_nan() || ratio <= 0.0 {
+        return 0;
+    }
+    ((g as f64 * ratio) as usize).min(g.saturating_sub(1))
+}
 
 /// Whether a reward can be used: finite and within [`MAX_ABS_REWARD`].
 pub fn usable_reward(v: f64) -> bool {
@@ -50,20 +71,131 @@ pub enum AdvantageError {
     /// A bad clamp.
     #[error("adv_clip_max must be finite and > 0, got {0}")]
     BadClip(f64),
+    /// Trimming leaves fewer than two members for the std.
+    #[error(
+        "trimmed_ratio {ratio} leaves {left} of a group of {members} for its std, which needs 2"
+    )]
+    TrimmedTooFar {
+        /// The ratio.
+        ratio: f64,
+        /// Members of the group.
+        members: usize,
+        /// Members left after trimming.
+        left: usize,
+    },
+    /// `reward_aggr` weights that do not fit the rewards.
+    #[error("reward_aggr: {0}")]
+    Weights(String),
+}
+
+/// How a job's rewards become the advantages its loss takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregation {
+    /// `advantage_aggr` or `reward_aggr`.
+    pub mix: MultiRewardMix,
+    /// The rewards' weights, in config order.
+    pub weights: Vec<f64>,
+    /// Fraction of a group's lowest rewards left out of its statistics.
+    pub trimmed_ratio: f64,
+    /// The advantage clamp.
+    pub adv_clip_max: f64,
+}
+
+impl Aggregation {
+    /// The aggregation `cfg` asks for.
+    pub fn from_config(cfg: &JobConfig) -> Self {
+        Self {
+            mix: cfg.multi_reward_mix,
+            weights: cfg.rewards.iter().map(|r| r.weight).collect(),
+            trimmed_ratio: cfg.trimmed_ratio,
+            adv_clip_max: cfg.adv_clip_max,
+        }
+    }
+
+    /// The weights of the clipped losses, one per advantage of a trajectory: the rewards'
+    /// under `advantage_aggr`, a single 1 under `reward_aggr` (the weights are in the reward).
+    pub fn loss_weights(&self) -> Vec<f64> {
+        match self.mix {
+            MultiRewardMix::AdvantageAggr => self.weights.clone(),
+            MultiRewardMix::RewardAggr => vec![1.0],
+        }
+    }
+
+    /// Advantages of one prompt group, with the trimmed statistics. `rewards[m][k]` is reward
+    /// k of member m; the result has one row per member, of [`Self::loss_weights`]' length.
+    pub fn group(&self, rewards: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, AdvantageError> {
+        check_clip(self.adv_clip_max)?;
+        let r = self.combined(rewards)?;
+        normalise(&r, self.adv_clip_max, self.trimmed_ratio)
+    }
+
+    /// Advantages over every trajectory of an iteration (`use_group = false`): one
+    /// normalisation of all of them, untrimmed.
+    pub fn global(&self, rewards: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, AdvantageError> {
+        check_clip(self.adv_clip_max)?;
+        let r = self.combined(rewards)?;
+        normalise(&r, self.adv_clip_max, 0.0)
+    }
+
+    /// The rewards as the advantages see them: as given, or their weighted sum.
+    fn combined<'a>(
+        &self,
+        rewards: &'a [Vec<f64>],
+    ) -> Result<std::borrow::Cow<'a, [Vec<f64>]>, AdvantageError> {
+        check_rewards(rewards)?;
+        if self.mix == MultiRewardMix::AdvantageAggr {
+            return Ok(rewards.into());
+        }
+        let k = rewards.first().map_or(0, Vec::len);
+        if self.weights.len() != k {
+            return Err(AdvantageError::Weights(format!(
+                "{} weights for {k} rewards",
+                self.weights.len()
+            )));
+        }
+        let total: f64 = self.weights.iter().sum();
+        if !(total.is_finite() && total > 0.0) || self.weights.iter().any(|w| *w < 0.0) {
+            return Err(AdvantageError::Weights(format!(
+                "weights {:?} must be >= 0 with a positive sum",
+                self.weights
+            )));
+        }
+        // MixGRPO's order: the weights divided by their sum first, then `0.0 + r_1·w_1 + …`.
+        let w: Vec<f64> = self.weights.iter().map(|w| w / total).collect();
+        Ok(rewards
+            .iter()
+            .map(|row| vec![row.iter().zip(&w).fold(0.0, |acc, (r, w)| acc + r * w)])
+            .collect::<Vec<_>>()
+            .into())
+    }
 }
 
 /// Advantages of one prompt group.
 ///
 /// `rewards[m][k]` is reward k of member m (the layout of `TrajectoryReward.rewards`); the
 /// result has the same layout (`TrajectoryAdvantage.advantages`).
+///
+/// One advantage per reward, the whole group's statistics: [`Aggregation::group`] under
+/// `advantage_aggr` with `trimmed_ratio` 0.
 pub fn group_advantages(
     rewards: &[Vec<f64>],
     adv_clip_max: f64,
 ) -> Result<Vec<Vec<f64>>, AdvantageError> {
-    if !(adv_clip_max.is_finite() && adv_clip_max > 0.0) {
-        return Err(AdvantageError::BadClip(adv_clip_max));
+    check_clip(adv_clip_max)?;
+    check_rewards(rewards)?;
+    normalise(rewards, adv_clip_max, 0.0)
+}
+
+fn check_clip(adv_clip_max: f64) -> Result<(), AdvantageError> {
+    if adv_clip_max.is_finite() && adv_clip_max > 0.0 {
+        Ok(())
+    } else {
+        Err(AdvantageError::BadClip(adv_clip_max))
     }
-    let g = rewards.len();
+}
+
+/// Every member has as many rewards as the first, all finite.
+fn check_rewards(rewards: &[Vec<f64>]) -> Result<(), AdvantageError> {
     let k = rewards.first().map_or(0, Vec::len);
     for (member, row) in rewards.iter().enumerate() {
         if row.len() != k {
@@ -73,16 +205,45 @@ pub fn group_advantages(
             return Err(AdvantageError::NonFinite { member, reward, value });
         }
     }
+    Ok(())
+}
+
+/// Normalises each column of `rewards` (checked) over its members, the statistics without the
+/// lowest [`trim_count`] values, and clamps.
+fn normalise(
+    rewards: &[Vec<f64>],
+    adv_clip_max: f64,
+    trimmed_ratio: f64,
+) -> Result<Vec<Vec<f64>>, AdvantageError> {
+    check_clip(adv_clip_max)?;
+    let g = rewards.len();
+    let k = rewards.first().map_or(0, Vec::len);
     if g < 2 {
         return Err(AdvantageError::GroupTooSmall(g));
     }
+    let trim = trim_count(g, trimmed_ratio);
+    if g - trim < 2 {
+        let left = g - trim;
+        return Err(AdvantageError::TrimmedTooFar { ratio: trimmed_ratio, members: g, left });
+    }
     let mut out = vec![vec![0.0; k]; g];
     for j in 0..k {
-        let mean = rewards.iter().map(|r| r[j]).sum::<f64>() / g as f64;
-        let var = rewards.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / (g - 1) as f64;
+        let column: Vec<f64> = rewards.iter().map(|r| r[j]).collect();
+        // Untrimmed, the members' own order (the sums' rounding is that of before trimming
+        // existed); trimmed, the ascending order MixGRPO sums in.
+        let kept = if trim == 0 {
+            column.clone()
+        } else {
+            let mut sorted = column.clone();
+            sorted.sort_by(f64::total_cmp);
+            sorted.split_off(trim)
+        };
+        let n = kept.len();
+        let mean = kept.iter().sum::<f64>() / n as f64;
+        let var = kept.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
         let denom = var.sqrt() + STD_EPS;
-        for (o, r) in out.iter_mut().zip(rewards) {
-            o[j] = ((r[j] - mean) / denom).clamp(-adv_clip_max, adv_clip_max);
+        for (o, r) in out.iter_mut().zip(&column) {
+            o[j] = ((r - mean) / denom).clamp(-adv_clip_max, adv_clip_max);
         }
     }
     Ok(out)

@@ -43,6 +43,73 @@ pub enum NonFinitePolicy {
     DropGroup,
 }
 
+/// The learning-rate schedule, as diffusers' `get_scheduler` names it: the factor on
+/// `learning_rate` at each optimizer step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// `learning_rate` throughout (`lr_warmup_steps` must be 0).
+    Constant,
+    /// A linear ramp from 0 over `lr_warmup_steps`, then `learning_rate`.
+    #[default]
+    ConstantWithWarmup,
+    /// The warmup ramp, then a half cosine from `learning_rate` to 0 at the job's last step.
+    Cosine,
+    /// The warmup ramp, then a straight line from `learning_rate` to 0 at the job's last step.
+    Linear,
+}
+
+impl LrScheduler {
+    /// The factor on the base learning rate at optimizer step `step` (0-based: the first
+    /// update uses step 0's), with `warmup` warmup steps of `total` training steps: diffusers'
+    /// `lr_lambda` of the same name, in its float operations and order (`num_cycles` 0.5 for
+    /// `cosine`, as `get_scheduler` leaves it).
+    pub fn factor(self, step: u64, warmup: u64, total: u64) -> f64 {
+        let s = step as f64;
+        let ramp = || s / (warmup.max(1) as f64);
+        match self {
+            LrScheduler::Constant => 1.0,
+            LrScheduler::ConstantWithWarmup if step < warmup => ramp(),
+            LrScheduler::ConstantWithWarmup => 1.0,
+            LrScheduler::Linear if step < warmup => ramp(),
+            LrScheduler::Linear => {
+                // `float(T - step) / float(max(1, T - W))` with Python's signed integers.
+                let progress = (total as f64 - s) / (span(warmup, total) as f64);
+                // `f_min + (f_max − f_min)·max(0.0, progress)` with f_min 0 and f_max 1.
+                python_max0(progress)
+            }
+            LrScheduler::Cosine if step < warmup => ramp(),
+            LrScheduler::Cosine => {
+                let progress = (step - warmup) as f64 / (span(warmup, total) as f64);
+                python_max0(0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos()))
+            }
+        }
+    }
+}
+
+/// `max(1, total − warmup)` in Python's integers.
+fn span(warmup: u64, total: u64) -> i128 {
+    (i128::from(total) - i128::from(warmup)).max(1)
+}
+
+/// Python's `max(0.0, x)`: `x` only when it is greater (so never −0.0).
+fn python_max0(x: f64) -> f64 {
+    if x > 0.0 { x } else { 0.0 }
+}
+
+/// How several rewards become advantages (MixGRPO's `multi_reward_mix`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiRewardMix {
+    /// One group-normalised advantage per reward, each in its own clipped loss, the losses
+    /// summed with the rewards' weights.
+    #[default]
+    AdvantageAggr,
+    /// The rewards summed with their weights (normalised to sum 1) into one reward per
+    /// trajectory, and one advantage of that.
+    RewardAggr,
+}
+
 /// The whole job configuration, as the coordinator loads it and hands it to workers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -74,8 +141,14 @@ pub struct JobConfig {
     pub gradient_accumulation_steps: u32,
     /// Global gradient-norm clip.
     pub max_grad_norm: f64,
-    /// AdamW learning rate.
+    /// AdamW learning rate (the peak of the schedule).
     pub learning_rate: f64,
+    /// Learning-rate schedule over the job's optimizer steps (`max_train_steps` x
+    /// `train_batch_size` x `num_generations` / `gradient_accumulation_steps`), as diffusers'
+    /// `get_scheduler` names and shapes it.
+    pub lr_scheduler: LrScheduler,
+    /// Optimizer steps (not iterations) of the linear warmup from 0 to `learning_rate`.
+    pub lr_warmup_steps: u32,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// AdamW β1.
@@ -108,6 +181,12 @@ pub struct JobConfig {
     pub gradient_checkpointing: bool,
     /// Rewards and their loss weights. Several rewards get separate advantages.
     pub rewards: Vec<RewardConfig>,
+    /// How several rewards become advantages (MixGRPO's names): one advantage per reward and
+    /// the clipped losses weighted, or one advantage of the rewards' weighted sum.
+    pub multi_reward_mix: MultiRewardMix,
+    /// Fraction of each group's lowest rewards left out of the group's mean and std (MixGRPO);
+    /// every member still gets an advantage. 0 uses the whole group.
+    pub trimmed_ratio: f64,
     /// LoRA adapter; absent means full fine-tune.
     pub lora: Option<LoraConfig>,
     /// NaN / Inf handling: for a reward, fail the job or refill the group; for a loss or
@@ -149,6 +228,8 @@ impl Default for JobConfig {
             gradient_accumulation_steps: 4,
             max_grad_norm: 1.0,
             learning_rate: 1e-5,
+            lr_scheduler: LrScheduler::ConstantWithWarmup,
+            lr_warmup_steps: 0,
             weight_decay: 1e-4,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -170,6 +251,8 @@ impl Default for JobConfig {
                 model_dir: "hps_ckpt".into(),
                 on_cpu: false,
             }],
+            multi_reward_mix: MultiRewardMix::AdvantageAggr,
+            trimmed_ratio: 0.0,
             lora: None,
             non_finite_policy: NonFinitePolicy::Fail,
             reward_log: "hps_reward.txt".into(),
@@ -194,6 +277,32 @@ impl JobConfig {
     /// last transition always dropped as in the reference.
     pub fn train_timesteps(&self) -> usize {
         ((self.sampling_steps.saturating_sub(1)) as f64 * self.timestep_fraction) as usize
+    }
+
+    /// Optimizer steps of the whole job, the `num_training_steps` of the LR schedule: each
+    /// rank steps once per `gradient_accumulation_steps` of its `train_batch_size ·
+    /// num_generations` trajectories, `max_train_steps` times.
+    pub fn total_optimizer_steps(&self) -> u64 {
+        let per_rank = u64::from(self.train_batch_size) * u64::from(self.num_generations);
+        u64::from(self.max_train_steps)
+            * (per_rank / u64::from(self.gradient_accumulation_steps.max(1)))
+    }
+
+    /// The learning rate of optimizer step `step` (0-based, counted over the whole job):
+    /// `learning_rate` times the schedule's factor, as torch's `LambdaLR` multiplies them.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let f = self.lr_scheduler.factor(
+            step,
+            u64::from(self.lr_warmup_steps),
+            self.total_optimizer_steps(),
+        );
+        self.learning_rate * f
+    }
+
+    /// The members of a group of `g` whose rewards make its mean and std under
+    /// `trimmed_ratio`: MixGRPO leaves out the lowest `min(int(g · ratio), g − 1)`.
+    pub fn trimmed_group_size(&self, g: usize) -> usize {
+        g - crate::advantage::trim_count(g, self.trimmed_ratio)
     }
 
     /// Checks every field and returns all problems at once.
@@ -258,6 +367,24 @@ impl JobConfig {
             format!("learning_rate must be > 0 (got {})", self.learning_rate),
         );
         check(
+            self.lr_scheduler != LrScheduler::Constant || self.lr_warmup_steps == 0,
+            format!(
+                "lr_warmup_steps {} has no effect with lr_scheduler = constant (use \
+                 constant_with_warmup)",
+                self.lr_warmup_steps
+            ),
+        );
+        let total = self.total_optimizer_steps();
+        check(
+            self.lr_warmup_steps == 0 || u64::from(self.lr_warmup_steps) < total,
+            format!(
+                "lr_warmup_steps {} must be below the job's {total} optimizer steps \
+                 (max_train_steps x train_batch_size x num_generations / \
+                 gradient_accumulation_steps): it counts optimizer steps, not iterations",
+                self.lr_warmup_steps
+            ),
+        );
+        check(
             self.weight_decay.is_finite() && self.weight_decay >= 0.0,
             format!("weight_decay must be >= 0 (got {})", self.weight_decay),
         );
@@ -308,6 +435,29 @@ impl JobConfig {
                 format!("rewards[{i}].weight must be finite and >= 0 (got {})", r.weight),
             );
         }
+        check(
+            self.multi_reward_mix != MultiRewardMix::RewardAggr
+                || self.rewards.iter().any(|r| r.weight > 0.0),
+            "multi_reward_mix = reward_aggr needs a rewards[].weight above 0: the weights are \
+             normalised to sum 1"
+                .into(),
+        );
+        let ratio_ok = self.trimmed_ratio.is_finite() && (0.0..1.0).contains(&self.trimmed_ratio);
+        check(ratio_ok, format!("trimmed_ratio must be in [0, 1) (got {})", self.trimmed_ratio));
+        let g = self.num_generations as usize;
+        check(
+            !ratio_ok || g < 2 || self.trimmed_group_size(g) >= 2,
+            format!(
+                "trimmed_ratio {} leaves {} of the {g} members of a group for its std, which \
+                 needs 2",
+                self.trimmed_ratio,
+                if ratio_ok && g >= 1 { self.trimmed_group_size(g) } else { 0 }
+            ),
+        );
+        check(
+            !ratio_ok || self.trimmed_ratio == 0.0 || self.use_group,
+            "trimmed_ratio trims group statistics and needs use_group = true".into(),
+        );
         if let Some(l) = &self.lora {
             check(l.rank >= 1, "lora.rank must be >= 1".into());
             check(
@@ -563,6 +713,10 @@ mod tests {
         assert_eq!((c.eta, c.shift, c.timestep_fraction), (0.3, 3.0, 0.6));
         // int(15 · 0.6) = 9 trained transitions, as in the reference.
         assert_eq!(c.train_timesteps(), 9);
+        // The reference's `--lr_scheduler` default and the launch's `--lr_warmup_steps 0`;
+        // MixGRPO's `--multi_reward_mix` and `--trimmed_ratio` defaults.
+        assert_eq!((c.lr_scheduler, c.lr_warmup_steps), (LrScheduler::ConstantWithWarmup, 0));
+        assert_eq!((c.multi_reward_mix, c.trimmed_ratio), (MultiRewardMix::AdvantageAggr, 0.0));
     }
 
     #[test]
@@ -583,6 +737,57 @@ mod tests {
     }
 
     #[test]
+    fn the_schedule_and_aggregation_keys_are_checked_each_by_name() {
+        let problems = |c: JobConfig| c.validate().unwrap_err().problems;
+        let d = JobConfig::default;
+        JobConfig {
+            lr_scheduler: LrScheduler::Cosine,
+            lr_warmup_steps: 899,
+            multi_reward_mix: MultiRewardMix::RewardAggr,
+            trimmed_ratio: 0.9,
+            ..d()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            problems(JobConfig { lr_scheduler: LrScheduler::Constant, lr_warmup_steps: 5, ..d() }),
+            ["lr_warmup_steps 5 has no effect with lr_scheduler = constant (use \
+              constant_with_warmup)"]
+        );
+        assert_eq!(
+            problems(JobConfig { lr_warmup_steps: 900, ..d() }),
+            ["lr_warmup_steps 900 must be below the job's 900 optimizer steps (max_train_steps \
+              x train_batch_size x num_generations / gradient_accumulation_steps): it counts \
+              optimizer steps, not iterations"]
+        );
+        for bad in [1.0, -0.1, f64::NAN] {
+            assert_eq!(
+                problems(JobConfig { trimmed_ratio: bad, ..d() }),
+                [format!("trimmed_ratio must be in [0, 1) (got {bad})")]
+            );
+        }
+        // G = 12: int(12 · 0.95) = 11 of 12 trimmed.
+        assert_eq!(
+            problems(JobConfig { trimmed_ratio: 0.95, ..d() }),
+            ["trimmed_ratio 0.95 leaves 1 of the 12 members of a group for its std, which needs 2"]
+        );
+        assert_eq!(
+            problems(JobConfig { trimmed_ratio: 0.1, use_group: false, ..d() }),
+            ["trimmed_ratio trims group statistics and needs use_group = true"]
+        );
+        let mut zero = d();
+        zero.rewards[0].weight = 0.0;
+        zero.validate().unwrap();
+        assert_eq!(
+            problems(JobConfig { multi_reward_mix: MultiRewardMix::RewardAggr, ..zero }),
+            ["multi_reward_mix = reward_aggr needs a rewards[].weight above 0: the weights are \
+              normalised to sum 1"]
+        );
+        assert_eq!(d().trimmed_group_size(12), 12);
+        assert_eq!(JobConfig { trimmed_ratio: 0.25, ..d() }.trimmed_group_size(12), 9);
+    }
+
+    #[test]
     fn rewards_are_known_by_name_or_alias_and_model_rewards_need_their_directory() {
         let with = |rewards: Vec<RewardConfig>| JobConfig { rewards, ..JobConfig::default() };
         let r = |name: &str, model_dir: &str| RewardConfig {
@@ -594,12 +799,19 @@ mod tests {
         with(vec![r("hps_v2.1", "hps_ckpt"), r("brightness", "")]).validate().unwrap();
         assert_eq!(r("hps", "").canonical_name(), Some("hpsv2"));
         let e = with(vec![r("hpsv3", ""), r("hpsv2", " ")]).validate().unwrap_err();
+        // The registry grows (proto/src/rewards.rs); the message lists whatever it holds.
+        let known = REWARDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+        assert!(
+            known.starts_with(
+                "hpsv2, jpeg_compressibility, jpeg_incompressibility, brightness, contrast"
+            ),
+            "{known}"
+        );
         assert_eq!(
             e.problems,
             [
-                "rewards[0].name: unknown reward `hpsv3` (known: hpsv2, jpeg_compressibility, \
-                 jpeg_incompressibility, brightness, contrast)",
-                "rewards[1].model_dir must name the hpsv2 model directory",
+                format!("rewards[0].name: unknown reward `hpsv3` (known: {known})"),
+                "rewards[1].model_dir must name the hpsv2 model directory".to_string(),
             ]
         );
     }

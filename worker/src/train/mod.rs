@@ -12,7 +12,7 @@ pub mod checkpoint;
 pub mod driver;
 /// PNG grid of the current samples.
 pub mod grid;
-/// AdamW with f32 master weights and the global grad-norm clip.
+/// AdamW with f32 master weights, the learning-rate schedule and the global grad-norm clip.
 pub mod optim;
 /// What a checkpoint of the policy holds, and restoring it.
 pub mod persist;

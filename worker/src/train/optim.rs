@@ -1,4 +1,5 @@
-//! AdamW over f32 master weights and the global gradient-norm clip, matching
+//! AdamW over f32 master weights, its learning-rate schedule ([`LrSchedule`], diffusers'
+//! `get_scheduler` curves) and the global gradient-norm clip, matching
 //! `torch.optim.AdamW` (single-tensor path: `foreach=False`, `amsgrad=False`,
 //! `maximize=False`) and `torch.nn.utils.clip_grad_norm_` (norm type 2) bit for bit on CPU.
 //!
@@ -15,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use dancegrpo_proto::JobConfig;
+use dancegrpo_proto::config::LrScheduler;
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{CheckpointError, write_safetensors};
@@ -59,6 +62,40 @@ impl Default for AdamWConfig {
     /// weight decay 1e-4.
     fn default() -> Self {
         Self { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 }
+    }
+}
+
+/// A learning-rate schedule: the learning rate of each optimizer step, as a function of how
+/// many steps the optimizer took before it, like diffusers' `get_scheduler` (a `LambdaLR`
+/// stepped after every `optimizer.step()`). A function of the optimizer's own step count,
+/// which its state file keeps, so a resumed job continues the curve where it stopped. An
+/// update skipped for a non-finite gradient is no step and does not advance it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    /// The learning rate the factor multiplies (`learning_rate`).
+    pub base_lr: f64,
+    /// The curve.
+    pub scheduler: LrScheduler,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Steps of the whole run (`num_training_steps`).
+    pub training_steps: u64,
+}
+
+impl LrSchedule {
+    /// The schedule of a job.
+    pub fn of(cfg: &JobConfig) -> Self {
+        Self {
+            base_lr: cfg.learning_rate,
+            scheduler: cfg.lr_scheduler,
+            warmup_steps: u64::from(cfg.lr_warmup_steps),
+            training_steps: cfg.total_optimizer_steps(),
+        }
+    }
+
+    /// The learning rate of step `step` (0-based): `base_lr · factor`, in `LambdaLR`'s order.
+    pub fn lr(&self, step: u64) -> f64 {
+        self.base_lr * self.scheduler.factor(step, self.warmup_steps, self.training_steps)
     }
 }
 
@@ -125,6 +162,7 @@ pub struct AdamW {
     state: Vec<ParamState>,
     cfg: AdamWConfig,
     steps_taken: u64,
+    schedule: Option<LrSchedule>,
 }
 
 /// Key of the optimizer's own step count in a saved state file.
@@ -149,7 +187,20 @@ impl AdamW {
             }
         }
         let state = params.iter().map(|(_, p)| ParamState::new(p)).collect::<Result<_>>()?;
-        Ok(Self { params, state, cfg, steps_taken: 0 })
+        Ok(Self { params, state, cfg, steps_taken: 0, schedule: None })
+    }
+
+    /// The same optimizer with its learning rate following `schedule`: each step uses
+    /// `schedule.lr(steps taken before it)`, replacing `cfg.lr` and any [`Self::set_lr`].
+    pub fn with_schedule(mut self, schedule: LrSchedule) -> Self {
+        self.schedule = Some(schedule);
+        self.cfg.lr = schedule.lr(self.steps_taken);
+        self
+    }
+
+    /// The learning rate the next [`Self::step`] uses.
+    pub fn lr(&self) -> f64 {
+        self.schedule.map_or(self.cfg.lr, |s| s.lr(self.steps_taken))
     }
 
     /// The parameters, in the order given.
@@ -216,9 +267,11 @@ impl AdamW {
         Ok(total.f_double_value(&[])?)
     }
 
-    /// One AdamW update of every parameter that has a gradient (torch skips the others).
+    /// One AdamW update of every parameter that has a gradient (torch skips the others), at
+    /// the schedule's learning rate for this step when there is a schedule.
     pub fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        self.cfg.lr = self.lr();
         for ((_, p), s) in self.params.iter().zip(&mut self.state) {
             let g = p.grad();
             if g.defined() {
@@ -282,6 +335,9 @@ impl AdamW {
             s.step = read_step(&file, &format!("step.{name}"))?;
         }
         self.steps_taken = read_step(&file, STEPS_KEY)?;
+        if let Some(s) = self.schedule {
+            self.cfg.lr = s.lr(self.steps_taken);
+        }
         Ok(())
     }
 }

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::{MAX_ABS_REWARD, usable_reward};
+use dancegrpo_proto::config::MultiRewardMix;
 use dancegrpo_proto::{
     JobConfig, PhaseTimings, RewardConfig, StepMetrics, TrajectoryRewards, WorkItem,
 };
 use tch::{Kind, Tensor};
 
 use super::TrainError;
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig, LrSchedule};
 use super::policy::Policy;
 use super::step::{LossSettings, UpdateStats, accumulate, apply_update, train_steps};
 use super::{checkpoint, persist};
@@ -79,11 +80,16 @@ fn adamw(cfg: &JobConfig) -> AdamWConfig {
     }
 }
 
+/// The optimizer of `params` under `cfg`, its learning rate following the job's schedule.
+fn optimizer(cfg: &JobConfig, params: Vec<(String, Tensor)>) -> Result<AdamW, TrainError> {
+    Ok(AdamW::new(params, adamw(cfg))?.with_schedule(LrSchedule::of(cfg)))
+}
+
 impl Trainer {
     /// Loads the policy, the rewards and the prompts of `cfg` on `device`: the state of step 0.
     pub fn new(cfg: &JobConfig, device: Device) -> Result<Self, TrainError> {
         let policy = Policy::load(cfg, device)?;
-        let opt = AdamW::new(policy.trainable(), adamw(cfg))?;
+        let opt = optimizer(cfg, policy.trainable())?;
         let rewards =
             RewardSet::from_config(&cfg.rewards, device.tch().unwrap_or(tch::Device::Cpu))?;
         let data_path = data_dir(&cfg.data_json_path);
@@ -108,6 +114,11 @@ impl Trainer {
         })
     }
 
+    /// The learning rate the next optimizer step uses.
+    pub fn learning_rate(&self) -> f64 {
+        self.opt.lr()
+    }
+
     /// The step the weights are at, as GetWork wants it (`None` after an interrupted update).
     pub fn ready_for(&self) -> Option<u64> {
         self.step
@@ -118,7 +129,7 @@ impl Trainer {
     pub fn restore(&mut self, step: u64, dir: Option<&Path>) -> Result<(), TrainError> {
         tracing::info!(step, dir = ?dir, "restoring the training state");
         self.policy = Policy::load(&self.cfg, self.device)?;
-        self.opt = AdamW::new(self.policy.trainable(), adamw(&self.cfg))?;
+        self.opt = optimizer(&self.cfg, self.policy.trainable())?;
         if let Some(dir) = dir {
             persist::load_into(dir, &mut self.policy)?;
             self.opt.load(&dir.join(persist::OPTIMIZER))?;
@@ -229,7 +240,11 @@ impl Trainer {
             clip: MultiRewardClipLoss {
                 clip_range: self.cfg.clip_range,
                 adv_clip_max: self.cfg.adv_clip_max,
-                weights: self.rewards.weights().to_vec(),
+                // Under reward_aggr the weights are in the one reward its advantage is of.
+                weights: match self.cfg.multi_reward_mix {
+                    MultiRewardMix::AdvantageAggr => self.rewards.weights().to_vec(),
+                    MultiRewardMix::RewardAggr => vec![1.0],
+                },
             },
             divisor: (ga * count) as f64,
             checkpointing: self.cfg.gradient_checkpointing,
