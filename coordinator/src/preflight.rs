@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use dancegrpo_proto::config::MODEL_REWARDS;
-use dancegrpo_proto::files::{self, FileError, HpsFiles};
+use dancegrpo_proto::files::{self, FileError};
+use dancegrpo_proto::rewards::check_model_dir;
 use dancegrpo_proto::{JobConfig, layout};
 
 use crate::error::{Error, Result};
@@ -25,7 +26,8 @@ pub fn check(cfg: &JobConfig) -> Result<()> {
     for (i, r) in cfg.rewards.iter().enumerate() {
         let Some(name) = r.canonical_name().filter(|n| MODEL_REWARDS.contains(n)) else { continue };
         let at = format!("rewards[{i}] ({name}) model_dir");
-        problems.extend(HpsFiles::check(Path::new(&r.model_dir)).iter().map(|e| shown(&at, e)));
+        let found = check_model_dir(name, Path::new(&r.model_dir));
+        problems.extend(found.iter().map(|e| shown(&at, e)));
     }
     let model = &cfg.pretrained_model_name_or_path;
     if model != TINY {
@@ -258,6 +260,34 @@ mod tests {
         let Err(Error::Preflight(p)) = check(&cfg) else { panic!("{:?}", check(&cfg)) };
         assert_eq!(p.len(), 1, "{p:#?}");
         assert!(p[0].contains("HPS_v2.1_compressed.pt") && p[0].contains("truncated"), "{}", p[0]);
+    }
+
+    /// PickScore and the CLIP score are checked as transformers folders: the golden ones pass,
+    /// an HPS directory named for one does not.
+    #[test]
+    fn transformers_clip_folders_are_checked_as_such() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+        let reward = |name: &str, dir: &str| RewardConfig {
+            name: name.into(),
+            weight: 1.0,
+            model_dir: golden.join(dir).display().to_string(),
+            on_cpu: false,
+        };
+        let cfg = JobConfig {
+            pretrained_model_name_or_path: golden.join("flux/tiny").display().to_string(),
+            data_json_path: golden.join("text/ref_layout").display().to_string(),
+            rewards: vec![
+                reward("pickscore", "hf_clip/pickscore_tiny"),
+                reward("clip_score", "hf_clip/clip_tiny"),
+            ],
+            ..JobConfig::default()
+        };
+        check(&cfg).unwrap();
+        let cfg = JobConfig { rewards: vec![reward("pickscore", "hps/tiny_hps")], ..cfg };
+        let Err(Error::Preflight(p)) = check(&cfg) else { panic!("{:?}", check(&cfg)) };
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].starts_with("rewards[0] (pickscore) model_dir: "), "{}", p[0]);
+        assert!(p[0].contains("holds neither model.safetensors nor pytorch_model.bin"), "{}", p[0]);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! open_clip CLIP towers in tch (the HPS-v2.1 reward model is open_clip ViT-H-14), their
 //! configuration, and strict loading of open_clip checkpoints: `torch.save` files
 //! (`open_clip_pytorch_model.bin`, `HPS_v2.1_compressed.pt`, read by [`crate::pt`]) or
-//! safetensors.
+//! safetensors; and of transformers `CLIPModel` folders (PickScore, OpenAI CLIP) through a
+//! key mapping onto the same towers ([`hf`]).
 
 /// The model configuration (open_clip's JSON format; ViT-H-14 preset).
 pub mod config;
+/// transformers `CLIPModel` checkpoints mapped onto the same towers.
+pub mod hf;
 /// Strict state-dict loading: missing, unexpected and mis-shaped keys are errors.
 pub mod load;
 /// The CLIP model: image and text towers.
@@ -14,13 +17,13 @@ pub mod transformer;
 
 pub use config::ClipConfig;
 pub use load::{check_shapes, load_into, read_state_dict};
-pub use model::{ClipModel, l2_normalize, state_dict_shapes};
+pub use model::{ClipModel, TextPool, l2_normalize, state_dict_shapes};
 
 /// Errors of the CLIP model and its loaders.
 #[derive(Debug, thiserror::Error)]
 pub enum ClipError {
-    /// A bad model configuration.
-    #[error("open_clip config: {0}")]
+    /// A bad model configuration (open_clip's JSON or a transformers `config.json`).
+    #[error("CLIP config: {0}")]
     Config(String),
     /// A `torch.save` file could not be read (the error names the file).
     #[error(transparent)]

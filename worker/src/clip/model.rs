@@ -31,6 +31,17 @@ struct Text {
     text_projection: Tensor,
 }
 
+/// Where the text tower takes each row's pooled (end-of-text) state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextPool {
+    /// At the row's largest id (open_clip's `argmax`; transformers for the legacy
+    /// `eos_token_id` 2): the EOT token, the largest id of the CLIP vocabulary.
+    Argmax,
+    /// At the row's first occurrence of this id (transformers' `eos_token_id`); position 0 when
+    /// the row has none, as `(ids == eos).argmax()` gives.
+    FirstId(i64),
+}
+
 /// An open_clip CLIP model in a [`nn::VarStore`] whose variable names are the state-dict keys.
 #[derive(Debug)]
 pub struct ClipModel {
@@ -38,6 +49,8 @@ pub struct ClipModel {
     vs: nn::VarStore,
     visual: Vision,
     text: Text,
+    logit_scale: Tensor,
+    pool: TextPool,
 }
 
 fn ln(p: nn::Path<'_>, width: i64) -> LayerNorm {
@@ -103,9 +116,25 @@ impl ClipModel {
             text_projection: root.var("text_projection", &[t.width, cfg.embed_dim], zero),
         };
         // Present in every checkpoint; the HPS score does not use it, but a strict load needs it.
-        let _ = root.var("logit_scale", &[], zero);
+        let logit_scale = root.var("logit_scale", &[], zero);
         vs.freeze();
-        Ok(Self { cfg: cfg.clone(), vs, visual, text })
+        Ok(Self { cfg: cfg.clone(), vs, visual, text, logit_scale, pool: TextPool::Argmax })
+    }
+
+    /// The same model pooling its text tower at `pool` (default [`TextPool::Argmax`]).
+    pub fn with_text_pool(mut self, pool: TextPool) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The text pooling rule.
+    pub fn text_pool(&self) -> TextPool {
+        self.pool
+    }
+
+    /// The learnt temperature `logit_scale` (its log; CLIP's logits are `exp() · cos`).
+    pub fn logit_scale(&self) -> Result<f64, ClipError> {
+        Ok(self.logit_scale.f_to_kind(Kind::Double)?.f_double_value(&[])?)
     }
 
     /// The configuration.
@@ -151,7 +180,7 @@ impl ClipModel {
     }
 
     /// Text features (not normalised) of `tokens` `[B, context_length]` (int64 ids), taken at
-    /// each row's largest id, the EOT token, as open_clip's `argmax` does.
+    /// each row's EOT token as [`Self::text_pool`] finds it (open_clip's `argmax` by default).
     pub fn encode_text(&self, tokens: &Tensor) -> Result<Tensor, ClipError> {
         let ctx = self.cfg.text_cfg.context_length;
         let size = tokens.size();
@@ -164,7 +193,10 @@ impl ClipModel {
         let x = x.f_add(&t.positional_embedding)?;
         let x = t.transformer.forward(&x, true)?;
         let x = t.ln_final.forward(&x)?;
-        let eot = tokens.f_argmax(-1, false)?;
+        let eot = match self.pool {
+            TextPool::Argmax => tokens.f_argmax(-1, false)?,
+            TextPool::FirstId(id) => tokens.f_eq(id)?.f_to_kind(Kind::Int)?.f_argmax(-1, false)?,
+        };
         let rows = Tensor::f_arange(size[0], (Kind::Int64, x.device()))?;
         let pooled = x.f_index(&[Some(rows), Some(eot)])?;
         Ok(pooled.f_matmul(&t.text_projection)?)

@@ -1,5 +1,6 @@
 //! Rewards: one [`Reward`] trait (a batch of images and their prompts in, one score per
-//! image out), the built-in rewards, the HPS-v2.1 reward model, and the multi-reward loss.
+//! image out), the built-in rewards, the HPS-v2.1 reward model, PickScore and the CLIP score
+//! (transformers-layout CLIPs), and the multi-reward loss.
 //!
 //! Rewards are chosen by name in the job config ([`dancegrpo_proto::RewardConfig`]); several
 //! at once give one score vector per trajectory, in config order, and the coordinator turns
@@ -8,6 +9,10 @@
 //! Scores are reported as computed: a NaN or infinite score is never replaced or averaged
 //! away here; the coordinator's guard (`non_finite_policy`) decides what happens.
 
+/// PickScore and the CLIP score: transformers `CLIPModel` folders, `logit_scale · cos`.
+pub mod hf_clip;
+/// transformers' `CLIPImageProcessor`.
+pub mod hf_preprocess;
 /// The HPS-v2.1 reward (open_clip ViT-H-14 cosine similarity).
 pub mod hps;
 /// JPEG compressibility / incompressibility (DDPO).
@@ -93,11 +98,18 @@ pub fn check_batch(images: &Tensor, prompts: &[String]) -> Result<usize, RewardE
 
 /// Builds the reward `cfg.name` names. Reward models run on `device`, or on the CPU when
 /// `cfg.on_cpu` is set (saves accelerator memory; images are moved to the model's device).
+/// PickScore and the CLIP score run in bf16 on an accelerator, f32 on the CPU.
 pub fn build_reward(cfg: &RewardConfig, device: Device) -> Result<Box<dyn Reward>, RewardError> {
     let device = if cfg.on_cpu { Device::Cpu } else { device };
     Ok(match cfg.canonical_name().unwrap_or(cfg.name.as_str()) {
         hps::NAME => {
             Box::new(hps::HpsReward::from_dir(std::path::Path::new(&cfg.model_dir), device)?)
+        }
+        name @ (hf_clip::PICKSCORE | hf_clip::CLIP_SCORE) => {
+            let name =
+                if name == hf_clip::PICKSCORE { hf_clip::PICKSCORE } else { hf_clip::CLIP_SCORE };
+            let dir = std::path::Path::new(&cfg.model_dir);
+            Box::new(hf_clip::HfClipReward::from_dir(name, dir, device)?)
         }
         jpeg::COMPRESSIBILITY => Box::new(jpeg::JpegReward::compressibility()),
         jpeg::INCOMPRESSIBILITY => Box::new(jpeg::JpegReward::incompressibility()),
