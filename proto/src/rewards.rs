@@ -15,7 +15,8 @@ use crate::files::{FileError, HpsFiles, check_weights};
 pub struct RewardConfig {
     /// Registered reward name, e.g. `hpsv2` or `jpeg_compressibility`.
     pub name: String,
-    /// Weight of this reward's clipped loss in the total loss.
+    /// Weight of this reward: of its clipped loss in the total loss (`advantage_aggr`), or of
+    /// its score in the weighted sum that gets one advantage (`reward_aggr`).
     #[serde(default = "one")]
     pub weight: f64,
     /// Directory with the reward model's weights, for rewards that have any.
