@@ -456,3 +456,26 @@ impl TestPki {
         }
     }
 }
+
+/// Waits, at most 300 s, for `p` to exit 0; otherwise panics with every log of `c`.
+pub fn wait_ok(c: &Cluster, p: &mut Proc, what: &str) {
+    let s = p.wait_timeout(Duration::from_secs(300));
+    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", c.logs());
+}
+
+/// Runs `config` (plus [`with_test_defaults`]) to completion with a coordinator and 2 workers
+/// on one node; returns the cluster, whose `out/` holds the job's outputs.
+pub fn train_two(config: &str) -> Cluster {
+    let c = Cluster::new(config);
+    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "200"]);
+    let mut w0 = c.worker(&addr, 0, 0, &[]);
+    let mut w1 = c.worker(&addr, 0, 1, &[]);
+    wait_ok(&c, &mut w0, "rank 0");
+    wait_ok(&c, &mut w1, "rank 1");
+    c
+}
+
+/// A file's bytes; panics naming the file.
+pub fn read_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}

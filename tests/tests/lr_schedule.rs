@@ -3,35 +3,12 @@
 //! uninterrupted one (its weights and optimizer state end as the same bytes), and the schedule
 //! is what it trained with (the weights differ from a constant learning rate's).
 
-use std::path::Path;
-use std::time::Duration;
-
-use dancegrpo_e2e::{Cluster, Proc};
+use dancegrpo_e2e::{read_bytes as read, train_two as train};
 
 /// 4 iterations x 4 trajectories per rank / gradient_accumulation_steps 2 = 8 optimizer steps:
 /// 3 of warmup, then the cosine; checkpoint-2 is after step 4, where the curve is at 0.9.
 const JOB: &str = "job_name = \"lr\"\nmax_train_steps = 4\ncheckpointing_steps = 2\n\
                    lr_scheduler = \"cosine\"\nlr_warmup_steps = 3\n";
-const COORD: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "200"];
-
-fn wait_ok(c: &Cluster, p: &mut Proc, what: &str) {
-    let s = p.wait_timeout(Duration::from_secs(300));
-    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", c.logs());
-}
-
-fn train(config: &str) -> Cluster {
-    let c = Cluster::new(config);
-    let (_coord, addr) = c.coordinator(COORD);
-    let mut w0 = c.worker(&addr, 0, 0, &[]);
-    let mut w1 = c.worker(&addr, 0, 1, &[]);
-    wait_ok(&c, &mut w0, "rank 0");
-    wait_ok(&c, &mut w1, "rank 1");
-    c
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
 
 const WEIGHTS: &str = "checkpoint-4/transformer/diffusion_pytorch_model.safetensors";
 

@@ -2,36 +2,15 @@
 //! tiny preset, write the reward log, metrics, PNGs and checkpoints, resume exactly, and
 //! survive a killed worker.
 
-use std::path::Path;
 use std::time::Duration;
 
-use dancegrpo_e2e::{Cluster, Proc, job_status, workers_in};
+use dancegrpo_e2e::{
+    Cluster, job_status, read_bytes as read, train_two as train, wait_ok, workers_in,
+};
 use dancegrpo_proto::pb;
 
 const JOB: &str = "job_name = \"train\"\nmax_train_steps = 4\ncheckpointing_steps = 2\n\
                    sample_grid_every = 2\n";
-const COORD: &[&str] = &["--world-size", "2", "--heartbeat-interval-ms", "200"];
-
-fn wait_ok(c: &Cluster, p: &mut Proc, what: &str) {
-    let s = p.wait_timeout(Duration::from_secs(300));
-    assert!(s.is_some_and(|s| s.success()), "{what} did not finish cleanly ({s:?}):\n{}", c.logs());
-}
-
-/// Runs `config` with 2 workers to completion; returns the cluster (its `out/` holds the job's
-/// outputs).
-fn train(config: &str) -> Cluster {
-    let c = Cluster::new(config);
-    let (_coord, addr) = c.coordinator(COORD);
-    let mut w0 = c.worker(&addr, 0, 0, &[]);
-    let mut w1 = c.worker(&addr, 0, 1, &[]);
-    wait_ok(&c, &mut w0, "rank 0");
-    wait_ok(&c, &mut w1, "rank 1");
-    c
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_train_log_checkpoint_and_finish() {

@@ -5,6 +5,8 @@
 
 mod numerics;
 
+use numerics::max_ulp;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -18,21 +20,6 @@ fn golden() -> BTreeMap<String, Tensor> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/golden/lr_schedule/adamw_schedule.safetensors");
     SafetensorsFile::open(path).unwrap().read_all().unwrap()
-}
-
-/// Largest distance in units in the last place between two f32 tensors.
-fn max_ulp(a: &Tensor, b: &Tensor) -> i64 {
-    let bits = |t: &Tensor| -> Vec<i64> {
-        Vec::<f32>::try_from(t.flatten(0, -1))
-            .unwrap()
-            .into_iter()
-            .map(|x| {
-                let i = x.to_bits() as i32 as i64;
-                if i < 0 { i64::from(i32::MIN) - i } else { i }
-            })
-            .collect()
-    };
-    bits(a).iter().zip(bits(b)).map(|(x, y)| (x - y).abs()).max().unwrap_or(0)
 }
 
 /// Gives `grad` to the parameter through autograd (∂Σ(p⊙g)/∂p = g exactly).

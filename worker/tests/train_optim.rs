@@ -3,6 +3,8 @@
 
 mod numerics;
 
+use numerics::max_ulp;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -43,23 +45,6 @@ fn backward(opt: &AdamW, g: &BTreeMap<String, Tensor>, s: usize) {
         .filter_map(|(n, p)| g.get(&format!("grad.{s}.{n}")).map(|gr| (p * gr).sum(Kind::Float)))
         .collect();
     Tensor::stack(&terms, 0).sum(Kind::Float).backward();
-}
-
-/// Largest distance in units in the last place between two f32 tensors.
-fn max_ulp(a: &Tensor, b: &Tensor) -> i64 {
-    assert_eq!(a.size(), b.size());
-    let bits = |t: &Tensor| -> Vec<i64> {
-        Vec::<f32>::try_from(t.flatten(0, -1))
-            .unwrap()
-            .into_iter()
-            .map(|x| {
-                // Map the sign-magnitude bit patterns onto a monotone integer line.
-                let i = x.to_bits() as i32 as i64;
-                if i < 0 { i64::from(i32::MIN) - i } else { i }
-            })
-            .collect()
-    };
-    bits(a).iter().zip(bits(b)).map(|(x, y)| (x - y).abs()).max().unwrap_or(0)
 }
 
 // Tolerances against torch's numbers in the golden, which were computed on another machine.

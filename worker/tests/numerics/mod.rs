@@ -18,3 +18,20 @@ extern "C" fn pin() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static PIN: extern "C" fn() = pin;
+
+/// Largest distance in units in the last place between two f32 tensors of one shape.
+pub fn max_ulp(a: &tch::Tensor, b: &tch::Tensor) -> i64 {
+    assert_eq!(a.size(), b.size());
+    let bits = |t: &tch::Tensor| -> Vec<i64> {
+        Vec::<f32>::try_from(t.flatten(0, -1))
+            .unwrap()
+            .into_iter()
+            .map(|x| {
+                // Map the sign-magnitude bit patterns onto a monotone integer line.
+                let i = x.to_bits() as i32 as i64;
+                if i < 0 { i64::from(i32::MIN) - i } else { i }
+            })
+            .collect()
+    };
+    bits(a).iter().zip(bits(b)).map(|(x, y)| (x - y).abs()).max().unwrap_or(0)
+}
