@@ -293,8 +293,17 @@ while [[ ${#running[@]} -gt 0 ]]; do
 done
 if [[ -n "$coordinator" ]]; then
   kill -TERM "$coordinator" 2> /dev/null || true
-  # A trapped signal (a scheduler sends TERM more than once) interrupts `wait`: wait until the
-  # coordinator is really gone, so nothing of the job outlives the script and holds its port.
-  while kill -0 "$coordinator" 2> /dev/null; do wait "$coordinator" || true; done
+  # Poll, not `wait`: a trapped signal (a scheduler sends TERM more than once) interrupts
+  # `wait`. The coordinator must really be gone, so that nothing of the job outlives the script
+  # and holds its port; at most 60 s, then it is killed.
+  for ((i = 0; i < 600; i++)); do
+    kill -0 "$coordinator" 2> /dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$coordinator" 2> /dev/null; then
+    note "the coordinator did not exit within 60 s of SIGTERM; killing it"
+    kill -KILL "$coordinator" 2> /dev/null || true
+  fi
+  wait "$coordinator" 2> /dev/null || true
 fi
 exit "$status"
