@@ -3,14 +3,16 @@
 //! The job config is layered with the `config` crate: the file (TOML, JSON or YAML), then
 //! `DANCEGRPO_<KEY>` environment variables (nested keys with `__`, e.g. `DANCEGRPO_LORA__RANK`),
 //! then `--set key=value` flags. Unknown keys from any layer are errors, and every problem is
-//! reported at once.
+//! reported at once. A key's other spelling ([`Key::aliases`], e.g. the reference's
+//! `fsdp_sharding_startegy`) is that key in every layer, so a later layer overrides either;
+//! both spellings in one layer are an error.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, Value};
+use config::{Config, Environment, File, Source, Value};
 use dancegrpo_proto::config::Key;
 use dancegrpo_proto::{ConfigError, JobConfig};
 
@@ -135,14 +137,27 @@ pub fn load_job_config_with(
     overrides: &[(String, String)],
 ) -> Result<JobConfig> {
     let keys = JobConfig::keys();
-    let known = |top: &str| Key::get(&keys, top).is_some();
     let mut problems = Vec::new();
     let mut builder = Config::builder();
     if let Some(f) = file {
         if !f.exists() {
             return Err(Error::ConfigLoad(format!("config file {} does not exist", f.display())));
         }
-        builder = builder.add_source(File::from(f));
+        let table = File::from(f).collect().map_err(|e| Error::ConfigLoad(e.to_string()))?;
+        let from = f.display().to_string();
+        let mut seen = BTreeMap::new();
+        let table = table
+            .into_iter()
+            .map(|(name, value)| match Key::find(&keys, &name) {
+                Some(k) => {
+                    set_once(&mut seen, &k.name, &name, &from, &mut problems);
+                    (k.name.clone(), value)
+                }
+                // Reported with the merged table's other unknown keys.
+                None => (name, value),
+            })
+            .collect();
+        builder = builder.add_source(Layer(table));
     }
     let ms = mindspeed_layer(mindspeed)?;
     if !ms.is_empty() {
@@ -151,18 +166,21 @@ pub fn load_job_config_with(
     }
 
     let mut env_map = std::collections::HashMap::new();
+    let mut seen = BTreeMap::new();
     for (k, v) in env {
         let Some(rest) = k.strip_prefix("DANCEGRPO_") else { continue };
         let key = rest.to_ascii_lowercase();
-        let top = key.split("__").next().unwrap_or_default();
         if PROCESS_ENV.contains(&key.as_str()) {
             continue;
         }
-        if !known(top) {
+        let top = key.split("__").next().unwrap_or_default();
+        let Some(known) = Key::find(&keys, top) else {
             problems.push(format!("unknown key `{key}` (from environment variable {k})"));
             continue;
-        }
-        env_map.insert(k, v);
+        };
+        let key = format!("{}{}", known.name, &key[top.len()..]);
+        set_once(&mut seen, &key, &k, "the environment", &mut problems);
+        env_map.insert(format!("DANCEGRPO_{}", key.to_ascii_uppercase()), v);
     }
     builder = builder.add_source(
         Environment::with_prefix("DANCEGRPO")
@@ -171,14 +189,17 @@ pub fn load_job_config_with(
             .try_parsing(true)
             .source(Some(env_map)),
     );
+    let mut seen = BTreeMap::new();
     for (k, v) in overrides {
         let top = k.split('.').next().unwrap_or_default();
-        if !known(top) {
+        let Some(known) = Key::find(&keys, top) else {
             problems.push(format!("unknown key `{k}` (from --set)"));
             continue;
-        }
+        };
+        let key = format!("{}{}", known.name, &k[top.len()..]);
+        set_once(&mut seen, &key, k, "--set", &mut problems);
         builder = builder
-            .set_override(k.as_str(), v.as_str())
+            .set_override(key.as_str(), v.as_str())
             .map_err(|e| Error::ConfigLoad(e.to_string()))?;
     }
 
@@ -227,6 +248,42 @@ pub fn load_job_config_with(
             problems.push(e.to_string());
             Err(ConfigError { problems }.into())
         }
+    }
+}
+
+/// Notes that the layer `from` sets `key` spelled `spelled` (an alias, an environment variable);
+/// the same key spelled two ways in one layer is a problem naming both.
+fn set_once(
+    seen: &mut BTreeMap<String, String>,
+    key: &str,
+    spelled: &str,
+    from: &str,
+    problems: &mut Vec<String>,
+) {
+    match seen.get(key) {
+        Some(first) if first != spelled => problems.push(format!(
+            "`{key}` is set twice in {from}, as `{first}` and as `{spelled}` (two spellings of \
+             one key): keep one"
+        )),
+        Some(_) => {}
+        None => {
+            seen.insert(key.to_string(), spelled.to_string());
+        }
+    }
+}
+
+/// A layer read and respelled here: the file's table with its keys as the job config names
+/// them.
+#[derive(Clone, Debug)]
+struct Layer(config::Map<String, Value>);
+
+impl Source for Layer {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> std::result::Result<config::Map<String, Value>, config::ConfigError> {
+        Ok(self.0.clone())
     }
 }
 
@@ -479,6 +536,70 @@ mod tests {
         let env = [("DANCEGRPO_LORA__RANK", "4"), ("DANCEGRPO_LORA__ALPHA", "8")]
             .map(|(k, v)| (k.to_string(), v.to_string()));
         assert_eq!(load_job_config(None, env, &[]).unwrap().lora.unwrap().alpha, 8.0);
+    }
+
+    /// The reference's `fsdp_sharding_startegy` is `fsdp_sharding_strategy` in the file, the
+    /// environment and `--set`; a later layer overrides either spelling, and both spellings in
+    /// one layer are refused, naming both.
+    #[test]
+    fn a_keys_other_spelling_is_that_key_in_every_layer_but_not_both_in_one() {
+        use dancegrpo_proto::ShardingStrategy;
+        let full =
+            JobConfig { fsdp_sharding_strategy: ShardingStrategy::Full, ..JobConfig::default() };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let misspelled = file(".toml", "fsdp_sharding_startegy = \"full\"\n");
+        assert_eq!(load_job_config(Some(misspelled.path()), [], &[]).unwrap(), full, "file");
+        let yaml = file(".yaml", "fsdp_sharding_startegy: full\n");
+        assert_eq!(load_job_config(Some(yaml.path()), [], &[]).unwrap(), full, "yaml file");
+        let env = [pair("DANCEGRPO_FSDP_SHARDING_STARTEGY", "full")];
+        assert_eq!(load_job_config(None, env, &[]).unwrap(), full, "environment");
+        let set = [pair("fsdp_sharding_startegy", "full")];
+        assert_eq!(load_job_config(None, [], &set).unwrap(), full, "--set");
+        // Layers override each other across the spellings.
+        let set = [pair("fsdp_sharding_strategy", "none")];
+        let c = load_job_config(Some(misspelled.path()), [], &set).unwrap();
+        assert_eq!(c, JobConfig::default(), "--set beats the file");
+        let env = [pair("DANCEGRPO_FSDP_SHARDING_STRATEGY", "none")];
+        let c = load_job_config(Some(misspelled.path()), env, &[]).unwrap();
+        assert_eq!(c, JobConfig::default(), "the environment beats the file");
+        let env = [pair("DANCEGRPO_FSDP_SHARDING_STRATEGY", "none")];
+        let set = [pair("fsdp_sharding_startegy", "full")];
+        assert_eq!(load_job_config(None, env, &set).unwrap(), full, "--set beats the environment");
+
+        let problems = |e: Error| match e {
+            Error::Config(ConfigError { problems }) => problems,
+            e => panic!("{e}"),
+        };
+        let both =
+            file(".toml", "fsdp_sharding_strategy = \"full\"\nfsdp_sharding_startegy = \"full\"\n");
+        let p = problems(load_job_config(Some(both.path()), [], &[]).unwrap_err());
+        assert_eq!(p.len(), 1, "{p:#?}");
+        for needle in ["`fsdp_sharding_strategy`", "`fsdp_sharding_startegy`", "set twice in /"] {
+            assert!(p[0].contains(needle), "{needle} missing from {p:#?}");
+        }
+        let env = [
+            pair("DANCEGRPO_FSDP_SHARDING_STRATEGY", "full"),
+            pair("DANCEGRPO_FSDP_SHARDING_STARTEGY", "none"),
+        ];
+        let p = problems(load_job_config(None, env, &[]).unwrap_err());
+        assert_eq!(p.len(), 1, "{p:#?}");
+        for needle in [
+            "DANCEGRPO_FSDP_SHARDING_STRATEGY`",
+            "DANCEGRPO_FSDP_SHARDING_STARTEGY`",
+            "set twice in the environment",
+        ] {
+            assert!(p[0].contains(needle), "{needle} missing from {p:#?}");
+        }
+        let set = [pair("fsdp_sharding_startegy", "full"), pair("fsdp_sharding_strategy", "full")];
+        let p = problems(load_job_config(None, [], &set).unwrap_err());
+        assert_eq!(
+            p,
+            ["`fsdp_sharding_strategy` is set twice in --set, as `fsdp_sharding_startegy` and as \
+              `fsdp_sharding_strategy` (two spellings of one key): keep one"]
+        );
+        // The same spelling twice is a plain override.
+        let set = [pair("eta", "0.5"), pair("eta", "0.7")];
+        assert_eq!(load_job_config(None, [], &set).unwrap().eta, 0.7);
     }
 
     /// `deploy/configs/defaults.toml` is what `config --print-defaults` writes (regenerate with

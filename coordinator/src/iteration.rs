@@ -70,6 +70,8 @@ pub struct Iteration {
     metrics: BTreeMap<u32, StepMetrics>,
     /// Ranks that were handed their advantages: only they can have trained on them.
     handed: BTreeSet<u32>,
+    /// Whether its step is checkpointed, once decided: every rank told of it hears the same.
+    checkpoint: Option<bool>,
     num_rewards: usize,
     num_generations: u32,
 }
@@ -119,6 +121,7 @@ impl Iteration {
             refill: BTreeMap::new(),
             metrics: BTreeMap::new(),
             handed: BTreeSet::new(),
+            checkpoint: None,
             num_rewards: cfg.rewards.len(),
             num_generations: cfg.num_generations,
         })
@@ -295,6 +298,17 @@ impl Iteration {
         }
         self.handed.insert(rank);
         Some(Advantages { iteration: self.index, advantages: out, refill: vec![] })
+    }
+
+    /// Whether its step is checkpointed: `due()` the first time it is asked, the same answer
+    /// after that.
+    pub fn checkpoint(&mut self, due: impl FnOnce() -> bool) -> bool {
+        *self.checkpoint.get_or_insert_with(due)
+    }
+
+    /// Whether its step is checkpointed, `None` until [`Self::checkpoint`] has decided.
+    pub fn checkpoint_decided(&self) -> Option<bool> {
+        self.checkpoint
     }
 
     /// Whether `rank` has finished this iteration (reported its metrics).

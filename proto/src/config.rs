@@ -97,6 +97,20 @@ fn python_max0(x: f64) -> f64 {
     if x > 0.0 { x } else { 0.0 }
 }
 
+/// How the training state is spread over the ranks (the reference's and MindSpeed-MM's
+/// `fsdp_sharding_strategy`; `../shared/docs/SHARDING.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingStrategy {
+    /// Every rank holds the whole f32 model, its gradients and both AdamW moments (DDP).
+    #[default]
+    None,
+    /// FSDP's FULL_SHARD: each rank owns 1/N of every transformer block's flat f32 master,
+    /// gradient and moments; a block is all-gathered to run and its gradient reduce-scattered
+    /// right after its backward.
+    Full,
+}
+
 /// How several rewards become advantages (MixGRPO's `multi_reward_mix`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +193,11 @@ pub struct JobConfig {
     pub train_batch_size: u32,
     /// Recompute each transformer block in backward to save memory.
     pub gradient_checkpointing: bool,
+    /// `none` (every rank holds the whole training state) or `full` (FSDP's FULL_SHARD over
+    /// the ranks; needs `gradient_checkpointing`). The reference's misspelling
+    /// `fsdp_sharding_startegy` is accepted.
+    #[serde(alias = "fsdp_sharding_startegy")]
+    pub fsdp_sharding_strategy: ShardingStrategy,
     /// Rewards and their loss weights. Several rewards get separate advantages.
     pub rewards: Vec<RewardConfig>,
     /// How several rewards become advantages (MixGRPO's names): one advantage per reward and
@@ -245,6 +264,7 @@ impl Default for JobConfig {
             sampler_seed: 1223627,
             train_batch_size: 1,
             gradient_checkpointing: true,
+            fsdp_sharding_strategy: ShardingStrategy::None,
             rewards: vec![RewardConfig {
                 name: "hpsv2".into(),
                 weight: 1.0,
@@ -471,9 +491,28 @@ impl JobConfig {
             format!("backend must be one of gloo, nccl, hccl or empty (got {:?})", self.backend),
         );
         check(!self.reward_log.trim().is_empty(), "reward_log must not be empty".into());
+        let sharded = self.fsdp_sharding_strategy == ShardingStrategy::Full;
+        check(
+            !sharded || self.gradient_checkpointing,
+            "fsdp_sharding_strategy = full needs gradient_checkpointing = true: the sharded \
+             backward gathers one block at a time, which is the checkpointed backward"
+                .into(),
+        );
+        check(
+            !sharded || self.lora.is_none(),
+            "fsdp_sharding_strategy = full does not shard a LoRA job: LoRA keeps its adapters \
+             replicated and its frozen base unsharded; use fsdp_sharding_strategy = none with \
+             lora"
+                .into(),
+        );
         if p.is_empty() { Ok(()) } else { Err(ConfigError { problems: p }) }
     }
 }
+
+/// The other spellings of a key that [`JobConfig`] accepts (its `#[serde(alias)]`es), as
+/// `(alias, key)`: the config layering takes them as that key. A test checks this list against
+/// serde's.
+const KEY_ALIASES: &[(&str, &str)] = &[("fsdp_sharding_startegy", "fsdp_sharding_strategy")];
 
 /// One key of the config file, as [`JobConfig`] defines it.
 #[derive(Clone, Debug, PartialEq)]
@@ -488,12 +527,19 @@ pub struct Key {
     pub required_sub: Vec<String>,
     /// The default the schema states (a field with its own `#[serde(default = ...)]`).
     pub default: Option<Value>,
+    /// Other spellings accepted for it, e.g. the reference's `fsdp_sharding_startegy`.
+    pub aliases: Vec<String>,
 }
 
 impl Key {
     /// The sub-key named `name`.
     pub fn get<'a>(keys: &'a [Key], name: &str) -> Option<&'a Key> {
         keys.iter().find(|k| k.name == name)
+    }
+
+    /// The key named or spelled `name` (one of its [`Key::aliases`]).
+    pub fn find<'a>(keys: &'a [Key], name: &str) -> Option<&'a Key> {
+        keys.iter().find(|k| k.name == name || k.aliases.iter().any(|a| a == name))
     }
 }
 
@@ -559,7 +605,8 @@ fn keys_of(root: &Value, object: &Value) -> Vec<Key> {
                 .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
                 .unwrap_or_default();
             let default = prop.get("default").cloned();
-            Key { name: name.clone(), doc, sub: keys_of(root, target), required_sub, default }
+            let sub = keys_of(root, target);
+            Key { name: name.clone(), doc, sub, required_sub, default, aliases: vec![] }
         })
         .collect()
 }
@@ -612,11 +659,20 @@ fn leaves(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, 
 }
 
 impl JobConfig {
-    /// Every key a config file may contain, with its documentation, from the type's schema.
+    /// Every key a config file may contain, with its documentation, from the type's schema,
+    /// and its other spellings.
     pub fn keys() -> Vec<Key> {
         let schema = schemars::schema_for!(JobConfig);
         let root = schema.as_value();
-        keys_of(root, root)
+        let mut keys = keys_of(root, root);
+        for k in &mut keys {
+            k.aliases = KEY_ALIASES
+                .iter()
+                .filter(|(_, key)| *key == k.name)
+                .map(|(alias, _)| alias.to_string())
+                .collect();
+        }
+        keys
     }
 
     /// Every key whose value differs from `before`'s, as `key: old -> new` (`(unset)` for an
@@ -785,6 +841,85 @@ mod tests {
         );
         assert_eq!(d().trimmed_group_size(12), 12);
         assert_eq!(JobConfig { trimmed_ratio: 0.25, ..d() }.trimmed_group_size(12), 9);
+    }
+
+    #[test]
+    fn full_sharding_needs_the_checkpointed_backward_and_no_lora() {
+        let problems = |c: JobConfig| c.validate().unwrap_err().problems;
+        let full =
+            || JobConfig { fsdp_sharding_strategy: ShardingStrategy::Full, ..JobConfig::default() };
+        full().validate().unwrap();
+        assert_eq!(
+            problems(JobConfig { gradient_checkpointing: false, ..full() }),
+            ["fsdp_sharding_strategy = full needs gradient_checkpointing = true: the sharded \
+              backward gathers one block at a time, which is the checkpointed backward"]
+        );
+        let lora = Some(LoraConfig { rank: 4, alpha: 8.0, target_modules: default_lora_targets() });
+        assert_eq!(
+            problems(JobConfig { lora: lora.clone(), ..full() }),
+            ["fsdp_sharding_strategy = full does not shard a LoRA job: LoRA keeps its adapters \
+              replicated and its frozen base unsharded; use fsdp_sharding_strategy = none with \
+              lora"]
+        );
+        // Unsharded, either is fine.
+        JobConfig { gradient_checkpointing: false, lora, ..JobConfig::default() }
+            .validate()
+            .unwrap();
+    }
+
+    /// The names serde's derived `Deserialize` of `T` accepts for its fields (its `FIELDS`):
+    /// each field's own and its aliases.
+    fn serde_field_names<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        struct Probe<'a>(&'a mut &'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for Probe<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(serde::de::Error::custom("probed"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Probe(&mut fields));
+        fields
+    }
+
+    #[test]
+    fn the_key_aliases_are_serdes_each_of_its_key() {
+        let keys = JobConfig::keys();
+        let fields = serde_field_names::<JobConfig>();
+        assert!(fields.contains(&"num_generations"), "{fields:?}");
+        let aliases: std::collections::BTreeSet<&str> =
+            fields.iter().copied().filter(|f| Key::get(&keys, f).is_none()).collect();
+        let listed = KEY_ALIASES.iter().map(|(alias, _)| *alias).collect();
+        assert_eq!(aliases, listed, "KEY_ALIASES and the #[serde(alias)]es differ");
+        let defaults = serde_json::to_value(JobConfig::default()).unwrap();
+        for (alias, key) in KEY_ALIASES {
+            assert_eq!(Key::find(&keys, alias).map(|k| k.name.as_str()), Some(*key));
+            assert_eq!(Key::get(&keys, key).unwrap().aliases, [*alias]);
+            // Both spellings at once: serde calls the second one the key again.
+            let v = &defaults[key];
+            let both = serde_json::json!({ *alias: v, *key: v });
+            let e = serde_json::from_value::<JobConfig>(both).unwrap_err();
+            assert!(e.to_string().contains(&format!("duplicate field `{key}`")), "{alias}: {e}");
+        }
+        let c: JobConfig = serde_json::from_str(r#"{"fsdp_sharding_startegy": "full"}"#).unwrap();
+        assert_eq!(c.fsdp_sharding_strategy, ShardingStrategy::Full);
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub mod tls;
 pub mod types;
 
 pub use auth::{AuthToken, ClientAuth, ServerAuth, SessionSecret};
-pub use config::{ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig};
+pub use config::{
+    ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig, ShardingStrategy,
+};
 pub use ids::{JobId, WorkerId};
 pub use reason::Reason;
 pub use types::{

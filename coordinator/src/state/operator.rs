@@ -5,17 +5,17 @@ use crate::lifecycle::{JobEvent, Lifecycle};
 
 impl CoordinatorState {
     /// An operator's stop: the iteration in flight finishes, rank 0 checkpoints it, and the
-    /// job ends `stopped`. Returns the step it ends at. Where rank 0 has already reported the
-    /// iteration in flight without a checkpoint, one more iteration is trained and
-    /// checkpointed; where the current step is checkpointed and nothing is in flight, the job
-    /// ends at once.
+    /// job ends `stopped`. Returns the step it ends at. Where a rank has already been told the
+    /// iteration in flight has no checkpoint (rank 0; under `fsdp_sharding_strategy = full`
+    /// any rank), one more iteration is trained and checkpointed; where the current step is
+    /// checkpointed and nothing is in flight, the job ends at once.
     pub fn stop(&self, job_id: Option<&str>, reason: &str) -> Result<u64> {
         let mut g = self.lock();
         Self::operable(&g.job, job_id)?;
         let Inner { db, job, training, .. } = &mut *g;
         let due = |s: u64| checkpoint_due(&job.config, s, None);
         let at = match &training.iteration {
-            Some(it) if !it.finished_by(0) || due(it.index + 1) => it.index + 1,
+            Some(it) if it.checkpoint_decided() != Some(false) => it.index + 1,
             Some(it) => it.index + 2,
             None if job.step == job.checkpoint_step || due(job.step) => job.step,
             None => job.step + 1,

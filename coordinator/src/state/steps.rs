@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use dancegrpo_proto::{
-    Advantages, JobState, NonFinitePolicy, Restore, StepMetrics, TrajectoryRewards, Work,
+    Advantages, JobState, NonFinitePolicy, Restore, ShardingStrategy, StepMetrics,
+    TrajectoryRewards, Work,
 };
 use tokio::time::Instant;
 
@@ -257,7 +258,9 @@ impl CoordinatorState {
     }
 
     /// Step 5: `rank`'s metrics. Completes the iteration once every rank has reported, and
-    /// answers whether rank 0 writes a checkpoint now, with the state that goes in it.
+    /// answers whether rank 0 writes a checkpoint now, with the state that goes in it. Under
+    /// `fsdp_sharding_strategy = full` every rank is told: each holds a shard of the
+    /// optimizer state, and the write is a collective of them all.
     ///
     /// The files first, then the record: the last report's answer waits until the output
     /// task has the iteration's lines on disk, and only then is the iteration committed to the
@@ -329,7 +332,13 @@ impl CoordinatorState {
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let means = it.mean_rewards();
         let step = index + 1;
-        let checkpoint = checkpoint_due(&cfg, step, training.stop.as_ref().map(|(at, _)| *at));
+        // Decided at the first report it concerns and kept with the iteration, so a stop
+        // between two ranks' reports cannot leave one of them alone in the checkpoint's
+        // collectives. Unsharded, it concerns rank 0 only.
+        let sharded = cfg.fsdp_sharding_strategy == ShardingStrategy::Full;
+        let stop_at = training.stop.as_ref().map(|(at, _)| *at);
+        let checkpoint =
+            (sharded || rank == 0) && it.checkpoint(|| checkpoint_due(&cfg, step, stop_at));
         let mut reward_history = training.history.clone();
         reward_history.push(means.clone());
         let state = TrainerState {
@@ -339,7 +348,7 @@ impl CoordinatorState {
             reward_history,
         };
         let state_json = serde_json::to_string_pretty(&state).expect("trainer state serializes");
-        let answer = (checkpoint && rank == 0, if rank == 0 { state_json } else { String::new() });
+        let answer = (checkpoint, if rank == 0 { state_json } else { String::new() });
         training.answered.insert(rank, (generation, index, answer.clone()));
         if !complete {
             return Ok((answer, None));

@@ -1,6 +1,8 @@
 //! The state machine driven through its public calls, as the service drives it.
 
-use dancegrpo_proto::{NonFinitePolicy, StepMetrics, TrajectoryRewards, WorkerInfo, WorkerState};
+use dancegrpo_proto::{
+    NonFinitePolicy, ShardingStrategy, StepMetrics, TrajectoryRewards, WorkerInfo, WorkerState,
+};
 
 use super::*;
 use crate::config::Topology;
@@ -156,18 +158,25 @@ async fn a_caller_without_the_session_secret_is_refused_and_changes_nothing() {
 /// Takes a world of two through its one iteration (`max_train_steps = 1`) up to the
 /// metrics: rewards and advantages of both ranks.
 async fn roll_out_and_score(s: &CoordinatorState, ids: &[&Caller]) {
+    roll_out_and_score_at(s, ids, 0).await;
+}
+
+/// [`roll_out_and_score`] of iteration `iteration` (0-based) of generation 1.
+async fn roll_out_and_score_at(s: &CoordinatorState, ids: &[&Caller], iteration: u64) {
     let mut items = Vec::new();
     for id in ids {
-        items.push(s.get_work(id, Some(0), 1, 0).await.unwrap().items);
+        let work = s.get_work(id, Some(iteration), 1, 0).await.unwrap();
+        assert_eq!(work.iteration, iteration);
+        items.push(work.items);
     }
     for (id, items) in ids.iter().zip(items) {
         let rewards = items
             .iter()
             .map(|it| TrajectoryRewards { item: *it, outcome: Ok(vec![it.member_index as f64]) });
-        s.report_rewards(id, 0, 1, rewards.collect()).unwrap();
+        s.report_rewards(id, iteration, 1, rewards.collect()).unwrap();
     }
     for id in ids {
-        s.get_advantages(id, 0, 1).await.unwrap();
+        s.get_advantages(id, iteration, 1).await.unwrap();
     }
 }
 
@@ -493,6 +502,80 @@ async fn a_stop_after_rank_0_reported_trains_one_more_iteration_and_never_moves_
     let job = s.snapshot(None).unwrap().job;
     assert_eq!((job.state, job.step), (JobState::Running, 1));
     assert!(job.message.contains("stopping at step 2"), "{}", job.message);
+}
+
+/// A world of two under `fsdp_sharding_strategy = full` with three iterations to do, a
+/// checkpoint every `checkpointing_steps`.
+fn sharded_world(
+    dir: &std::path::Path,
+    checkpointing_steps: u32,
+) -> (Arc<CoordinatorState>, Caller, Caller) {
+    let mut st = settings(dir, 2);
+    st.job.max_train_steps = 3;
+    st.job.num_generations = 2;
+    st.job.checkpointing_steps = checkpointing_steps;
+    st.job.fsdp_sharding_strategy = ShardingStrategy::Full;
+    let s = CoordinatorState::open(st).unwrap();
+    let a = s.register(info(0), None).unwrap().caller();
+    let b = s.register(info(1), None).unwrap().caller();
+    (s, a, b)
+}
+
+#[tokio::test]
+async fn under_full_sharding_every_rank_is_told_of_a_due_checkpoint_and_none_of_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, a, b) = sharded_world(dir.path(), 2);
+    let at = |iteration| StepMetrics { iteration, ..metrics() };
+    roll_out_and_score(&s, &[&a, &b]).await;
+    // Step 1 is not due: neither rank is told, whichever reports first.
+    assert_eq!(s.report_step_metrics(&b, 1, at(0)).await.unwrap(), (false, String::new()));
+    let (checkpoint, state) = s.report_step_metrics(&a, 1, at(0)).await.unwrap();
+    assert!(!checkpoint && !state.is_empty(), "rank 0 still gets the trainer state");
+    // Step 2 is: both ranks write it together, rank 0 with the trainer state.
+    roll_out_and_score_at(&s, &[&a, &b], 1).await;
+    let (checkpoint, state) = s.report_step_metrics(&a, 1, at(1)).await.unwrap();
+    assert!(checkpoint && state.contains("\"step\": 2"), "{state}");
+    assert_eq!(s.report_step_metrics(&b, 1, at(1)).await.unwrap(), (true, String::new()));
+    // Only rank 0's report of the written checkpoint counts.
+    assert_eq!(s.get_work(&b, Some(2), 1, 2).await.unwrap().iteration, 2);
+    assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 0);
+    s.get_work(&a, Some(2), 1, 2).await.unwrap();
+    assert_eq!(s.snapshot(None).unwrap().job.checkpoint_step, 2);
+}
+
+/// Under `full` the checkpoint's write is a collective of every rank: a stop arriving between
+/// two ranks' reports of an iteration must not tell one of them to write it and not the other.
+#[tokio::test]
+async fn under_full_sharding_a_stop_between_two_ranks_reports_changes_neither_answer() {
+    for rank_0_first in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, a, b) = sharded_world(dir.path(), 10);
+        let at = |iteration| StepMetrics { iteration, ..metrics() };
+        roll_out_and_score(&s, &[&a, &b]).await;
+        let (first, second) = if rank_0_first { (&a, &b) } else { (&b, &a) };
+        let answer = s.report_step_metrics(first, 1, at(0)).await.unwrap().0;
+        assert!(!answer, "step 1 is not due (rank 0 first: {rank_0_first})");
+        // Step 1 is answered already: the stop's checkpoint is of the step after it.
+        assert_eq!(s.stop(None, "maintenance").unwrap(), 2, "rank 0 first: {rank_0_first}");
+        let answer = s.report_step_metrics(second, 1, at(0)).await.unwrap().0;
+        assert!(!answer, "the first report's answer (rank 0 first: {rank_0_first})");
+        roll_out_and_score_at(&s, &[&a, &b], 1).await;
+        for id in [first, second] {
+            assert!(s.report_step_metrics(id, 1, at(1)).await.unwrap().0, "the stop's checkpoint");
+        }
+        assert!(s.get_work(&a, Some(2), 1, 2).await.unwrap().done);
+        assert!(s.get_work(&b, Some(2), 1, 0).await.unwrap().done);
+        let job = s.snapshot(None).unwrap().job;
+        assert_eq!((job.state, job.step, job.checkpoint_step), (JobState::Stopped, 2, 2));
+    }
+    // Unsharded only rank 0 is told, so rank 1's report decides nothing: a stop after it
+    // still checkpoints the iteration in flight, as before.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, a, b) = three_step_world(dir.path());
+    roll_out_and_score(&s, &[&a, &b]).await;
+    assert!(!s.report_step_metrics(&b, 1, metrics()).await.unwrap().0);
+    assert_eq!(s.stop(None, "maintenance").unwrap(), 1);
+    assert!(s.report_step_metrics(&a, 1, metrics()).await.unwrap().0, "rank 0 checkpoints");
 }
 
 #[tokio::test]

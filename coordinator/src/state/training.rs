@@ -65,8 +65,9 @@ pub(super) struct Training {
     pub(super) answered: std::collections::BTreeMap<u32, (u64, u64, (bool, String))>,
 }
 
-/// Whether rank 0 writes `checkpoint-<step>` once `step` is trained: every
-/// `checkpointing_steps`, the last step, and the step a stop ends at.
+/// Whether `checkpoint-<step>` is written once `step` is trained (by rank 0; under
+/// `fsdp_sharding_strategy = full` by every rank together): every `checkpointing_steps`, the
+/// last step, and the step a stop ends at.
 pub(super) fn checkpoint_due(cfg: &JobConfig, step: u64, stop_at: Option<u64>) -> bool {
     let every = u64::from(cfg.checkpointing_steps);
     stop_at == Some(step)
