@@ -466,12 +466,18 @@ pub fn wait_ok(c: &Cluster, p: &mut Proc, what: &str) {
 /// Runs `config` (plus [`with_test_defaults`]) to completion with a coordinator and 2 workers
 /// on one node; returns the cluster, whose `out/` holds the job's outputs.
 pub fn train_two(config: &str) -> Cluster {
+    train_n(config, 2)
+}
+
+/// [`train_two`] with `n` workers on one node.
+pub fn train_n(config: &str, n: u32) -> Cluster {
     let c = Cluster::new(config);
-    let (_coord, addr) = c.coordinator(&["--world-size", "2", "--heartbeat-interval-ms", "200"]);
-    let mut w0 = c.worker(&addr, 0, 0, &[]);
-    let mut w1 = c.worker(&addr, 0, 1, &[]);
-    wait_ok(&c, &mut w0, "rank 0");
-    wait_ok(&c, &mut w1, "rank 1");
+    let world = n.to_string();
+    let (_coord, addr) = c.coordinator(&["--world-size", &world, "--heartbeat-interval-ms", "200"]);
+    let mut workers: Vec<Proc> = (0..n).map(|r| c.worker(&addr, 0, r, &[])).collect();
+    for (r, w) in workers.iter_mut().enumerate() {
+        wait_ok(&c, w, &format!("rank {r}"));
+    }
     c
 }
 

@@ -55,7 +55,8 @@ impl World {
     pub fn trainer(&mut self, cfg: &JobConfig) -> Result<&mut Trainer, TrainError> {
         if self.trainer.is_none() {
             tracing::info!(model = %cfg.pretrained_model_name_or_path, "loading the policy");
-            self.trainer = Some(Trainer::new(cfg, self.device)?);
+            let place = self.place();
+            self.trainer = Some(Trainer::new(cfg, self.device, place)?);
         }
         Ok(self.trainer.as_mut().expect("built above"))
     }
@@ -66,6 +67,28 @@ impl World {
     pub fn discard_after_panic(&mut self) {
         self.trainer = None;
         self.group = None;
+    }
+
+    /// This rank's place in the current world (rank 0 of 1 before any group is joined).
+    pub fn place(&self) -> crate::train::trainer::Place {
+        self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
+    /// Restores the trainer to `step` from `dir`, its state cut for the current world.
+    pub fn restore(&mut self, step: u64, dir: Option<&std::path::Path>) -> Result<(), TrainError> {
+        let place = self.place();
+        self.loaded_trainer()?.restore(step, dir, place)
+    }
+
+    /// Writes `checkpoint-<step>` (every rank takes part when the state is sharded).
+    pub fn save_checkpoint(
+        &mut self,
+        step: u64,
+        trainer_state_json: &str,
+    ) -> Result<Option<std::path::PathBuf>, TrainError> {
+        let trainer =
+            self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
+        trainer.save_checkpoint(step, trainer_state_json, self.group.as_mut())
     }
 
     /// The trainer built by [`World::trainer`].
@@ -84,6 +107,13 @@ impl World {
             self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
         // Fault injection for the tests (`FAILPOINTS=train=1*panic(...)`); a no-op otherwise.
         fail::fail_point!("train");
+        let place = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        if let Some(cut) = trainer.sharded_place().filter(|&cut| cut != place) {
+            return Err(TrainError::Invalid(format!(
+                "the sharded state is cut for rank {} of {}, but this rank is {} of {}: a new                  world must restore a checkpoint first",
+                cut.0, cut.1, place.0, place.1
+            )));
+        }
         trainer.train(iteration, work, advantages, self.group.as_mut())
     }
 

@@ -43,7 +43,7 @@ fn cfg(data: &std::path::Path) -> JobConfig {
 fn a_prompt_index_outside_the_dataset_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_dataset(dir.path());
-    let mut t = Trainer::new(&cfg(&data), Device::Cpu).unwrap();
+    let mut t = Trainer::new(&cfg(&data), Device::Cpu, (0, 1)).unwrap();
     let item =
         |p| WorkItem { iteration: 0, prompt_index: p, group_id: 0, member_index: 0, seed: 1 };
     let ok = t.rollout(&[item(15)]).unwrap();
@@ -57,6 +57,8 @@ fn a_prompt_index_outside_the_dataset_is_a_clear_error() {
 #[test]
 fn a_missing_dataset_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Trainer::new(&cfg(&dir.path().join("nowhere")), Device::Cpu).unwrap_err().to_string();
+    let e = Trainer::new(&cfg(&dir.path().join("nowhere")), Device::Cpu, (0, 1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nowhere"), "{e}");
 }

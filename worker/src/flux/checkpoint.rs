@@ -22,6 +22,12 @@
 //! flat in the velocity, as for a clipped PPO ratio), steps 4 and 5 are skipped: they would
 //! only add zeros.
 //!
+//! Under sharding (FSDP's FULL_SHARD, `crate::train::shard`) a block's weights exist only
+//! while it runs: the driver asks a [`BlockWeights`] to gather them before each block's
+//! forward and recomputation, to free them after the forward, and to reduce-scatter the
+//! block's gradient and free the weights after its backward. Whether to skip steps 4 and 5 is
+//! then decided by all ranks together, since the gathers are collectives every rank joins.
+//!
 //! Peak memory is therefore the saved block inputs plus one block's autograd graph, instead of
 //! every block's graph (MODELS.md §5). Cost: one extra forward of the blocks. The weight
 //! gradients equal the plain backward's up to the summation order of `temb`'s gradient
@@ -31,6 +37,47 @@ use tch::Tensor;
 
 use super::error::{ModelError, Result};
 use super::model::{FluxInputs, FluxTransformer, Stem};
+
+/// A block of the transformer, as the sharded weights name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// `transformer_blocks.{i}`.
+    Double(usize),
+    /// `single_transformer_blocks.{i}`.
+    Single(usize),
+}
+
+/// Where the blocks' weights live while the checkpointed backward runs.
+pub trait BlockWeights {
+    /// Makes `block`'s weights present before it runs.
+    fn gather(&mut self, block: Block) -> Result<()>;
+    /// `block` ran without a graph: its weights may go.
+    fn release(&mut self, block: Block) -> Result<()>;
+    /// `block`'s backward is done: its weight gradients may be reduced, and its weights go.
+    fn reduce(&mut self, block: Block) -> Result<()>;
+    /// Whether the blocks' backward is skipped, given whether this rank's gradient into them
+    /// is zero.
+    fn skip_backward(&mut self, local_zero: bool) -> Result<bool>;
+}
+
+/// Every weight is always present (no sharding): nothing to gather or reduce.
+#[derive(Debug, Default)]
+pub struct Resident;
+
+impl BlockWeights for Resident {
+    fn gather(&mut self, _: Block) -> Result<()> {
+        Ok(())
+    }
+    fn release(&mut self, _: Block) -> Result<()> {
+        Ok(())
+    }
+    fn reduce(&mut self, _: Block) -> Result<()> {
+        Ok(())
+    }
+    fn skip_backward(&mut self, local_zero: bool) -> Result<bool> {
+        Ok(local_zero)
+    }
+}
 
 fn leaf(t: &Tensor) -> Result<Tensor> {
     Ok(t.f_detach()?.f_set_requires_grad(true)?)
@@ -59,9 +106,24 @@ where
     E: From<ModelError>,
     F: FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
 {
-    let recorded = Recorded::forward(model, inputs)?;
+    forward_backward_with(model, inputs, &mut Resident, loss_fn)
+}
+
+/// [`forward_backward_checkpointed`] with the blocks' weights from `weights` (sharded
+/// training). The stem's and the head's weights must be present throughout.
+pub fn forward_backward_with<E, F>(
+    model: &FluxTransformer,
+    inputs: &FluxInputs<'_>,
+    weights: &mut dyn BlockWeights,
+    loss_fn: F,
+) -> std::result::Result<Tensor, E>
+where
+    E: From<ModelError>,
+    F: FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
+{
+    let recorded = Recorded::forward(model, inputs, weights)?;
     let loss = loss_fn(&recorded.velocity)?;
-    Ok(recorded.backward(model, loss)?)
+    Ok(recorded.backward(model, loss, weights)?)
 }
 
 /// Steps 1 to 3 up to the loss: the velocity, and what the backward needs.
@@ -77,7 +139,11 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn forward(model: &FluxTransformer, inputs: &FluxInputs<'_>) -> Result<Self> {
+    fn forward(
+        model: &FluxTransformer,
+        inputs: &FluxInputs<'_>,
+        weights: &mut dyn BlockWeights,
+    ) -> Result<Self> {
         let stem = model.stem(inputs)?;
         let Stem { x, c, temb, rope } = &stem;
         let temb_leaf = leaf(temb)?;
@@ -87,15 +153,19 @@ impl Recorded {
         let (double_inputs, single_inputs, h_out) = tch::no_grad(|| -> Result<_> {
             let (mut xi, mut ci) = (x.f_detach()?, c.f_detach()?);
             let mut double_inputs = Vec::with_capacity(model.double_blocks.len());
-            for blk in &model.double_blocks {
+            for (i, blk) in model.double_blocks.iter().enumerate() {
+                weights.gather(Block::Double(i))?;
                 let (xo, co) = blk.forward(&xi, &ci, &temb_leaf, rope)?;
+                weights.release(Block::Double(i))?;
                 double_inputs.push((xi, ci));
                 (xi, ci) = (xo, co);
             }
             let mut h = Tensor::f_cat(&[ci, xi], 1)?;
             let mut single_inputs = Vec::with_capacity(model.single_blocks.len());
-            for blk in &model.single_blocks {
+            for (i, blk) in model.single_blocks.iter().enumerate() {
+                weights.gather(Block::Single(i))?;
                 let ho = blk.forward(&h, &temb_leaf, rope)?;
+                weights.release(Block::Single(i))?;
                 single_inputs.push(h);
                 h = ho;
             }
@@ -110,7 +180,12 @@ impl Recorded {
     }
 
     /// Steps 3 (the backward of `loss`) to 5. Returns the detached loss.
-    fn backward(self, model: &FluxTransformer, loss: Tensor) -> Result<Tensor> {
+    fn backward(
+        self,
+        model: &FluxTransformer,
+        loss: Tensor,
+        weights: &mut dyn BlockWeights,
+    ) -> Result<Tensor> {
         let Self { stem, temb_leaf, t, double_inputs, single_inputs, h_leaf, velocity } = self;
         let Stem { x, c, temb, rope } = stem;
         drop(velocity);
@@ -120,26 +195,35 @@ impl Recorded {
         // A loss that does not depend on the velocity here (a PPO ratio clipped on the side the
         // advantage favours) sends zeros into the blocks: their recomputation and backward would
         // only add zeros, so they are skipped.
-        if is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)? {
+        let local_zero = is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)?;
+        if weights.skip_backward(local_zero)? {
             return Ok(loss.f_detach()?);
         }
 
         // 4. Recompute each block with grad, newest first.
-        for (blk, h_in) in model.single_blocks.iter().zip(single_inputs).rev() {
+        for (i, (blk, h_in)) in model.single_blocks.iter().zip(single_inputs).enumerate().rev() {
             let h_in = leaf(&h_in)?;
+            weights.gather(Block::Single(i))?;
             let out = blk.forward(&h_in, &temb_leaf, &rope)?;
             out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
+            drop(out);
+            weights.reduce(Block::Single(i))?;
             g = grad_of(&h_in)?;
         }
         let n = g.size()[1] - t;
         let mut gc = g.f_narrow(1, 0, t)?;
         let mut gx = g.f_narrow(1, t, n)?;
         drop(g);
-        for (blk, (x_in, c_in)) in model.double_blocks.iter().zip(double_inputs).rev() {
+        for (i, (blk, (x_in, c_in))) in
+            model.double_blocks.iter().zip(double_inputs).enumerate().rev()
+        {
             let (x_in, c_in) = (leaf(&x_in)?, leaf(&c_in)?);
+            weights.gather(Block::Double(i))?;
             let (xo, co) = blk.forward(&x_in, &c_in, &temb_leaf, &rope)?;
             let s = xo.f_mul(&gx)?.f_sum(xo.kind())? + co.f_mul(&gc)?.f_sum(co.kind())?;
             s.f_backward()?;
+            drop((s, xo, co));
+            weights.reduce(Block::Double(i))?;
             gx = grad_of(&x_in)?;
             gc = grad_of(&c_in)?;
         }

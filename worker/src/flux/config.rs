@@ -82,6 +82,65 @@ impl FluxConfig {
         self.out_channels.unwrap_or(self.in_channels)
     }
 
+    /// Every weight of the transformer this config builds, by diffusers name (sorted), with
+    /// its shape, without building it: what the sharded layout and a memory plan of the real
+    /// size need (FLUX.1-dev's 11.9 B parameters would take 44 GiB to allocate). A test checks
+    /// it against the variables [`super::FluxTransformer::new`] creates.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (d, hd, h) = (self.inner_dim(), self.attention_head_dim, self.mlp_hidden());
+        let mut out: Vec<(String, Vec<i64>)> = Vec::new();
+        let mut linear = |name: String, i: i64, o: i64| {
+            out.push((format!("{name}.weight"), vec![o, i]));
+            out.push((format!("{name}.bias"), vec![o]));
+        };
+        linear("x_embedder".into(), self.in_channels, d);
+        linear("context_embedder".into(), self.joint_attention_dim, d);
+        let mut mlps =
+            vec![("timestep_embedder", 256), ("text_embedder", self.pooled_projection_dim)];
+        if self.guidance_embeds {
+            mlps.push(("guidance_embedder", 256));
+        }
+        for (m, i) in mlps {
+            linear(format!("time_text_embed.{m}.linear_1"), i, d);
+            linear(format!("time_text_embed.{m}.linear_2"), d, d);
+        }
+        linear("norm_out.linear".into(), d, 2 * d);
+        linear("proj_out".into(), d, self.out_channels());
+        let mut scales = Vec::new();
+        for b in 0..self.num_layers {
+            let p = format!("transformer_blocks.{b}");
+            linear(format!("{p}.norm1.linear"), d, 6 * d);
+            linear(format!("{p}.norm1_context.linear"), d, 6 * d);
+            for l in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"] {
+                linear(format!("{p}.attn.{l}"), d, d);
+            }
+            linear(format!("{p}.attn.to_out.0"), d, d);
+            linear(format!("{p}.attn.to_add_out"), d, d);
+            for ff in ["ff", "ff_context"] {
+                linear(format!("{p}.{ff}.net.0.proj"), d, h);
+                linear(format!("{p}.{ff}.net.2"), h, d);
+            }
+            for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+                scales.push(format!("{p}.attn.{n}.weight"));
+            }
+        }
+        for b in 0..self.num_single_layers {
+            let p = format!("single_transformer_blocks.{b}");
+            linear(format!("{p}.norm.linear"), d, 3 * d);
+            for l in ["to_q", "to_k", "to_v"] {
+                linear(format!("{p}.attn.{l}"), d, d);
+            }
+            linear(format!("{p}.proj_mlp"), d, h);
+            linear(format!("{p}.proj_out"), d + h, d);
+            for n in ["norm_q", "norm_k"] {
+                scales.push(format!("{p}.attn.{n}.weight"));
+            }
+        }
+        out.extend(scales.into_iter().map(|n| (n, vec![hd])));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Checks the combinations the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));

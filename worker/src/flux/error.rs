@@ -68,6 +68,10 @@ pub enum ModelError {
     /// Inputs of the wrong shape, dtype or value.
     #[error("bad input: {0}")]
     Input(String),
+    /// A sharded block's weights could not be gathered, or its gradient not reduced (a peer
+    /// died, a collective timed out).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

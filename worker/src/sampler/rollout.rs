@@ -7,7 +7,7 @@ use super::noise::NoiseKey;
 use super::schedule::Schedule;
 use super::step::{Next, sde_step};
 use super::{Result, SamplerError};
-use crate::flux::checkpoint::forward_backward_checkpointed;
+use crate::flux::checkpoint::{BlockWeights, Resident, forward_backward_with};
 use crate::flux::error::ModelError;
 use crate::flux::{FluxInputs, FluxTransformer};
 
@@ -237,8 +237,25 @@ pub fn backward_log_prob_checkpointed<E: From<SamplerError> + From<ModelError>>(
     eta: f64,
     loss_fn: impl FnOnce(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    backward_log_prob_with(model, cond, z, z_next, sched, i, eta, &mut Resident, loss_fn)
+}
+
+/// [`backward_log_prob_checkpointed`] with the blocks' weights from `weights` (sharded
+/// training).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_log_prob_with<E: From<SamplerError> + From<ModelError>>(
+    model: &FluxTransformer,
+    cond: &Conditioning<'_>,
+    z: &Tensor,
+    z_next: &Tensor,
+    sched: &Schedule,
+    i: usize,
+    eta: f64,
+    weights: &mut dyn BlockWeights,
+    loss_fn: impl FnOnce(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
     with_inputs(model, cond, z, sched, i, |inputs| {
-        forward_backward_checkpointed(model, inputs, |v| {
+        forward_backward_with(model, inputs, weights, |v| {
             let step = sde_step(v, z, sched, i, eta, Next::Given(z_next)).map_err(E::from)?;
             loss_fn(&step.log_prob)
         })

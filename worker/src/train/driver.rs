@@ -11,6 +11,7 @@ use dancegrpo_proto::{Advantages, JobConfig, RankAssignment, Reason, WorkItem};
 
 use crate::compute::ComputeThread;
 use crate::error::{Error, Result};
+use crate::flux::ModelError;
 use crate::session::{Session, forgotten};
 use crate::world::World;
 
@@ -86,7 +87,9 @@ pub async fn run(
 fn compute_err(e: super::TrainError) -> Error {
     match e {
         // Kept apart: a peer that died mid-collective pauses this rank, it does not end it.
-        super::TrainError::Dist(d) => Error::Dist(d),
+        super::TrainError::Dist(d) | super::TrainError::Model(ModelError::Dist(d)) => {
+            Error::Dist(d)
+        }
         other => Error::Compute(other.to_string()),
     }
 }
@@ -126,9 +129,7 @@ async fn iterate(
         let iteration = work.iteration;
         if let Some(r) = work.restore {
             compute
-                .run(move |w: &mut World| {
-                    w.loaded_trainer().and_then(|t| t.restore(r.step, r.checkpoint_dir.as_deref()))
-                })
+                .run(move |w: &mut World| w.restore(r.step, r.checkpoint_dir.as_deref()))
                 .await?
                 .map_err(compute_err)?;
         }
@@ -193,8 +194,9 @@ async fn iterate(
         );
         if let Some(state) = session.report_step_metrics(generation, &metrics).await? {
             let step = iteration + 1;
+            // Sharded, every rank is told: each takes part in gathering the optimizer state.
             compute
-                .run(move |w: &mut World| w.loaded_trainer()?.save_checkpoint(step, &state))
+                .run(move |w: &mut World| w.save_checkpoint(step, &state))
                 .await?
                 .map_err(compute_err)?;
             checkpointed = step;

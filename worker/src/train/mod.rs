@@ -18,6 +18,8 @@ pub mod optim;
 pub mod persist;
 /// The trained transformer (a diffusers folder or the `tiny` preset) and the frozen decoder.
 pub mod policy;
+/// FSDP's FULL_SHARD: the training state cut into per-block slices over the ranks.
+pub mod shard;
 /// The PPO-clip update: transition subsets, accumulation, all-reduce, clip, AdamW.
 pub mod step;
 /// One rank's rollout, scoring and update.

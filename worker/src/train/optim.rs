@@ -166,11 +166,20 @@ pub struct AdamW {
 }
 
 /// Key of the optimizer's own step count in a saved state file.
-const STEPS_KEY: &str = "steps_taken";
+pub(crate) const STEPS_KEY: &str = "steps_taken";
 
 impl AdamW {
     /// An optimizer over `params` (f32 tensors that require grad, unique names).
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
+        if let Some((name, _)) = params.iter().find(|(_, p)| !p.requires_grad()) {
+            return Err(OptimError::Param(format!("parameter {name} does not require grad")));
+        }
+        Self::over(params, cfg)
+    }
+
+    /// An optimizer over f32 tensors whose gradients come from elsewhere
+    /// ([`Self::step_with`]): the flat shards of a sharded trainer.
+    pub fn over(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for (name, p) in &params {
             if p.kind() != Kind::Float {
@@ -178,9 +187,6 @@ impl AdamW {
                     "parameter {name} is {:?}; AdamW keeps f32 master weights",
                     p.kind()
                 )));
-            }
-            if !p.requires_grad() {
-                return Err(OptimError::Param(format!("parameter {name} does not require grad")));
             }
             if !seen.insert(name.as_str()) {
                 return Err(OptimError::Param(format!("parameter {name} is listed twice")));
@@ -257,10 +263,7 @@ impl AdamW {
             .map(|g| norm(g)?.f_to_device(device))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let total = norm(&Tensor::f_stack(&norms, 0)?)?;
-        // `max_norm / (total + 1e-6)` on a tensor is `reciprocal(total + 1e-6) * max_norm`
-        // (`Tensor.__rtruediv__`); torch multiplies even when the clamped coefficient is 1.
-        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?;
-        let coef = coef.f_clamp_max(1.0)?;
+        let coef = clip_coefficient(&total, max_norm)?;
         for g in &mut grads {
             let _ = g.f_mul_(&coef.f_to_device(g.device())?)?;
         }
@@ -270,16 +273,42 @@ impl AdamW {
     /// One AdamW update of every parameter that has a gradient (torch skips the others), at
     /// the schedule's learning rate for this step when there is a schedule.
     pub fn step(&mut self) -> Result<()> {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        self.step_with(&grads)
+    }
+
+    /// [`Self::step`] with the gradients given, one per parameter in order (undefined ones
+    /// skip their parameter, as a missing `.grad` does).
+    pub fn step_with(&mut self, grads: &[Tensor]) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(OptimError::Param(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
+        }
         let _guard = tch::no_grad_guard();
         self.cfg.lr = self.lr();
-        for ((_, p), s) in self.params.iter().zip(&mut self.state) {
-            let g = p.grad();
+        for (((_, p), s), g) in self.params.iter().zip(&mut self.state).zip(grads) {
             if g.defined() {
-                s.update(p, &g, &self.cfg)?;
+                s.update(p, g, &self.cfg)?;
             }
         }
         self.steps_taken += 1;
         Ok(())
+    }
+
+    /// The per-parameter states, to restore them from another layout (a sharded checkpoint).
+    pub(crate) fn state_mut(&mut self) -> &mut [ParamState] {
+        &mut self.state
+    }
+
+    /// Sets the optimizer's own step count (restoring), and the schedule's rate with it.
+    pub(crate) fn set_steps_taken(&mut self, steps: u64) {
+        self.steps_taken = steps;
+        if let Some(s) = self.schedule {
+            self.cfg.lr = s.lr(steps);
+        }
     }
 
     /// Drops every gradient (torch's default `zero_grad()`, see [`clear_grad`]). Handles from
@@ -342,11 +371,19 @@ impl AdamW {
     }
 }
 
-fn step_tensor(step: u64) -> Result<Tensor> {
+/// `clip_grad_norm_`'s scale from the total norm (a 0-d tensor): `min(max_norm / (total +
+/// 1e-6), 1)`. `max_norm / (total + 1e-6)` on a tensor is `reciprocal(total + 1e-6) *
+/// max_norm` (`Tensor.__rtruediv__`); torch multiplies even when the clamped coefficient is 1.
+pub fn clip_coefficient(total: &Tensor, max_norm: f64) -> Result<Tensor> {
+    let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?;
+    Ok(coef.f_clamp_max(1.0)?)
+}
+
+pub(crate) fn step_tensor(step: u64) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&[step as i64])?.f_reshape([] as [i64; 0])?)
 }
 
-fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64, CheckpointError> {
+pub(crate) fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64, CheckpointError> {
     let v = file.tensor(key)?.f_int64_value(&[])?;
     u64::try_from(v).map_err(|_| CheckpointError::format(file.path(), format!("{key} is {v}")))
 }

@@ -13,11 +13,12 @@ use tch::{Kind, Tensor};
 
 use super::TrainError;
 use super::optim::AdamW;
+use super::shard::Sharded;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::flux::FluxTransformer;
-use crate::flux::checkpoint::is_zero;
+use crate::flux::checkpoint::{BlockWeights, is_zero};
 use crate::reward::loss::MultiRewardClipLoss;
-use crate::sampler::rollout::backward_log_prob_checkpointed;
+use crate::sampler::rollout::backward_log_prob_with;
 use crate::sampler::{Conditioning, Schedule, recompute_log_prob};
 
 /// What the loss of one transition needs besides the model.
@@ -85,9 +86,11 @@ pub fn train_steps(
 
 /// Back-propagates the loss of each transition `k ∈ steps` of one trajectory:
 /// `latents` `[1, S+1, N, C]` and `log_probs` `[1, S]` from its rollout, `advantages` `[1, K]`.
+/// The checkpointed backward takes the blocks' weights from `weights` (sharded training).
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate(
     model: &FluxTransformer,
+    weights: &mut dyn BlockWeights,
     cond: &Conditioning<'_>,
     latents: &Tensor,
     log_probs: &Tensor,
@@ -109,7 +112,7 @@ pub fn accumulate(
             Ok(out.total.f_div_scalar(s.divisor)?)
         };
         let loss = if s.checkpointing {
-            backward_log_prob_checkpointed(model, cond, &z, &z_next, sched, k, s.eta, loss_of)?
+            backward_log_prob_with(model, cond, &z, &z_next, sched, k, s.eta, weights, loss_of)?
         } else {
             let lp = recompute_log_prob(model, cond, &z, &z_next, sched, k, s.eta)?;
             // The loss is back-propagated to the log-prob first, and from there through the
@@ -159,20 +162,41 @@ pub fn apply_update(
     }
     drop(grads);
     let norm = opt.clip_grad_norm(max_grad_norm)?;
-    stats.grad_norm_sum += norm;
     // A NaN or Inf gradient would make every weight NaN (torch's clip scales by it): the
     // update is skipped and the weights and moments stay as they were. The norm is of the
     // averaged gradients, so every rank skips the same update; the coordinator sees the
     // non-finite norm and applies `non_finite_policy` (fail the job, or go on).
     if norm.is_finite() {
         opt.step()?;
+    }
+    count_update(stats, norm);
+    opt.zero_grad()?;
+    Ok(())
+}
+
+/// [`apply_update`] for sharded training: the same clip and AdamW on this rank's slices
+/// ([`Sharded::step`]); a non-finite global norm skips the update on every rank.
+pub fn apply_sharded_update(
+    shard: &mut Sharded,
+    opt: &mut AdamW,
+    group: Option<&mut ProcessGroup>,
+    max_grad_norm: f64,
+    stats: &mut UpdateStats,
+) -> Result<(), TrainError> {
+    let norm = shard.step(opt, group, max_grad_norm)?;
+    count_update(stats, norm);
+    Ok(())
+}
+
+/// Counts an update whose pre-clip global norm was `norm` (skipped when not finite).
+fn count_update(stats: &mut UpdateStats, norm: f64) {
+    stats.grad_norm_sum += norm;
+    if norm.is_finite() {
         stats.optimizer_steps += 1;
     } else {
         tracing::warn!(grad_norm = norm, "non-finite gradient norm: update skipped");
         stats.skipped_updates += 1;
     }
-    opt.zero_grad()?;
-    Ok(())
 }
 
 #[cfg(test)]

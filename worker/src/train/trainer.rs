@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::{MAX_ABS_REWARD, usable_reward};
-use dancegrpo_proto::config::MultiRewardMix;
+use dancegrpo_proto::config::{MultiRewardMix, ShardingStrategy};
 use dancegrpo_proto::{
     JobConfig, PhaseTimings, RewardConfig, StepMetrics, TrajectoryRewards, WorkItem,
 };
@@ -16,11 +16,15 @@ use tch::{Kind, Tensor};
 use super::TrainError;
 use super::optim::{AdamW, AdamWConfig, LrSchedule};
 use super::policy::Policy;
-use super::step::{LossSettings, UpdateStats, accumulate, apply_update, train_steps};
+use super::shard::{Gathering, Sharded};
+use super::step::{
+    LossSettings, UpdateStats, accumulate, apply_sharded_update, apply_update, train_steps,
+};
 use super::{checkpoint, persist};
 use crate::data::PromptDataset;
 use crate::device::Device;
 use crate::dist::ProcessGroup;
+use crate::flux::checkpoint::{BlockWeights, Resident};
 use crate::latents;
 use crate::reward::RewardSet;
 use crate::reward::loss::MultiRewardClipLoss;
@@ -49,6 +53,9 @@ pub struct Trainer {
     device: Device,
     policy: Policy,
     opt: AdamW,
+    /// This rank's share of the training state under `fsdp_sharding_strategy = full` (the
+    /// optimizer then steps its slices); `None` when every rank holds it all.
+    shard: Option<Sharded>,
     rewards: RewardSet,
     data: Box<dyn PromptDataset>,
     data_path: PathBuf,
@@ -80,16 +87,47 @@ fn adamw(cfg: &JobConfig) -> AdamWConfig {
     }
 }
 
-/// The optimizer of `params` under `cfg`, its learning rate following the job's schedule.
-fn optimizer(cfg: &JobConfig, params: Vec<(String, Tensor)>) -> Result<AdamW, TrainError> {
-    Ok(AdamW::new(params, adamw(cfg))?.with_schedule(LrSchedule::of(cfg)))
+/// A rank's place in the world: its rank and the world size.
+pub type Place = (u32, u32);
+
+/// The optimizer of `policy` under `cfg`, its learning rate following the job's schedule: over
+/// the trainable weights, or over this rank's slices of them when the job is sharded.
+fn optimizer(
+    cfg: &JobConfig,
+    policy: &Policy,
+    (rank, world): Place,
+) -> Result<(AdamW, Option<Sharded>), TrainError> {
+    let schedule = LrSchedule::of(cfg);
+    match cfg.fsdp_sharding_strategy {
+        ShardingStrategy::None => {
+            Ok((AdamW::new(policy.trainable(), adamw(cfg))?.with_schedule(schedule), None))
+        }
+        ShardingStrategy::Full if !policy.lora.is_empty() => Err(TrainError::Invalid(
+            "fsdp_sharding_strategy = full does not shard LoRA adapters: use none".into(),
+        )),
+        ShardingStrategy::Full => {
+            let (shard, masters) = Sharded::cut(&policy.trainable(), rank, world)?;
+            let l = shard.layout();
+            tracing::info!(
+                rank,
+                world,
+                units = l.units.len(),
+                "training state sharded (full): this rank owns {} of the {} weights' master, \
+                 gradient and moments",
+                l.shard_elements(),
+                l.elements()
+            );
+            Ok((AdamW::over(masters, adamw(cfg))?.with_schedule(schedule), Some(shard)))
+        }
+    }
 }
 
 impl Trainer {
     /// Loads the policy, the rewards and the prompts of `cfg` on `device`: the state of step 0.
-    pub fn new(cfg: &JobConfig, device: Device) -> Result<Self, TrainError> {
+    /// `place` is this rank's in the world, which a sharded job cuts its state for.
+    pub fn new(cfg: &JobConfig, device: Device, place: Place) -> Result<Self, TrainError> {
         let policy = Policy::load(cfg, device)?;
-        let opt = optimizer(cfg, policy.trainable())?;
+        let (opt, shard) = optimizer(cfg, &policy, place)?;
         let rewards =
             RewardSet::from_config(&cfg.rewards, device.tch().unwrap_or(tch::Device::Cpu))?;
         let data_path = data_dir(&cfg.data_json_path);
@@ -101,6 +139,7 @@ impl Trainer {
             device,
             policy,
             opt,
+            shard,
             rewards,
             data,
             data_path,
@@ -124,15 +163,32 @@ impl Trainer {
         self.step
     }
 
+    /// The place a sharded trainer's state is cut for (`None` when not sharded).
+    pub fn sharded_place(&self) -> Option<Place> {
+        self.shard.as_ref().map(Sharded::place)
+    }
+
     /// Goes back to the state after `step` iterations: the pretrained weights for 0, else the
-    /// checkpoint in `dir` (weights or adapters, and the optimizer state).
-    pub fn restore(&mut self, step: u64, dir: Option<&Path>) -> Result<(), TrainError> {
+    /// checkpoint in `dir` (weights or adapters, and the optimizer state), cut for `place`
+    /// when sharded (any world size may have written the checkpoint).
+    pub fn restore(
+        &mut self,
+        step: u64,
+        dir: Option<&Path>,
+        place: Place,
+    ) -> Result<(), TrainError> {
         tracing::info!(step, dir = ?dir, "restoring the training state");
         self.policy = Policy::load(&self.cfg, self.device)?;
-        self.opt = optimizer(&self.cfg, self.policy.trainable())?;
         if let Some(dir) = dir {
             persist::load_into(dir, &mut self.policy)?;
-            self.opt.load(&dir.join(persist::OPTIMIZER))?;
+        }
+        (self.opt, self.shard) = optimizer(&self.cfg, &self.policy, place)?;
+        if let Some(dir) = dir {
+            let file = dir.join(persist::OPTIMIZER);
+            match &self.shard {
+                Some(shard) => shard.load(&mut self.opt, &file)?,
+                None => self.opt.load(&file)?,
+            }
         } else if step != 0 {
             return Err(TrainError::Invalid(format!("no checkpoint to restore step {step} from")));
         }
@@ -252,7 +308,14 @@ impl Trainer {
         // From here until the last step, the weights match no recorded step.
         self.step = None;
         self.memo.clear();
-        self.opt.zero_grad()?;
+        match &mut self.shard {
+            // The rollout replica goes: a block is gathered only while it runs.
+            Some(shard) => {
+                shard.release_blocks()?;
+                shard.zero_grad()?;
+            }
+            None => self.opt.zero_grad()?,
+        }
         let mut stats = UpdateStats::default();
         for (i, item) in work.iter().enumerate() {
             let key = (item.group_id, item.member_index);
@@ -280,8 +343,18 @@ impl Trainer {
             };
             let steps =
                 train_steps(item.seed, item.group_id, item.member_index, transitions, count);
+            let mut resident = Resident;
+            let mut gathering;
+            let weights: &mut dyn BlockWeights = match &mut self.shard {
+                Some(shard) => {
+                    gathering = Gathering { shard, opt: &self.opt, group: group.as_deref_mut() };
+                    &mut gathering
+                }
+                None => &mut resident,
+            };
             accumulate(
                 &self.policy.model,
+                weights,
                 &cond,
                 &r.latents,
                 &r.log_probs,
@@ -292,17 +365,30 @@ impl Trainer {
                 &mut stats,
             )?;
             if (i + 1) % ga == 0 {
-                apply_update(
-                    &mut self.opt,
-                    group.as_deref_mut(),
-                    self.cfg.max_grad_norm,
-                    &mut stats,
-                )?;
+                let (opt, max_norm) = (&mut self.opt, self.cfg.max_grad_norm);
+                match &mut self.shard {
+                    Some(shard) => apply_sharded_update(
+                        shard,
+                        opt,
+                        group.as_deref_mut(),
+                        max_norm,
+                        &mut stats,
+                    )?,
+                    None => apply_update(opt, group.as_deref_mut(), max_norm, &mut stats)?,
+                }
             }
         }
         // Trajectories beyond the last whole accumulation window are dropped, as in the
         // reference (config validation makes the window divide the work).
-        self.opt.zero_grad()?;
+        match &mut self.shard {
+            Some(shard) => {
+                shard.zero_grad()?;
+                // The replica the next rollout, the fingerprint and a checkpoint read.
+                shard.gather_all(&self.opt, group.as_deref_mut())?;
+                stats.communication_s += shard.take_communication_s();
+            }
+            None => self.opt.zero_grad()?,
+        }
         self.rollouts.clear();
         self.step = Some(iteration + 1);
         self.timings.train_s = start.elapsed().as_secs_f64() - stats.communication_s;
@@ -330,31 +416,42 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// Σ of every trainable weight in f64: equal across ranks iff (in practice) the replicas are.
+    /// Σ of every trainable weight in f64: equal across ranks iff (in practice) the replicas
+    /// are. Of the gathered replica when sharded, so it equals the unsharded trainer's.
     pub fn fingerprint(&self) -> Result<f64, TrainError> {
         let mut s = 0.0;
-        for (_, t) in self.opt.params() {
+        for (_, t) in self.policy.trainable() {
             s += t.f_sum(Kind::Double)?.f_double_value(&[])?;
         }
         Ok(s)
     }
 
     /// Writes `checkpoint-<step>` under `output_dir` (atomically) with the trainer state the
-    /// coordinator sent.
+    /// coordinator sent. Sharded, every rank calls it (the optimizer state is gathered) and
+    /// only rank 0 writes; `None` on the others.
     pub fn save_checkpoint(
         &self,
         step: u64,
         trainer_state_json: &str,
-    ) -> Result<PathBuf, TrainError> {
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<Option<PathBuf>, TrainError> {
+        if let Some(shard) = self.shard.as_ref().filter(|s| s.place().0 != 0) {
+            shard.save(&self.opt, group, None)?;
+            return Ok(None);
+        }
         let out = Path::new(&self.cfg.output_dir);
         let dir = checkpoint::write_checkpoint(out, step, |tmp| -> Result<(), TrainError> {
             persist::save_policy(tmp, &self.policy, &self.cfg)?;
-            self.opt.save(&tmp.join(persist::OPTIMIZER))?;
+            let file = tmp.join(persist::OPTIMIZER);
+            match &self.shard {
+                Some(shard) => shard.save(&self.opt, group.as_deref_mut(), Some(&file))?,
+                None => self.opt.save(&file)?,
+            }
             std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
                 .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
         })?;
         tracing::info!(dir = %dir.display(), "checkpoint written");
-        Ok(dir)
+        Ok(Some(dir))
     }
 
     /// Writes this iteration's samples as a PNG grid and forgets them.

@@ -1,0 +1,646 @@
+//! FSDP's FULL_SHARD over the c10d shim (`fsdp_sharding_strategy = full`,
+//! `../shared/docs/SHARDING.md`).
+//!
+//! The transformer's trainable weights are cut into units, one per block plus a root unit (the
+//! embedders, `norm_out`, `proj_out`), as the reference's FSDP wrap does. A unit's weights are
+//! laid out in one flat f32 vector, in name order, padded with zeros to a multiple of the world
+//! size N; rank r owns elements `[r·s, (r+1)·s)` with `s = ⌈numel / N⌉` ([`Layout`], a pure
+//! function of the weights' names and shapes and of N). For each unit a rank holds only its
+//! slice of the master weights, of the gradient and of both AdamW moments.
+//!
+//! - **Training.** The checkpointed backward (`flux::checkpoint`) asks for each block's weights
+//!   before it runs: they are all-gathered into a full buffer the model's variables then view,
+//!   and the buffer is freed after the block's forward. After a block's recomputation and
+//!   backward its gradient is reduce-scattered (averaged) into this rank's slice and freed.
+//!   The root unit stays gathered through the update: the stem and the head run with a graph.
+//! - **Update.** The global gradient norm is the square root of the all-reduced sum of the
+//!   slices' squared norms; clip and AdamW run on the slices. The padding stays zero: its
+//!   gradient is zero, so weight decay and the moments keep it there.
+//! - **Rollout.** Sampling runs on a replica of the whole model, gathered once after each
+//!   update (SHARDING.md's replica mode), so a rank rolls out without its peers; the replica
+//!   is dropped while the update runs.
+//! - **Checkpoints** keep the unsharded files: the weights from the replica, and the moments
+//!   gathered unit by unit, written by rank 0, which a restore cuts again for any N. A resume
+//!   into another world size is therefore the same read as a resume into the same one.
+//!
+//! Cost at FLUX.1-dev size (P = 11.90 B, N = 8): the sharded state is 16P/N = 22.2 GiB per
+//! rank; the replica is 4P = 44 GiB in f32 (bf16 replicas are not built yet), one unit's
+//! gathered weights and its full gradient 2 × 4 × 340 M = 2.7 GiB. Each iteration moves one
+//! all-gather of the model per training forward and recomputation, one reduce-scatter of its
+//! gradient per transition, and one all-gather for the replica: per rank ≈ (N−1)/N × 4P bytes
+//! each. A checkpoint gathers the moments on every rank (8P) before rank 0 writes them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use super::TrainError;
+use super::checkpoint::write_safetensors;
+use super::optim::{
+    AdamW, STEPS_KEY, check_keys, clear_grad, clip_coefficient, read_step, step_tensor,
+};
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::flux::ModelError;
+use crate::flux::checkpoint::{Block, BlockWeights};
+use crate::flux::weights::SafetensorsFile;
+
+/// One unit of the flat layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unit {
+    /// `root`, `transformer_blocks.{i}` or `single_transformer_blocks.{i}`.
+    pub name: String,
+    /// Its weights in flat order (by name), with their shapes.
+    pub params: Vec<(String, Vec<i64>)>,
+    /// Elements before padding.
+    pub numel: i64,
+    /// Elements each rank owns: `⌈numel / N⌉`.
+    pub shard: i64,
+}
+
+impl Unit {
+    /// Elements of the padded flat vector (`shard · N`).
+    pub fn padded(&self, world: u32) -> i64 {
+        self.shard * i64::from(world)
+    }
+}
+
+/// Where every trainable weight lives in the flat, sharded vectors of a world of N ranks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// N.
+    pub world: u32,
+    /// The root unit, then the double blocks, then the single blocks, in order.
+    pub units: Vec<Unit>,
+    doubles: usize,
+}
+
+/// The unit a weight belongs to: `(0, 0)` root, `(1, i)` double block i, `(2, i)` single.
+fn unit_of(name: &str) -> Result<(u8, usize), TrainError> {
+    for (kind, prefix) in [(1, "transformer_blocks."), (2, "single_transformer_blocks.")] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            let index = rest.split('.').next().and_then(|i| i.parse().ok()).ok_or_else(|| {
+                TrainError::Invalid(format!("weight {name}: no block index after {prefix}"))
+            })?;
+            return Ok((kind, index));
+        }
+    }
+    Ok((0, 0))
+}
+
+impl Layout {
+    /// The layout of `params` (diffusers names and shapes) over `world` ranks.
+    pub fn new(params: &[(String, Vec<i64>)], world: u32) -> Result<Self, TrainError> {
+        if world == 0 {
+            return Err(TrainError::Invalid("a world of 0 ranks".into()));
+        }
+        let mut groups: BTreeMap<(u8, usize), Vec<(String, Vec<i64>)>> = BTreeMap::new();
+        for (name, shape) in params {
+            groups.entry(unit_of(name)?).or_default().push((name.clone(), shape.clone()));
+        }
+        groups.entry((0, 0)).or_default();
+        for (kind, what) in [(1u8, "transformer_blocks"), (2, "single_transformer_blocks")] {
+            let indices: Vec<usize> =
+                groups.keys().filter(|(k, _)| *k == kind).map(|(_, i)| *i).collect();
+            if indices.iter().enumerate().any(|(want, &got)| want != got) {
+                return Err(TrainError::Invalid(format!(
+                    "the {what} are not numbered 0, 1, 2, ...: found {indices:?}"
+                )));
+            }
+        }
+        let doubles = groups.keys().filter(|(k, _)| *k == 1).count();
+        let units = groups
+            .into_iter()
+            .map(|((kind, i), mut params)| {
+                params.sort_by(|a, b| a.0.cmp(&b.0));
+                let numel: i64 = params.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+                let name = match kind {
+                    0 => "root".to_string(),
+                    1 => format!("transformer_blocks.{i}"),
+                    _ => format!("single_transformer_blocks.{i}"),
+                };
+                let shard = (numel + i64::from(world) - 1) / i64::from(world);
+                Unit { name, params, numel, shard }
+            })
+            .collect();
+        Ok(Self { world, units, doubles })
+    }
+
+    /// The index of `block`'s unit.
+    pub fn index(&self, block: Block) -> usize {
+        match block {
+            Block::Double(i) => 1 + i,
+            Block::Single(i) => 1 + self.doubles + i,
+        }
+    }
+
+    /// Elements one rank owns over every unit (its master, gradient and each moment).
+    pub fn shard_elements(&self) -> i64 {
+        self.units.iter().map(|u| u.shard).sum()
+    }
+
+    /// Elements of the whole model, without padding.
+    pub fn elements(&self) -> i64 {
+        self.units.iter().map(|u| u.numel).sum()
+    }
+
+    /// The largest unit's elements (what one gather or one unit's gradient holds).
+    pub fn largest_unit(&self) -> i64 {
+        self.units.iter().map(|u| u.padded(self.world)).max().unwrap_or(0)
+    }
+}
+
+/// One rank's share of the training state.
+#[derive(Debug)]
+pub struct Sharded {
+    layout: Layout,
+    rank: u32,
+    /// Per unit, the model's variables (handles on the policy's), in layout order.
+    vars: Vec<Vec<Tensor>>,
+    /// Per unit, this rank's gradient slice (f32, `shard` elements).
+    grads: Vec<Tensor>,
+    /// Per unit, whether the variables hold the gathered weights.
+    present: Vec<bool>,
+    /// Seconds spent in collectives since [`Self::take_communication_s`].
+    communication_s: f64,
+}
+
+/// A 1-D view of `t`'s elements in the variables' flat order.
+fn flat(t: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(t.f_reshape([-1])?)
+}
+
+/// `parts` end to end, zero-padded to `len` elements, in f32.
+fn padded_cat(parts: &[Tensor], len: i64, anchor: &Tensor) -> Result<Tensor, TrainError> {
+    let mut parts: Vec<Tensor> = parts
+        .iter()
+        .map(|t| Ok(flat(t)?.f_to_kind(Kind::Float)?))
+        .collect::<Result<_, TrainError>>()?;
+    let n: i64 = parts.iter().map(|t| t.numel() as i64).sum();
+    if n < len {
+        parts.push(anchor.f_new_zeros([len - n], (Kind::Float, anchor.device()))?);
+    }
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
+impl Sharded {
+    /// Cuts `trainable` (the policy's full weights, by name) into this rank's master slices:
+    /// returns the state and the masters, named by unit, for the optimizer. The variables keep
+    /// their full values: they are the rollout replica until [`Self::release_blocks`].
+    pub fn cut(
+        trainable: &[(String, Tensor)],
+        rank: u32,
+        world: u32,
+    ) -> Result<(Self, Vec<(String, Tensor)>), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let shapes: Vec<(String, Vec<i64>)> =
+            trainable.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let layout = Layout::new(&shapes, world)?;
+        let by_name: BTreeMap<&str, &Tensor> =
+            trainable.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let anchor = trainable
+            .first()
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| TrainError::Invalid("no trainable weights to shard".into()))?;
+        let (mut vars, mut grads, mut masters) = (Vec::new(), Vec::new(), Vec::new());
+        for unit in &layout.units {
+            let v: Vec<Tensor> =
+                unit.params.iter().map(|(n, _)| by_name[n.as_str()].shallow_clone()).collect();
+            let full = padded_cat(&v, unit.padded(world), &anchor)?;
+            let master =
+                full.f_narrow(0, i64::from(rank) * unit.shard, unit.shard)?.f_detach_copy()?;
+            grads.push(master.f_zeros_like()?);
+            masters.push((unit.name.clone(), master));
+            vars.push(v);
+        }
+        let present = vec![true; layout.units.len()];
+        Ok((Self { layout, rank, vars, grads, present, communication_s: 0.0 }, masters))
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Seconds spent in collectives since the last call.
+    pub fn take_communication_s(&mut self) -> f64 {
+        std::mem::take(&mut self.communication_s)
+    }
+
+    /// This rank, and the world size the state is cut for.
+    pub fn place(&self) -> (u32, u32) {
+        (self.rank, self.layout.world)
+    }
+
+    /// All-gathers unit `u`'s masters and points its variables at the full weights.
+    fn gather(
+        &mut self,
+        u: usize,
+        opt: &AdamW,
+        group: Option<&mut ProcessGroup>,
+    ) -> Result<(), TrainError> {
+        if self.present[u] {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let master = &opt.params()[u].1;
+        let unit = &self.layout.units[u];
+        let full = match group {
+            Some(g) if self.layout.world > 1 => {
+                let mut full = master.f_new_empty(
+                    [unit.padded(self.layout.world)],
+                    (master.kind(), master.device()),
+                )?;
+                let start = std::time::Instant::now();
+                g.all_gather_into(&mut full, master)?;
+                self.communication_s += start.elapsed().as_secs_f64();
+                full
+            }
+            _ if self.layout.world > 1 => {
+                return Err(TrainError::Invalid("sharded weights need the process group".into()));
+            }
+            // One rank owns everything: the variables view the master itself.
+            _ => master.shallow_clone(),
+        };
+        let mut offset = 0;
+        for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
+            let n: i64 = shape.iter().product();
+            var.f_set_data(&full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
+            offset += n;
+        }
+        self.present[u] = true;
+        Ok(())
+    }
+
+    /// Frees unit `u`'s full weights (the variables become empty).
+    fn release(&mut self, u: usize) -> Result<(), TrainError> {
+        if !self.present[u] {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        for var in &mut self.vars[u] {
+            let empty = var.f_new_empty([0], (var.kind(), var.device()))?;
+            var.f_set_data(&empty)?;
+        }
+        self.present[u] = false;
+        Ok(())
+    }
+
+    /// Reduce-scatters (averages) unit `u`'s full gradients into this rank's slice, adds them
+    /// there, and drops them. A variable without a gradient contributes zeros.
+    fn reduce(&mut self, u: usize, group: Option<&mut ProcessGroup>) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let unit = &self.layout.units[u];
+        let grads: Vec<Tensor> = self.vars[u]
+            .iter()
+            .map(|v| {
+                let g = v.grad();
+                if g.defined() { Ok(g) } else { Ok(v.f_zeros_like()?) }
+            })
+            .collect::<Result<_, TrainError>>()?;
+        let full = padded_cat(&grads, unit.padded(self.layout.world), &self.grads[u])?;
+        drop(grads);
+        for v in &self.vars[u] {
+            clear_grad(v)?;
+        }
+        let mine = match group {
+            Some(g) if self.layout.world > 1 => {
+                let mut out = self.grads[u].f_empty_like()?;
+                let start = std::time::Instant::now();
+                g.reduce_scatter(&mut out, &full, ReduceOp::Average)?;
+                self.communication_s += start.elapsed().as_secs_f64();
+                out
+            }
+            _ => full,
+        };
+        let _ = self.grads[u].f_add_(&mine)?;
+        Ok(())
+    }
+
+    /// Frees every block's weights (before the update); the root unit stays.
+    pub fn release_blocks(&mut self) -> Result<(), TrainError> {
+        for u in 1..self.layout.units.len() {
+            self.release(u)?;
+        }
+        Ok(())
+    }
+
+    /// Gathers every unit: the replica rollouts, the fingerprint and checkpoints read.
+    pub fn gather_all(
+        &mut self,
+        opt: &AdamW,
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<(), TrainError> {
+        for u in 0..self.layout.units.len() {
+            self.gather(u, opt, group.as_deref_mut())?;
+        }
+        Ok(())
+    }
+
+    /// Drops every gradient, full and sharded.
+    pub fn zero_grad(&mut self) -> Result<(), TrainError> {
+        for (vars, g) in self.vars.iter().zip(&mut self.grads) {
+            for v in vars {
+                clear_grad(v)?;
+            }
+            let _ = g.f_zero_()?;
+        }
+        Ok(())
+    }
+
+    /// The update at the end of an accumulation window: the root unit's gradient is reduced,
+    /// the slices are clipped by the global norm and stepped by AdamW (unless the norm is not
+    /// finite), the gradients dropped, and the root unit gathered again. Returns the norm.
+    pub fn step(
+        &mut self,
+        opt: &mut AdamW,
+        mut group: Option<&mut ProcessGroup>,
+        max_norm: f64,
+    ) -> Result<f64, TrainError> {
+        self.reduce(0, group.as_deref_mut())?;
+        let total = {
+            let _guard = tch::no_grad_guard();
+            let norm = |t: &Tensor| t.f_linalg_norm(2.0, None::<i64>, false, None);
+            let norms = self.grads.iter().map(norm).collect::<Result<Vec<_>, _>>()?;
+            let mut sq = norm(&Tensor::f_stack(&norms, 0)?)?.f_square()?.f_reshape([1])?;
+            if let Some(g) = group.as_deref_mut().filter(|_| self.layout.world > 1) {
+                let start = std::time::Instant::now();
+                g.all_reduce(&mut sq, ReduceOp::Sum)?;
+                self.communication_s += start.elapsed().as_secs_f64();
+            }
+            let total = sq.f_sqrt()?.f_reshape([] as [i64; 0])?;
+            let coef = clip_coefficient(&total, max_norm)?;
+            for g in &mut self.grads {
+                let _ = g.f_mul_(&coef)?;
+            }
+            total.f_double_value(&[])?
+        };
+        // A non-finite norm is the same on every rank (it is global): all skip the update.
+        if total.is_finite() {
+            opt.step_with(&self.grads)?;
+        }
+        self.zero_grad()?;
+        // The masters of the root changed: its full weights are gathered again.
+        self.present[0] = false;
+        self.gather(0, opt, group)?;
+        Ok(total)
+    }
+
+    /// The optimizer state in the unsharded file's names and shapes (`AdamW::save`'s),
+    /// gathered from every rank: every rank must call it.
+    fn full_state(
+        &self,
+        opt: &AdamW,
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let _guard = tch::no_grad_guard();
+        let mut out = Vec::new();
+        for ((unit, state), _) in self.layout.units.iter().zip(opt.state()).zip(&self.vars) {
+            let mut moment = |shard: &Tensor| -> Result<Tensor, TrainError> {
+                match group.as_deref_mut().filter(|_| self.layout.world > 1) {
+                    Some(g) => {
+                        let mut full = shard.f_new_empty(
+                            [unit.padded(self.layout.world)],
+                            (shard.kind(), shard.device()),
+                        )?;
+                        g.all_gather_into(&mut full, shard)?;
+                        Ok(full)
+                    }
+                    None => Ok(shard.shallow_clone()),
+                }
+            };
+            let avg = moment(&state.exp_avg)?;
+            let sq = moment(&state.exp_avg_sq)?;
+            let mut offset = 0;
+            for (name, shape) in &unit.params {
+                let n: i64 = shape.iter().product();
+                let part = |t: &Tensor| t.f_narrow(0, offset, n)?.f_view(shape.as_slice());
+                out.push((format!("exp_avg.{name}"), part(&avg)?));
+                out.push((format!("exp_avg_sq.{name}"), part(&sq)?));
+                out.push((format!("step.{name}"), step_tensor(state.step)?));
+                offset += n;
+            }
+        }
+        out.push((STEPS_KEY.to_string(), step_tensor(opt.steps_taken())?));
+        Ok(out)
+    }
+
+    /// Writes the optimizer state as [`AdamW::save`] does for the unsharded model. Every
+    /// rank takes part in the gathers; only `write` ranks write.
+    pub fn save(
+        &self,
+        opt: &AdamW,
+        group: Option<&mut ProcessGroup>,
+        path: Option<&Path>,
+    ) -> Result<(), TrainError> {
+        let state = self.full_state(opt, group)?;
+        if let Some(path) = path {
+            write_safetensors(path, &state)?;
+        }
+        Ok(())
+    }
+
+    /// Restores this rank's slices from an unsharded optimizer file (any world size wrote
+    /// it). Every key must be there with its shape, and the steps of a unit's weights agree.
+    pub fn load(&self, opt: &mut AdamW, path: &Path) -> Result<(), TrainError> {
+        let file = SafetensorsFile::open(path)?;
+        let mut expected = BTreeMap::new();
+        for unit in &self.layout.units {
+            for (name, shape) in &unit.params {
+                expected.insert(format!("exp_avg.{name}"), shape.clone());
+                expected.insert(format!("exp_avg_sq.{name}"), shape.clone());
+                expected.insert(format!("step.{name}"), Vec::new());
+            }
+        }
+        expected.insert(STEPS_KEY.to_string(), Vec::new());
+        check_keys(&file, &expected).map_err(TrainError::Model)?;
+        let _guard = tch::no_grad_guard();
+        let world = self.layout.world;
+        for (unit, state) in self.layout.units.iter().zip(opt.state_mut()) {
+            let anchor = state.exp_avg.shallow_clone();
+            let mut steps = Vec::new();
+            for (name, _) in &unit.params {
+                steps.push((name, read_step(&file, &format!("step.{name}"))?));
+            }
+            let step = steps.first().map_or(0, |(_, s)| *s);
+            if let Some((name, s)) = steps.iter().find(|(_, s)| *s != step) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: step.{name} is {s} but step.{} is {step}: a sharded unit ({}) steps \
+                     all its weights together",
+                    path.display(),
+                    unit.params[0].0,
+                    unit.name
+                )));
+            }
+            for (key, dst) in
+                [("exp_avg", &mut state.exp_avg), ("exp_avg_sq", &mut state.exp_avg_sq)]
+            {
+                let parts: Vec<Tensor> = unit
+                    .params
+                    .iter()
+                    .map(|(n, _)| file.tensor(&format!("{key}.{n}")))
+                    .collect::<Result<_, _>>()?;
+                let parts: Vec<Tensor> = parts
+                    .iter()
+                    .map(|t| t.f_to_device(anchor.device()))
+                    .collect::<Result<_, _>>()?;
+                let full = padded_cat(&parts, unit.padded(world), &anchor)?;
+                dst.f_copy_(&full.f_narrow(0, i64::from(self.rank) * unit.shard, unit.shard)?)?;
+            }
+            state.step = step;
+        }
+        opt.set_steps_taken(read_step(&file, STEPS_KEY)?);
+        Ok(())
+    }
+}
+
+/// The blocks' weights during one update: gathered from, and reduced into, a [`Sharded`].
+pub struct Gathering<'a> {
+    /// The state.
+    pub shard: &'a mut Sharded,
+    /// The masters.
+    pub opt: &'a AdamW,
+    /// The world's group (`None` only for one rank).
+    pub group: Option<&'a mut ProcessGroup>,
+}
+
+impl BlockWeights for Gathering<'_> {
+    fn gather(&mut self, block: Block) -> Result<(), ModelError> {
+        let u = self.shard.layout.index(block);
+        self.shard.gather(u, self.opt, self.group.as_deref_mut()).map_err(model_err)
+    }
+
+    fn release(&mut self, block: Block) -> Result<(), ModelError> {
+        let u = self.shard.layout.index(block);
+        self.shard.release(u).map_err(model_err)
+    }
+
+    fn reduce(&mut self, block: Block) -> Result<(), ModelError> {
+        let u = self.shard.layout.index(block);
+        self.shard.reduce(u, self.group.as_deref_mut()).map_err(model_err)?;
+        self.shard.release(u).map_err(model_err)
+    }
+
+    /// Skipped only when every rank's gradient is zero: the gathers are collectives.
+    fn skip_backward(&mut self, local_zero: bool) -> Result<bool, ModelError> {
+        match self.group.as_deref_mut().filter(|_| self.shard.layout.world > 1) {
+            None => Ok(local_zero),
+            Some(g) => {
+                let anchor = &self.shard.grads[0];
+                let mut busy = anchor.f_new_full(
+                    [1],
+                    if local_zero { 0.0 } else { 1.0 },
+                    (Kind::Float, anchor.device()),
+                )?;
+                let start = std::time::Instant::now();
+                g.all_reduce(&mut busy, ReduceOp::Sum)?;
+                self.shard.communication_s += start.elapsed().as_secs_f64();
+                Ok(busy.f_double_value(&[0])? == 0.0)
+            }
+        }
+    }
+}
+
+fn model_err(e: TrainError) -> ModelError {
+    match e {
+        TrainError::Dist(d) => ModelError::Dist(d),
+        TrainError::Model(m) => m,
+        TrainError::Torch(t) => ModelError::Torch(t),
+        other => ModelError::Input(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Vec<(String, Vec<i64>)> {
+        [
+            ("x_embedder.weight", vec![4, 3]),
+            ("transformer_blocks.1.ff.weight", vec![5]),
+            ("transformer_blocks.0.b", vec![2, 2]),
+            ("transformer_blocks.0.a", vec![3]),
+            ("single_transformer_blocks.0.w", vec![7]),
+            ("proj_out.bias", vec![2]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect()
+    }
+
+    #[test]
+    fn units_are_the_root_then_each_block_in_order_with_names_sorted_and_padding() {
+        let l = Layout::new(&params(), 3).unwrap();
+        let names: Vec<&str> = l.units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["root", "transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"]
+        );
+        assert_eq!(l.units[0].params[0].0, "proj_out.bias");
+        assert_eq!(l.units[1].params[0].0, "transformer_blocks.0.a");
+        let sizes: Vec<(i64, i64)> = l.units.iter().map(|u| (u.numel, u.shard)).collect();
+        // 14 → 5 per rank (1 of padding), 7 → 3 (2), 5 → 2 (1), 7 → 3 (2).
+        assert_eq!(sizes, [(14, 5), (7, 3), (5, 2), (7, 3)]);
+        assert_eq!(l.index(Block::Double(1)), 2);
+        assert_eq!(l.index(Block::Single(0)), 3);
+        assert_eq!((l.elements(), l.shard_elements(), l.largest_unit()), (33, 13, 15));
+        assert_eq!(Layout::new(&params(), 1).unwrap().shard_elements(), 33);
+    }
+
+    #[test]
+    fn blocks_must_be_numbered_from_zero() {
+        let mut p = params();
+        p.push(("transformer_blocks.3.x".into(), vec![1]));
+        let e = Layout::new(&p, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("transformer_blocks are not numbered") && e.contains("[0, 1, 3]"),
+            "{e}"
+        );
+        assert!(Layout::new(&params(), 0).is_err());
+    }
+
+    fn tensors(world_seed: f64) -> Vec<(String, Tensor)> {
+        params()
+            .into_iter()
+            .map(|(n, s)| {
+                let t = Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu)) * world_seed;
+                (n, t.set_requires_grad(true))
+            })
+            .collect()
+    }
+
+    /// On one rank, the cut, a gather after a release, and the full state are exact.
+    #[test]
+    fn one_rank_cuts_and_gathers_back_the_same_weights() {
+        let _ = tch::manual_seed(3);
+        let w = tensors(1.0);
+        let copies: Vec<Tensor> = w.iter().map(|(_, t)| t.detach().copy()).collect();
+        let (mut s, masters) = Sharded::cut(&w, 0, 1).unwrap();
+        let opt = AdamW::over(masters, Default::default()).unwrap();
+        s.release_blocks().unwrap();
+        assert_eq!(w[1].1.numel(), 0, "a block's variable is empty once released");
+        s.gather_all(&opt, None).unwrap();
+        for ((n, t), c) in w.iter().zip(&copies) {
+            assert!(t.detach().equal(c), "{n} came back different");
+        }
+    }
+
+    /// Rank 1 of 3 owns the middle slice of each padded unit.
+    #[test]
+    fn a_rank_owns_its_slice_of_each_padded_unit() {
+        let w: Vec<(String, Tensor)> = params()
+            .into_iter()
+            .map(|(n, s)| {
+                let k: i64 = s.iter().product();
+                (n, Tensor::arange(k, (Kind::Float, tch::Device::Cpu)).view(s.as_slice()) + 1.0)
+            })
+            .collect();
+        let (_, masters) = Sharded::cut(&w, 2, 3).unwrap();
+        // Root = proj_out.bias [1, 2] ++ x_embedder.weight [1..12], padded to 15: rank 2 owns
+        // elements 10..15 = [9, 10, 11, 12, 0].
+        assert_eq!(masters[0].0, "root");
+        assert_eq!(Vec::<f32>::try_from(&masters[0].1).unwrap(), [9., 10., 11., 12., 0.]);
+        // single_transformer_blocks.0.w = [1..7] padded to 9: rank 2 owns [7, 0, 0].
+        assert_eq!(Vec::<f32>::try_from(&masters[3].1).unwrap(), [7., 0., 0.]);
+    }
+}
