@@ -229,6 +229,11 @@ pub fn load_job_config_with(
                     .set_override(key.as_str(), value.clone())
                     .map_err(|e| Error::ConfigLoad(e.to_string()))?;
             }
+            // An enum's unknown value gets the accepted ones, not the deserializer's words.
+            Err(_) if !k.values.is_empty() && !is_one_of(value, &k.values) => {
+                let shown = value.clone().into_string().unwrap_or_else(|_| value.to_string());
+                problems.push(format!("{key} = {shown:?} is not one of: {}", k.values.join(", ")))
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -360,6 +365,11 @@ pub struct CoordinatorSettings {
     /// On a restart, go on with the given config where it differs from the job's stored one
     /// (`--adopt-config`); otherwise such a restart is refused.
     pub adopt_config: bool,
+}
+
+/// Whether `value` is a string among `values`.
+fn is_one_of(value: &Value, values: &[String]) -> bool {
+    value.clone().into_string().is_ok_and(|s| values.contains(&s))
 }
 
 #[cfg(test)]
@@ -536,6 +546,21 @@ mod tests {
         let env = [("DANCEGRPO_LORA__RANK", "4"), ("DANCEGRPO_LORA__ALPHA", "8")]
             .map(|(k, v)| (k.to_string(), v.to_string()));
         assert_eq!(load_job_config(None, env, &[]).unwrap().lora.unwrap().alpha, 8.0);
+    }
+
+    /// An enum key's unknown value is reported with the values it accepts, whatever the
+    /// layer (MindSpeed-MM's default, `hybrid_full`, is not built yet).
+    #[test]
+    fn an_unknown_value_of_an_enum_key_lists_the_accepted_ones() {
+        let set = [("fsdp_sharding_strategy".to_string(), "hybrid_full".to_string())];
+        let e = load_job_config(None, [], &set).unwrap_err().to_string();
+        assert!(
+            e.contains("fsdp_sharding_strategy = \"hybrid_full\" is not one of: none, full"),
+            "{e}"
+        );
+        let bad = file(".toml", "lr_scheduler = \"cosine_with_restarts\"\n");
+        let e = load_job_config(Some(bad.path()), [], &[]).unwrap_err().to_string();
+        assert!(e.contains("lr_scheduler = \"cosine_with_restarts\" is not one of: constant, constant_with_warmup, cosine, linear"), "{e}");
     }
 
     /// The reference's `fsdp_sharding_startegy` is `fsdp_sharding_strategy` in the file, the

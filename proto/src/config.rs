@@ -529,6 +529,8 @@ pub struct Key {
     pub default: Option<Value>,
     /// Other spellings accepted for it, e.g. the reference's `fsdp_sharding_startegy`.
     pub aliases: Vec<String>,
+    /// The values an enum key accepts (empty for other keys).
+    pub values: Vec<String>,
 }
 
 impl Key {
@@ -595,7 +597,7 @@ fn keys_of(root: &Value, object: &Value) -> Vec<Key> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let values = enum_values(target);
+            let values: Vec<String> = enum_values(target);
             if !values.is_empty() {
                 doc.push_str(&format!(" One of: {}.", values.join(", ")));
             }
@@ -606,7 +608,7 @@ fn keys_of(root: &Value, object: &Value) -> Vec<Key> {
                 .unwrap_or_default();
             let default = prop.get("default").cloned();
             let sub = keys_of(root, target);
-            Key { name: name.clone(), doc, sub, required_sub, default, aliases: vec![] }
+            Key { name: name.clone(), doc, sub, required_sub, default, aliases: vec![], values }
         })
         .collect()
 }

@@ -102,10 +102,23 @@ async fn resuming_from_a_checkpoint_is_bit_identical() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
-    const LONG: &str = "job_name = \"survive\"\nmax_train_steps = 6\ncheckpointing_steps = 2\n";
-    let straight = train(LONG);
+    killed_worker_rejoins("").await;
+}
 
-    let c = Cluster::new(LONG);
+/// The same under sharding: the restarted rank cuts its slices from the checkpoint, and the
+/// survivor goes back to it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_sharded_worker_rejoins_and_the_result_equals_an_uninterrupted_run() {
+    killed_worker_rejoins("gradient_checkpointing = true\nfsdp_sharding_strategy = \"full\"\n")
+        .await;
+}
+
+async fn killed_worker_rejoins(extra: &str) {
+    let long =
+        format!("job_name = \"survive\"\nmax_train_steps = 6\ncheckpointing_steps = 2\n{extra}");
+    let straight = train(&long);
+
+    let c = Cluster::new(&long);
     let (_coord, addr) = c.coordinator(&[
         "--world-size",
         "2",
