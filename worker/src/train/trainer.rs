@@ -178,6 +178,12 @@ impl Trainer {
         place: Place,
     ) -> Result<(), TrainError> {
         tracing::info!(step, dir = ?dir, "restoring the training state");
+        // The old model, its optimizer state and the rollouts go before the next is loaded.
+        self.rollouts.clear();
+        self.memo.clear();
+        self.shard = None;
+        self.opt = AdamW::over(Vec::new(), adamw(&self.cfg))?;
+        self.policy.release()?;
         self.policy = Policy::load(&self.cfg, self.device)?;
         if let Some(dir) = dir {
             persist::load_into(dir, &mut self.policy)?;
