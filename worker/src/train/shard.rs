@@ -204,11 +204,23 @@ impl Sharded {
             .ok_or_else(|| TrainError::Invalid("no trainable weights to shard".into()))?;
         let (mut vars, mut grads, mut masters) = (Vec::new(), Vec::new(), Vec::new());
         for unit in &layout.units {
-            let v: Vec<Tensor> =
+            let mut v: Vec<Tensor> =
                 unit.params.iter().map(|(n, _)| by_name[n.as_str()].shallow_clone()).collect();
             let full = padded_cat(&v, unit.padded(world), &anchor)?;
             let master =
                 full.f_narrow(0, i64::from(rank) * unit.shard, unit.shard)?.f_detach_copy()?;
+            drop(full);
+            if world == 1 {
+                // One rank's master is the whole unit: its variables view it at once and the
+                // loaded copy goes, unit by unit (a larger world's replica is the loaded copy
+                // until the first update, then a gather of the masters).
+                let mut offset = 0;
+                for (var, (_, shape)) in v.iter_mut().zip(&unit.params) {
+                    let n: i64 = shape.iter().product();
+                    var.f_set_data(&master.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
+                    offset += n;
+                }
+            }
             grads.push(master.f_zeros_like()?);
             masters.push((unit.name.clone(), master));
             vars.push(v);
