@@ -172,7 +172,7 @@ fn main() {
                         // heap, and VmHWM would then count what the allocator holds, not uses.
                         .envs(
                             (threshold != "default")
-                                .then(|| ("MALLOC_MMAP_THRESHOLD_", threshold.as_str())),
+                                .then_some(("MALLOC_MMAP_THRESHOLD_", threshold.as_str())),
                         )
                         .stdout(Stdio::piped())
                         .spawn()

@@ -33,6 +33,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::group_advantages;
+use dancegrpo_worker::flux::checkpoint::Resident;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{LoadedFlux, WeightPolicy, load_flux};
 use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
@@ -191,6 +192,7 @@ impl Case {
             let adv = Tensor::from_slice(&[self.advantages[g] as f32]).reshape([1, 1]);
             accumulate(
                 &self.m.model,
+                &mut Resident,
                 &self.cond(),
                 &tr.latents,
                 &tr.log_probs,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use dancegrpo_proto::{JobConfig, RankAssignment, StoreAddress};
 use dancegrpo_worker::device::Device;
 use dancegrpo_worker::dist::{Backend, GroupOptions, ProcessGroup};
+use dancegrpo_worker::flux::checkpoint::Resident;
 use dancegrpo_worker::latents;
 use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
 use dancegrpo_worker::sampler::{Conditioning, NoiseKey, Schedule, rollout};
@@ -108,8 +109,19 @@ fn accumulate_all(s: &Setup, ids: &[usize], divisor: f64, stats: &mut UpdateStat
         let (lat, lp) = &s.rollouts[i];
         let adv = Tensor::from_slice(&[s.advantages[i]]).unsqueeze(0);
         let steps = train_steps(11, 0, i as u32, STEPS - 1, count);
-        accumulate(&s.policy.model, &cond, lat, lp, &adv, &steps, &s.sched, &settings, stats)
-            .unwrap();
+        accumulate(
+            &s.policy.model,
+            &mut Resident,
+            &cond,
+            lat,
+            lp,
+            &adv,
+            &steps,
+            &s.sched,
+            &settings,
+            stats,
+        )
+        .unwrap();
     }
 }
 

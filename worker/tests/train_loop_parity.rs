@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use dancegrpo_proto::advantage::group_advantages;
+use dancegrpo_worker::flux::checkpoint::Resident;
 use dancegrpo_worker::flux::weights::SafetensorsFile;
 use dancegrpo_worker::flux::{FluxTransformer, LoadedFlux, WeightPolicy, load_flux};
 use dancegrpo_worker::reward::loss::MultiRewardClipLoss;
@@ -221,6 +222,7 @@ fn update(
         let adv = Tensor::from_slice(&[advantages[m] as f32]).reshape([1, 1]);
         accumulate(
             &loaded.model,
+            &mut Resident,
             &g.cond(),
             &tr.latents,
             &tr.log_probs,
@@ -471,6 +473,7 @@ fn skipped_backwards_leave_the_gradients_of_a_plain_backward() {
         let (tr, steps) = (&trajectories[0], g.steps(0));
         accumulate(
             &m.model,
+            &mut Resident,
             &g.cond(),
             &tr.latents,
             &tr.log_probs,
@@ -500,6 +503,7 @@ fn skipped_backwards_leave_the_gradients_of_a_plain_backward() {
             let mut stats = UpdateStats::default();
             accumulate(
                 &a.model,
+                &mut Resident,
                 &g.cond(),
                 &tr.latents,
                 &tr.log_probs,

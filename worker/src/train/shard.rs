@@ -45,6 +45,9 @@ use crate::flux::ModelError;
 use crate::flux::checkpoint::{Block, BlockWeights};
 use crate::flux::weights::SafetensorsFile;
 
+/// A weight's name and shape.
+type Shape = (String, Vec<i64>);
+
 /// One unit of the flat layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unit {
@@ -94,7 +97,7 @@ impl Layout {
         if world == 0 {
             return Err(TrainError::Invalid("a world of 0 ranks".into()));
         }
-        let mut groups: BTreeMap<(u8, usize), Vec<(String, Vec<i64>)>> = BTreeMap::new();
+        let mut groups: BTreeMap<(u8, usize), Vec<Shape>> = BTreeMap::new();
         for (name, shape) in params {
             groups.entry(unit_of(name)?).or_default().push((name.clone(), shape.clone()));
         }
@@ -621,10 +624,9 @@ mod tests {
             .collect()
     }
 
-    /// On one rank, the cut, a gather after a release, and the full state are exact.
+    /// On one rank, the cut and a gather after a release give back the same weights.
     #[test]
     fn one_rank_cuts_and_gathers_back_the_same_weights() {
-        let _ = tch::manual_seed(3);
         let w = tensors(1.0);
         let copies: Vec<Tensor> = w.iter().map(|(_, t)| t.detach().copy()).collect();
         let (mut s, masters) = Sharded::cut(&w, 0, 1).unwrap();

@@ -390,7 +390,7 @@ impl Trainer {
             Some(shard) => {
                 shard.zero_grad()?;
                 // The replica the next rollout, the fingerprint and a checkpoint read.
-                shard.gather_all(&self.opt, group.as_deref_mut())?;
+                shard.gather_all(&self.opt, group)?;
                 stats.communication_s += shard.take_communication_s();
             }
             None => self.opt.zero_grad()?,
@@ -450,7 +450,7 @@ impl Trainer {
             persist::save_policy(tmp, &self.policy, &self.cfg)?;
             let file = tmp.join(persist::OPTIMIZER);
             match &self.shard {
-                Some(shard) => shard.save(&self.opt, group.as_deref_mut(), Some(&file))?,
+                Some(shard) => shard.save(&self.opt, group.take(), Some(&file))?,
                 None => self.opt.save(&file)?,
             }
             std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
