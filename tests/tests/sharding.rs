@@ -4,7 +4,7 @@
 //! resume; and a checkpoint of 2 ranks resumed by 3.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dancegrpo_e2e::{read_bytes as read, train_n};
 
@@ -16,8 +16,19 @@ const JOB: &str = "job_name = \"shard\"\nmax_train_steps = 1\ncheckpointing_step
 const WEIGHTS: &str = "transformer/diffusion_pytorch_model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Every f32 tensor of a safetensors file, by name; the i64 step counts as f32 too.
+/// Every f32 tensor of a safetensors file, or of the shards its `<file>.index.json` lists (a
+/// sharded job's checkpoint), by name; the i64 step counts as f32 too.
 fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let index = PathBuf::from(format!("{}.index.json", path.display()));
+    if !path.exists() && index.exists() {
+        let json: serde_json::Value = serde_json::from_slice(&read(&index)).unwrap();
+        let mut files: Vec<&str> =
+            json["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        let dir = path.parent().unwrap();
+        return files.into_iter().flat_map(|f| tensors(&dir.join(f))).collect();
+    }
     let bytes = read(path);
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -39,6 +50,23 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
             (name, values)
         })
         .collect()
+}
+
+/// Every file of a checkpoint, by its path inside it, with its bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), read(&p));
+            }
+        }
+    }
+    out
 }
 
 /// The largest |a − b| over every tensor, relative to the tensor's largest |a| (each tensor
@@ -144,10 +172,16 @@ fn a_sharded_job_resumes_bit_identically_and_on_another_world_size() {
     let b = resumed.path("out");
     assert!(!b.join("checkpoint-2").exists(), "the resumed job started after step 2");
     assert_eq!(read(&a.join("reward.txt")), read(&b.join("reward.txt")), "reward logs differ");
-    for f in [WEIGHTS, OPTIMIZER] {
-        let f = Path::new("checkpoint-4").join(f);
-        assert!(read(&a.join(&f)) == read(&b.join(&f)), "{} differs after the resume", f.display());
+    let (fa, fb) = (files(&a.join("checkpoint-4")), files(&b.join("checkpoint-4")));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    for (f, bytes) in &fa {
+        assert!(bytes == &fb[f], "{} differs after the resume", f.display());
     }
+    // Written unit by unit: one shard per unit (1 root + 2 + 2 blocks) of weights and state.
+    let shards =
+        |prefix: &str| fa.keys().filter(|p| p.to_string_lossy().starts_with(prefix)).count();
+    assert_eq!(shards("transformer/diffusion_pytorch_model-"), 5, "{:?}", fa.keys());
+    assert_eq!(shards("optimizer-"), 5, "{:?}", fa.keys());
     // The misspelled key of the reference's launch script, on 3 ranks, from the 2 ranks'
     // checkpoint: the state is cut again for 3 and training goes on from step 2.
     let wider = train_n(
@@ -167,6 +201,16 @@ fn a_sharded_job_resumes_bit_identically_and_on_another_world_size() {
     let (moved, _) =
         max_diff(&c.join("checkpoint-4").join(WEIGHTS), &a.join("checkpoint-2").join(WEIGHTS));
     assert!(moved > 0.0, "3 ranks did not train after the resume");
+    // The unsharded trainer reads a sharded job's checkpoint too (its shards and indexes).
+    let plain = train_n(
+        &format!(
+            "{}resume_from_checkpoint = {from:?}\n",
+            LONG.replace("fsdp_sharding_strategy = \"full\"\n", "")
+        ),
+        2,
+    );
+    assert!(plain.path("out/checkpoint-4").join(WEIGHTS).exists(), "{}", plain.logs());
+    assert!(!plain.logs().contains("training state sharded"), "{}", plain.logs());
     let state = tensors(&c.join("checkpoint-4").join(OPTIMIZER));
     let steps = state["steps_taken"][0];
     let before = tensors(&a.join("checkpoint-2").join(OPTIMIZER))["steps_taken"][0];

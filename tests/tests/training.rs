@@ -2,6 +2,7 @@
 //! tiny preset, write the reward log, metrics, PNGs and checkpoints, resume exactly, and
 //! survive a killed worker.
 
+use std::path::Path;
 use std::time::Duration;
 
 use dancegrpo_e2e::{
@@ -155,8 +156,16 @@ async fn killed_worker_rejoins(extra: &str) {
 
     let (a, b) = (straight.path("out"), c.path("out"));
     assert_eq!(read(&a.join("reward.txt")), read(&b.join("reward.txt")), "reward logs differ");
-    let f = "checkpoint-6/transformer/diffusion_pytorch_model.safetensors";
-    assert!(read(&a.join(f)) == read(&b.join(f)), "final weights differ");
+    // One file, or a sharded job's shards and index: every one equal.
+    let folder = "checkpoint-6/transformer";
+    let mut names: Vec<_> =
+        std::fs::read_dir(a.join(folder)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert!(names.len() >= 2, "{names:?}");
+    for n in names {
+        let f = Path::new(folder).join(n);
+        assert!(read(&a.join(&f)) == read(&b.join(&f)), "final weights differ: {}", f.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,6 +105,76 @@ impl SafetensorsFile {
     }
 }
 
+/// The tensors of one safetensors file, or of the shards its index lists
+/// (`<file>.index.json`, with `weight_map` as diffusers and transformers write it), read by
+/// name without knowing which: what a checkpoint written unit by unit
+/// (`crate::train::shard`) looks like.
+#[derive(Debug)]
+pub struct TensorSet {
+    path: PathBuf,
+    files: Vec<SafetensorsFile>,
+    owner: BTreeMap<String, usize>,
+}
+
+impl TensorSet {
+    /// Opens `path` if it exists, else the shards of `<path>.index.json`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let index = PathBuf::from(format!("{}.index.json", path.display()));
+        if path.exists() || !index.is_file() {
+            let file = SafetensorsFile::open(&path)?;
+            let owner = file.keys().into_iter().map(|k| (k, 0)).collect();
+            return Ok(Self { path, files: vec![file], owner });
+        }
+        let shards = dancegrpo_proto::files::index_files(&index)
+            .map_err(|e| ModelError::format(e.path, e.message))?;
+        let mut files = Vec::with_capacity(shards.len());
+        let mut owner = BTreeMap::new();
+        for (i, (file, keys)) in shards.into_iter().enumerate() {
+            let f = SafetensorsFile::open(&file)?;
+            for key in keys {
+                if f.shape(&key).is_none() {
+                    return Err(ModelError::format(
+                        &index,
+                        format!("{key} is listed in {}, which does not hold it", file.display()),
+                    ));
+                }
+                owner.insert(key, i);
+            }
+            files.push(f);
+        }
+        Ok(Self { path: index, files, owner })
+    }
+
+    /// The file, or the index.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensor names, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        self.owner.keys().cloned().collect()
+    }
+
+    /// The stored shape of `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<Vec<i64>> {
+        self.owner.get(key).and_then(|&i| self.files[i].shape(key))
+    }
+
+    /// The file that holds `key` (the set's path when none does).
+    pub fn file_of(&self, key: &str) -> &Path {
+        self.owner.get(key).map_or(&self.path, |&i| self.files[i].path())
+    }
+
+    /// Reads `key` (see [`SafetensorsFile::tensor`]).
+    pub fn tensor(&self, key: &str) -> Result<Tensor> {
+        match self.owner.get(key) {
+            Some(&i) => self.files[i].tensor(key),
+            None => Err(ModelError::format(&self.path, format!("no tensor named {key}"))),
+        }
+    }
+}
+
 /// Where (part of) a file tensor goes: a model variable, or a block of its leading rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Piece {

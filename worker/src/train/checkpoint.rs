@@ -180,6 +180,12 @@ fn create_dir(dir: &Path) -> Result<()> {
 /// `dir/transformer/diffusion_pytorch_model.safetensors` holding `tensors` under their
 /// diffusers keys (the `FluxTransformer` VarStore names), in their own dtype.
 pub fn save_transformer(dir: &Path, tensors: &[(String, Tensor)], cfg: &FluxConfig) -> Result<()> {
+    let out = write_transformer_config(dir, cfg)?;
+    write_safetensors(&out.join(TRANSFORMER_WEIGHTS), tensors)
+}
+
+/// Creates `dir/transformer/` with diffusers' `config.json` for `cfg`; returns the folder.
+pub fn write_transformer_config(dir: &Path, cfg: &FluxConfig) -> Result<PathBuf> {
     let out = dir.join(TRANSFORMER_DIR);
     create_dir(&out)?;
     let mut config = serde_json::to_value(cfg).map_err(|e| CheckpointError::format(&out, e))?;
@@ -188,7 +194,23 @@ pub fn save_transformer(dir: &Path, tensors: &[(String, Tensor)], cfg: &FluxConf
         map.insert("_diffusers_version".into(), json!(DIFFUSERS_VERSION));
     }
     write_json(&out.join("config.json"), &config)?;
-    write_safetensors(&out.join(TRANSFORMER_WEIGHTS), tensors)
+    Ok(out)
+}
+
+/// The name of shard `i` (from 0) of `n` of a file set, as diffusers and transformers name
+/// them: `<stem>-00001-of-00058.safetensors`.
+pub fn shard_file(stem: &str, i: usize, n: usize) -> String {
+    format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1)
+}
+
+/// Writes the index of a sharded file set (`<stem>.safetensors.index.json`): each tensor's
+/// file, and the bytes of them all.
+pub fn write_index(
+    path: &Path,
+    weight_map: &BTreeMap<String, String>,
+    total_size: u64,
+) -> Result<()> {
+    write_json(path, &json!({"metadata": {"total_size": total_size}, "weight_map": weight_map}))
 }
 
 /// Saves a LoRA adapter as PEFT's `save_pretrained` does: `dir/adapter_model.safetensors`

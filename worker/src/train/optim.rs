@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 
 use super::checkpoint::{CheckpointError, write_safetensors};
 use crate::flux::error::ModelError;
-use crate::flux::weights::SafetensorsFile;
+use crate::flux::weights::TensorSet;
 
 /// What can go wrong in the optimizer.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +355,7 @@ impl AdamW {
         path: &Path,
         expected: &BTreeMap<String, Vec<i64>>,
     ) -> Result<(), CheckpointError> {
-        let file = SafetensorsFile::open(path)?;
+        let file = TensorSet::open(path)?;
         check_keys(&file, expected)?;
         let _guard = tch::no_grad_guard();
         for ((name, _), s) in self.params.iter().zip(&mut self.state) {
@@ -383,14 +383,14 @@ pub(crate) fn step_tensor(step: u64) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&[step as i64])?.f_reshape([] as [i64; 0])?)
 }
 
-pub(crate) fn read_step(file: &SafetensorsFile, key: &str) -> Result<u64, CheckpointError> {
+pub(crate) fn read_step(file: &TensorSet, key: &str) -> Result<u64, CheckpointError> {
     let v = file.tensor(key)?.f_int64_value(&[])?;
     u64::try_from(v).map_err(|_| CheckpointError::format(file.path(), format!("{key} is {v}")))
 }
 
 /// The file holds exactly `expected`'s keys with those shapes.
 pub(crate) fn check_keys(
-    file: &SafetensorsFile,
+    file: &TensorSet,
     expected: &BTreeMap<String, Vec<i64>>,
 ) -> Result<(), ModelError> {
     let missing: Vec<String> =
@@ -408,12 +408,13 @@ pub(crate) fn check_keys(
                 key: key.clone(),
                 expected: want.clone(),
                 found,
-                file: file.path().to_path_buf(),
+                file: file.file_of(key).to_path_buf(),
             });
         }
     }
     if let Some(key) = file.keys().into_iter().find(|k| !expected.contains_key(k)) {
-        return Err(ModelError::Unexpected { key, file: file.path().to_path_buf() });
+        let file = file.file_of(&key).to_path_buf();
+        return Err(ModelError::Unexpected { key, file });
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 //!   transformer/diffusion_pytorch_model.safetensors + config.json   (full fine-tune; diffusers)
 //!   adapter_model.safetensors + adapter_config.json                  (LoRA; PEFT)
 //!   optimizer.safetensors                                            (AdamW moments + step)
+//!   (sharded jobs: transformer/ and optimizer as diffusers-style shards, one per unit,
+//!    each with its `.index.json`; see `crate::train::shard`)
 //!   trainer_state.json                                               (coordinator: cursor, step,
 //!                                                                     reward history)
 //!   rng_state.json                                                   (how the noise is keyed)
@@ -23,13 +25,14 @@ use super::TrainError;
 use super::checkpoint;
 use super::policy::Policy;
 use crate::flux::Layout;
-use crate::flux::load::load_weights;
+use crate::flux::load::{detect_layout, load_weights};
 use crate::flux::lora::LoraSpec;
 
 /// The optimizer state's file name.
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Writes the policy's trained weights into `dir` (the temporary checkpoint directory).
+/// Writes the policy's trained weights into `dir` (the temporary checkpoint directory); a
+/// sharded trainer writes its own (`crate::train::shard::Sharded::save`).
 pub fn save_policy(dir: &Path, policy: &Policy, cfg: &JobConfig) -> Result<(), TrainError> {
     match &cfg.lora {
         Some(l) => {
@@ -45,6 +48,11 @@ pub fn save_policy(dir: &Path, policy: &Policy, cfg: &JobConfig) -> Result<(), T
             checkpoint::save_transformer(dir, &named, policy.model.config())?;
         }
     }
+    Ok(())
+}
+
+/// Writes `rng_state.json`: how the noise is keyed (there is no generator state to save).
+pub fn save_rng(dir: &Path, cfg: &JobConfig) -> Result<(), TrainError> {
     let rng = serde_json::json!({
         "seed": cfg.seed,
         "sampler_seed": cfg.sampler_seed,
@@ -57,15 +65,19 @@ pub fn save_policy(dir: &Path, policy: &Policy, cfg: &JobConfig) -> Result<(), T
 /// Loads a checkpoint's weights (or adapters) into a freshly built `policy`.
 pub fn load_into(dir: &Path, policy: &mut Policy) -> Result<(), TrainError> {
     if policy.lora.is_empty() {
-        let file = dir.join("transformer").join("diffusion_pytorch_model.safetensors");
-        if !file.is_file() {
-            return Err(TrainError::Io(format!(
-                "{}: no transformer weights in this checkpoint",
-                file.display()
-            )));
-        }
+        // One file, or the shards of a sharded job's checkpoint with their index.
+        let folder = dir.join("transformer");
+        let layout = match detect_layout(&folder)? {
+            l @ Layout::Diffusers(_) => l,
+            Layout::Bfl(_) => {
+                return Err(TrainError::Io(format!(
+                    "{}: no diffusers transformer weights in this checkpoint",
+                    folder.display()
+                )));
+            }
+        };
         let cfg = policy.model.config().clone();
-        load_weights(&policy.vs, &Layout::Diffusers(vec![file]), &cfg)?;
+        load_weights(&policy.vs, &layout, &cfg)?;
     } else {
         let file = checkpoint::load_lora_adapter(dir)?;
         checkpoint::restore_named(

@@ -33,20 +33,26 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use dancegrpo_proto::files::DIFFUSERS_INDEX;
 use tch::{Kind, Tensor};
 
 use super::TrainError;
-use super::checkpoint::write_safetensors;
+use super::checkpoint::{shard_file, write_index, write_safetensors, write_transformer_config};
 use super::optim::{
     AdamW, STEPS_KEY, check_keys, clear_grad, clip_coefficient, read_step, step_tensor,
 };
+use super::persist::OPTIMIZER;
 use crate::dist::{ProcessGroup, ReduceOp};
+use crate::flux::FluxConfig;
 use crate::flux::ModelError;
 use crate::flux::checkpoint::{Block, BlockWeights};
-use crate::flux::weights::SafetensorsFile;
+use crate::flux::weights::TensorSet;
 
 /// A weight's name and shape.
 type Shape = (String, Vec<i64>);
+
+/// The stem of the optimizer state's shards (`optimizer-00001-of-00058.safetensors`).
+const OPTIMIZER_STEM: &str = "optimizer";
 
 /// One unit of the flat layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +174,25 @@ pub struct Sharded {
     communication_s: f64,
 }
 
+/// Every rank's `shard` end to end (`padded` elements): an all-gather, or `shard` itself on
+/// one rank.
+fn gather_flat(
+    shard: &Tensor,
+    padded: i64,
+    world: u32,
+    group: Option<&mut ProcessGroup>,
+) -> Result<Tensor, TrainError> {
+    match group {
+        Some(g) if world > 1 => {
+            let mut full = shard.f_new_empty([padded], (shard.kind(), shard.device()))?;
+            g.all_gather_into(&mut full, shard)?;
+            Ok(full)
+        }
+        _ if world > 1 => Err(TrainError::Invalid("sharded weights need the process group".into())),
+        _ => Ok(shard.shallow_clone()),
+    }
+}
+
 /// A 1-D view of `t`'s elements in the variables' flat order.
 fn flat(t: &Tensor) -> Result<Tensor, TrainError> {
     Ok(t.f_reshape([-1])?)
@@ -260,23 +285,9 @@ impl Sharded {
         let _guard = tch::no_grad_guard();
         let master = &opt.params()[u].1;
         let unit = &self.layout.units[u];
-        let full = match group {
-            Some(g) if self.layout.world > 1 => {
-                let mut full = master.f_new_empty(
-                    [unit.padded(self.layout.world)],
-                    (master.kind(), master.device()),
-                )?;
-                let start = std::time::Instant::now();
-                g.all_gather_into(&mut full, master)?;
-                self.communication_s += start.elapsed().as_secs_f64();
-                full
-            }
-            _ if self.layout.world > 1 => {
-                return Err(TrainError::Invalid("sharded weights need the process group".into()));
-            }
-            // One rank owns everything: the variables view the master itself.
-            _ => master.shallow_clone(),
-        };
+        let start = std::time::Instant::now();
+        let full = gather_flat(master, unit.padded(self.layout.world), self.layout.world, group)?;
+        self.communication_s += start.elapsed().as_secs_f64();
         let mut offset = 0;
         for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
             let n: i64 = shape.iter().product();
@@ -401,64 +412,82 @@ impl Sharded {
         Ok(total)
     }
 
-    /// The optimizer state in the unsharded file's names and shapes (`AdamW::save`'s),
-    /// gathered from every rank: every rank must call it.
-    fn full_state(
+    /// Writes the trained state unit by unit, so that no rank ever holds more than one unit's
+    /// weights and moments: every rank takes part in each unit's gathers, and rank 0 (the one
+    /// given `out`) writes the unit as one shard of two file sets:
+    /// - `transformer/diffusion_pytorch_model-0000u-of-000U.safetensors` (the f32 weights under
+    ///   their diffusers names), with diffusers' index and `config.json`: a diffusers folder;
+    /// - `optimizer-0000u-of-000U.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`,
+    ///   `step.<name>`, and `steps_taken` in the first), with `optimizer.safetensors.index.json`:
+    ///   [`AdamW::save`]'s keys, which the unsharded trainer reads as well.
+    pub fn save(
         &self,
         opt: &AdamW,
         mut group: Option<&mut ProcessGroup>,
-    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        out: Option<(&Path, &FluxConfig)>,
+    ) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
-        let mut out = Vec::new();
-        for ((unit, state), _) in self.layout.units.iter().zip(opt.state()).zip(&self.vars) {
-            let mut moment = |shard: &Tensor| -> Result<Tensor, TrainError> {
-                match group.as_deref_mut().filter(|_| self.layout.world > 1) {
-                    Some(g) => {
-                        let mut full = shard.f_new_empty(
-                            [unit.padded(self.layout.world)],
-                            (shard.kind(), shard.device()),
-                        )?;
-                        g.all_gather_into(&mut full, shard)?;
-                        Ok(full)
-                    }
-                    None => Ok(shard.shallow_clone()),
-                }
-            };
-            let avg = moment(&state.exp_avg)?;
-            let sq = moment(&state.exp_avg_sq)?;
+        let world = self.layout.world;
+        let units = self.layout.units.len();
+        let transformer = out.map(|(dir, cfg)| write_transformer_config(dir, cfg)).transpose()?;
+        let (mut weight_map, mut state_map) = (BTreeMap::new(), BTreeMap::new());
+        let (mut weight_bytes, mut state_bytes) = (0u64, 0u64);
+        for (u, (unit, state)) in self.layout.units.iter().zip(opt.state()).enumerate() {
+            let mut gather =
+                |t: &Tensor| gather_flat(t, unit.padded(world), world, group.as_deref_mut());
+            let master = gather(&opt.params()[u].1)?;
+            let avg = gather(&state.exp_avg)?;
+            let sq = gather(&state.exp_avg_sq)?;
+            let (Some((dir, _)), Some(tdir)) = (out, &transformer) else { continue };
+            let (mut weights, mut moments) = (Vec::new(), Vec::new());
             let mut offset = 0;
             for (name, shape) in &unit.params {
                 let n: i64 = shape.iter().product();
                 let part = |t: &Tensor| t.f_narrow(0, offset, n)?.f_view(shape.as_slice());
-                out.push((format!("exp_avg.{name}"), part(&avg)?));
-                out.push((format!("exp_avg_sq.{name}"), part(&sq)?));
-                out.push((format!("step.{name}"), step_tensor(state.step)?));
+                weights.push((name.clone(), part(&master)?));
+                moments.push((format!("exp_avg.{name}"), part(&avg)?));
+                moments.push((format!("exp_avg_sq.{name}"), part(&sq)?));
+                moments.push((format!("step.{name}"), step_tensor(state.step)?));
                 offset += n;
             }
+            if u == 0 {
+                moments.push((STEPS_KEY.to_string(), step_tensor(opt.steps_taken())?));
+            }
+            for (set, file, map, bytes, dir) in [
+                (
+                    &weights,
+                    shard_file("diffusion_pytorch_model", u, units),
+                    &mut weight_map,
+                    &mut weight_bytes,
+                    tdir.as_path(),
+                ),
+                (
+                    &moments,
+                    shard_file(OPTIMIZER_STEM, u, units),
+                    &mut state_map,
+                    &mut state_bytes,
+                    dir,
+                ),
+            ] {
+                write_safetensors(&dir.join(&file), set)?;
+                for (key, t) in set {
+                    map.insert(key.clone(), file.clone());
+                    *bytes += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+                }
+            }
         }
-        out.push((STEPS_KEY.to_string(), step_tensor(opt.steps_taken())?));
-        Ok(out)
-    }
-
-    /// Writes the optimizer state as [`AdamW::save`] does for the unsharded model. Every
-    /// rank takes part in the gathers; only `write` ranks write.
-    pub fn save(
-        &self,
-        opt: &AdamW,
-        group: Option<&mut ProcessGroup>,
-        path: Option<&Path>,
-    ) -> Result<(), TrainError> {
-        let state = self.full_state(opt, group)?;
-        if let Some(path) = path {
-            write_safetensors(path, &state)?;
+        if let (Some((dir, _)), Some(tdir)) = (out, &transformer) {
+            write_index(&tdir.join(DIFFUSERS_INDEX), &weight_map, weight_bytes)?;
+            write_index(&dir.join(format!("{OPTIMIZER}.index.json")), &state_map, state_bytes)?;
         }
         Ok(())
     }
 
-    /// Restores this rank's slices from an unsharded optimizer file (any world size wrote
-    /// it). Every key must be there with its shape, and the steps of a unit's weights agree.
+    /// Restores this rank's slices from an optimizer state written by [`AdamW::save`] or
+    /// [`Self::save`] (one file or its shards, by any world size). Every key must be there
+    /// with its shape, and the steps of a unit's weights agree.
     pub fn load(&self, opt: &mut AdamW, path: &Path) -> Result<(), TrainError> {
-        let file = SafetensorsFile::open(path)?;
+        let file = TensorSet::open(path)?;
         let mut expected = BTreeMap::new();
         for unit in &self.layout.units {
             for (name, shape) in &unit.params {
@@ -656,5 +685,64 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&masters[0].1).unwrap(), [9., 10., 11., 12., 0.]);
         // single_transformer_blocks.0.w = [1..7] padded to 9: rank 2 owns [7, 0, 0].
         assert_eq!(Vec::<f32>::try_from(&masters[3].1).unwrap(), [7., 0., 0.]);
+    }
+
+    /// A state written unit by unit (one rank's, no group needed): the files hold the
+    /// unsharded keys, come back exactly, and a shard with a misshapen tensor is refused
+    /// naming the tensor, its file and both shapes.
+    #[test]
+    fn a_state_written_unit_by_unit_comes_back_and_a_misshapen_tensor_is_named() {
+        let w = tensors(1.0);
+        let (s, masters) = Sharded::cut(&w, 0, 1).unwrap();
+        let mut opt = AdamW::over(masters, Default::default()).unwrap();
+        let grads: Vec<Tensor> = opt.params().iter().map(|(_, p)| p.ones_like()).collect();
+        opt.step_with(&grads).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::train::policy::tiny_flux_config();
+        s.save(&opt, None, Some((dir.path(), &cfg))).unwrap();
+        assert!(
+            dir.path()
+                .join("transformer/diffusion_pytorch_model-00001-of-00004.safetensors")
+                .is_file()
+        );
+        assert!(dir.path().join("transformer").join(DIFFUSERS_INDEX).is_file());
+        let path = dir.path().join(OPTIMIZER);
+        let (s2, masters2) = Sharded::cut(&w, 0, 1).unwrap();
+        let mut back = AdamW::over(masters2, Default::default()).unwrap();
+        s2.load(&mut back, &path).unwrap();
+        assert_eq!(back.steps_taken(), 1);
+        for (a, b) in opt.state().iter().zip(back.state()) {
+            assert!(a.exp_avg.equal(&b.exp_avg) && a.exp_avg_sq.equal(&b.exp_avg_sq));
+            assert_eq!((a.step, b.step), (1, 1));
+        }
+        // transformer_blocks.0 is unit 2 of 4: its shard gets a tensor of the wrong shape.
+        let shard = dir.path().join("optimizer-00002-of-00004.safetensors");
+        let wrong = vec![
+            (
+                "exp_avg.transformer_blocks.0.a".to_string(),
+                Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)),
+            ),
+            (
+                "exp_avg_sq.transformer_blocks.0.a".to_string(),
+                Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)),
+            ),
+            ("step.transformer_blocks.0.a".to_string(), step_tensor(1).unwrap()),
+            (
+                "exp_avg.transformer_blocks.0.b".to_string(),
+                Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
+            ),
+            (
+                "exp_avg_sq.transformer_blocks.0.b".to_string(),
+                Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
+            ),
+            ("step.transformer_blocks.0.b".to_string(), step_tensor(1).unwrap()),
+        ];
+        write_safetensors(&shard, &wrong).unwrap();
+        let e = s2.load(&mut back, &path).unwrap_err().to_string();
+        for needle in
+            ["exp_avg.transformer_blocks.0.a", "optimizer-00002-of-00004.safetensors", "[3]", "[4]"]
+        {
+            assert!(e.contains(needle), "{needle} missing from: {e}");
+        }
     }
 }

@@ -447,12 +447,16 @@ impl Trainer {
         }
         let out = Path::new(&self.cfg.output_dir);
         let dir = checkpoint::write_checkpoint(out, step, |tmp| -> Result<(), TrainError> {
-            persist::save_policy(tmp, &self.policy, &self.cfg)?;
-            let file = tmp.join(persist::OPTIMIZER);
             match &self.shard {
-                Some(shard) => shard.save(&self.opt, group.take(), Some(&file))?,
-                None => self.opt.save(&file)?,
+                Some(shard) => {
+                    shard.save(&self.opt, group.take(), Some((tmp, self.policy.model.config())))?
+                }
+                None => {
+                    persist::save_policy(tmp, &self.policy, &self.cfg)?;
+                    self.opt.save(&tmp.join(persist::OPTIMIZER))?;
+                }
             }
+            persist::save_rng(tmp, &self.cfg)?;
             std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
                 .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
         })?;
