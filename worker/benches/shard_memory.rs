@@ -1,17 +1,26 @@
-//! Per-rank peak memory and time of a training micro-step, sharded (`fsdp_sharding_strategy =
-//! full`) against unsharded, on N = 1, 2 and 4 local ranks over Gloo: the figures part 2's
-//! memory planner is held against (BENCHMARKS.md, "Sharded training state").
+//! Per-rank peak memory and time of a training micro-step on N = 1, 2 and 4 local ranks over
+//! Gloo, three sides in one run: ours sharded (`fsdp_sharding_strategy = full`), ours unsharded
+//! (`none`), and PyTorch FSDP with the reference's settings (`shard_memory_peer.py`). The
+//! figures part 2's memory planner is held against (BENCHMARKS.md, "Sharded training state").
 //!
 //! Run: `cargo bench -p dancegrpo-worker --bench shard_memory --profile dev` (the Makefile's
-//! environment). Each rank is a process of its own, so VmHWM is that rank's peak alone. A rank
-//! builds a mid-size FLUX-shaped transformer with seeded random weights (the trainer's path from
-//! there on: `Sharded::cut` or the plain optimizer, the checkpointed forward and backward,
-//! `apply_sharded_update` or `apply_update`), trains `DG_BENCH_STEPS` micro-steps (default 4),
-//! each followed by an optimizer step, then gathers the rollout replica back as the trainer
-//! does after an update. One intra-op thread per rank.
+//! environment, with the venv's python on PATH). Each rank is a process of its own, so VmHWM is
+//! that rank's peak alone. Our rank builds a mid-size FLUX-shaped transformer with seeded random
+//! weights and takes the trainer's path from there (`Sharded::cut` or the plain optimizer, the
+//! checkpointed forward and backward, `apply_sharded_update` or `apply_update`); the peer builds
+//! diffusers' `FluxTransformer2DModel` of the same shapes under FSDP. One intra-op thread per
+//! rank, loss `mean(v²)`, each micro-step followed by an optimizer step.
+//!
+//! The three sides are all up at once and take turns, as in the all-reduce bench: the driver
+//! asks one side for one micro-step (every rank reads a line on stdin, rank 0 answers with its
+//! seconds), then the next, rotating who goes first, so that every sample of one side has a
+//! sample of the others taken a moment apart on the shared machine. At the end (stdin closed)
+//! our sharded ranks gather the rollout replica, as the trainer does after an update, and every
+//! rank reports its VmHWM after set-up and at the end, and after the imports or the group alone
+//! (the baseline). `DG_BENCH_STEPS` turns (default 4) after one warm-up.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dancegrpo_proto::{RankAssignment, StoreAddress};
@@ -55,7 +64,7 @@ fn vm_hwm_mib() -> f64 {
     kib / 1024.0
 }
 
-fn rank_main(rank: u32, world: u32, port: u16, full: bool, steps: usize) {
+fn rank_main(rank: u32, world: u32, port: u16, full: bool) {
     tch::set_num_threads(1);
     let a = RankAssignment {
         rank,
@@ -65,6 +74,7 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool, steps: usize) {
     };
     let opts = GroupOptions::default().with_timeout(Duration::from_secs(600));
     let mut group = ProcessGroup::from_assignment(&a, Backend::Gloo, &opts).unwrap();
+    let baseline = vm_hwm_mib();
     let cfg = config();
     let vs = VarStore::new(tch::Device::Cpu);
     let model = FluxTransformer::new(&vs.root(), &cfg, Kind::Float).unwrap();
@@ -108,8 +118,8 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool, steps: usize) {
         s.release_blocks().unwrap();
     }
     let mut stats = UpdateStats::default();
-    let mut times = Vec::new();
-    for _ in 0..steps {
+    for line in std::io::stdin().lock().lines() {
+        line.unwrap();
         let start = Instant::now();
         match &mut shard {
             Some(s) => {
@@ -122,81 +132,160 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool, steps: usize) {
                 apply_update(&mut opt, Some(&mut group), 1.0, &mut stats).unwrap();
             }
         }
-        times.push(start.elapsed().as_secs_f64());
+        if rank == 0 {
+            println!("{}", start.elapsed().as_secs_f64());
+        }
     }
     if let Some(s) = &mut shard {
         s.gather_all(&opt, Some(&mut group)).unwrap();
     }
-    times.sort_by(f64::total_cmp);
     println!(
-        "{rank} {params} {loaded:.1} {:.1} {:.3} {}",
+        "{rank} {params} {baseline:.1} {loaded:.1} {:.1} {}",
         vm_hwm_mib(),
-        times[times.len() / 2],
         stats.optimizer_steps
     );
 }
 
+/// Which trainer a side runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// Ours, sharded or not.
+    Ours { full: bool },
+    /// PyTorch FSDP (FULL_SHARD).
+    Fsdp,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ours { full: false } => "ours none",
+            Side::Ours { full: true } => "ours full",
+            Side::Fsdp => "torch FSDP",
+        }
+    }
+}
+
+/// One side's ranks, driven over their stdin.
+struct Group {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    outs: Vec<BufReader<ChildStdout>>,
+}
+
+impl Group {
+    fn start(side: Side, world: u32, threshold: &str) -> Self {
+        let port = free_port();
+        let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/shard_memory_peer.py");
+        let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
+        let mut children: Vec<Child> = (0..world)
+            .map(|r| {
+                let mut c = match side {
+                    Side::Ours { full } => {
+                        let mut c = Command::new(std::env::current_exe().unwrap());
+                        c.env("DG_BENCH_RANK", r.to_string())
+                            .env("DG_BENCH_FULL", full.to_string());
+                        c
+                    }
+                    Side::Fsdp => {
+                        let mut c = Command::new(&python);
+                        c.arg(peer).env("RANK", r.to_string());
+                        c
+                    }
+                };
+                c.env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_PORT", port.to_string())
+                    .env("GLOO_SOCKET_IFNAME", "lo")
+                    .env("OMP_NUM_THREADS", "1")
+                    // A fixed mmap threshold: glibc's moving one keeps freed blocks in the
+                    // heap, and VmHWM would then count what the allocator holds, not uses.
+                    .envs((threshold != "default").then_some(("MALLOC_MMAP_THRESHOLD_", threshold)))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("spawn a rank (is the venv's python on PATH?)")
+            })
+            .collect();
+        let stdins = children.iter_mut().map(|c| c.stdin.take().unwrap()).collect();
+        let outs = children.iter_mut().map(|c| BufReader::new(c.stdout.take().unwrap())).collect();
+        Group { children, stdins, outs }
+    }
+
+    /// Seconds of one micro-step, as rank 0 timed it.
+    fn step(&mut self) -> f64 {
+        for s in &mut self.stdins {
+            writeln!(s, "step").unwrap();
+            s.flush().unwrap();
+        }
+        let mut line = String::new();
+        self.outs[0].read_line(&mut line).unwrap();
+        line.trim().parse().unwrap_or_else(|_| panic!("a rank failed (it printed {line:?})"))
+    }
+
+    /// Each rank's final report: parameters, baseline, loaded and peak VmHWM (MiB).
+    fn finish(mut self) -> Vec<[f64; 4]> {
+        drop(std::mem::take(&mut self.stdins));
+        let mut rows = Vec::new();
+        for (r, (mut c, out)) in self.children.into_iter().zip(self.outs).enumerate() {
+            let line = out.lines().next().expect("a rank's report").unwrap();
+            assert!(c.wait().unwrap().success(), "rank {r} failed");
+            let v: Vec<f64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            rows.push([v[1], v[2], v[3], v[4]]);
+        }
+        rows
+    }
+}
+
 fn main() {
-    // `DG_BENCH_MMAP_THRESHOLD=default` leaves glibc's moving threshold (faster, but VmHWM
-    // then counts freed blocks the heap keeps); a number fixes it (the default, 64 KiB).
+    // `DG_BENCH_MMAP_THRESHOLD=default` leaves glibc's moving threshold (VmHWM then counts
+    // freed blocks the heap keeps); a number fixes it (the default, 64 KiB).
     let threshold = std::env::var("DG_BENCH_MMAP_THRESHOLD").unwrap_or_else(|_| "65536".into());
     if let Ok(rank) = std::env::var("DG_BENCH_RANK") {
         let world = std::env::var("WORLD_SIZE").unwrap().parse().unwrap();
         let port = std::env::var("MASTER_PORT").unwrap().parse().unwrap();
         let full = std::env::var("DG_BENCH_FULL").is_ok_and(|v| v == "true");
-        let steps = std::env::var("DG_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-        rank_main(rank.parse().unwrap(), world, port, full, steps);
+        rank_main(rank.parse().unwrap(), world, port, full);
         return;
     }
+    let steps: usize =
+        std::env::var("DG_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     println!(
-        "sharded vs unsharded training state, hidden 512, 2 + 8 blocks, Gloo, 1 thread/rank, \
-         glibc mmap threshold {threshold}"
+        "training state per rank, hidden 512, 2 + 8 blocks, Gloo, 1 thread/rank, glibc mmap \
+         threshold {threshold}, median of {steps} interleaved micro-steps"
     );
     println!(
-        "{:>8} {:>3} {:>10} {:>14} {:>14} {:>12} {:>16}",
-        "strategy", "N", "params", "loaded MiB", "peak MiB", "step s", "state MiB (16P/N)"
+        "{:>10} {:>3} {:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>10}",
+        "side", "N", "params", "base MiB", "load MiB", "peak MiB", "peak-base", "step s", "vs FSDP"
     );
-    for full in [false, true] {
-        for world in WORLDS {
-            let port = free_port();
-            let children: Vec<_> = (0..world)
-                .map(|r| {
-                    Command::new(std::env::current_exe().unwrap())
-                        .env("DG_BENCH_RANK", r.to_string())
-                        .env("DG_BENCH_FULL", full.to_string())
-                        .env("WORLD_SIZE", world.to_string())
-                        .env("MASTER_PORT", port.to_string())
-                        .env("GLOO_SOCKET_IFNAME", "lo")
-                        .env("OMP_NUM_THREADS", "1")
-                        // A fixed mmap threshold: glibc's moving one keeps freed blocks in the
-                        // heap, and VmHWM would then count what the allocator holds, not uses.
-                        .envs(
-                            (threshold != "default")
-                                .then_some(("MALLOC_MMAP_THRESHOLD_", threshold.as_str())),
-                        )
-                        .stdout(Stdio::piped())
-                        .spawn()
-                        .expect("spawn a rank")
-                })
-                .collect();
-            let mut rows = Vec::new();
-            for mut c in children {
-                let out = BufReader::new(c.stdout.take().unwrap());
-                let line = out.lines().next().expect("a rank's report").unwrap();
-                assert!(c.wait().unwrap().success(), "a rank failed");
-                rows.push(line.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+    let sides = [Side::Ours { full: false }, Side::Ours { full: true }, Side::Fsdp];
+    for world in WORLDS {
+        let mut groups: Vec<Group> =
+            sides.iter().map(|&s| Group::start(s, world, &threshold)).collect();
+        let mut samples = vec![Vec::new(); sides.len()];
+        for turn in 0..=steps {
+            for k in 0..groups.len() {
+                let i = (turn + k) % groups.len();
+                let t = groups[i].step();
+                if turn > 0 {
+                    samples[i].push(t);
+                }
             }
-            let num = |r: &Vec<String>, i: usize| r[i].parse::<f64>().unwrap();
-            let params = num(&rows[0], 1);
-            let loaded = rows.iter().map(|r| num(r, 2)).fold(0.0, f64::max);
-            let peak = rows.iter().map(|r| num(r, 3)).fold(0.0, f64::max);
-            let step = num(&rows[0], 4);
-            let n = if full { f64::from(world) } else { 1.0 };
-            let state = 16.0 * params / n / (1u64 << 20) as f64;
-            let name = if full { "full" } else { "none" };
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let times: Vec<f64> = samples.iter_mut().map(median).collect();
+        for ((side, group), time) in sides.iter().zip(groups).zip(&times) {
+            let rows = group.finish();
+            let worst = |i: usize| rows.iter().map(|r| r[i]).fold(0.0, f64::max);
+            let (params, base, loaded, peak) = (rows[0][0], worst(1), worst(2), worst(3));
+            let peak_base = rows.iter().map(|r| r[3] - r[1]).fold(0.0, f64::max);
             println!(
-                "{name:>8} {world:>3} {:>9.1}M {loaded:>14.1} {peak:>14.1} {step:>12.3} {state:>16.1}",
-                params / 1e6
+                "{:>10} {world:>3} {:>7.1}M {base:>9.1} {loaded:>9.1} {peak:>9.1} {peak_base:>11.1} \
+                 {time:>8.3} {:>10.2}",
+                side.name(),
+                params / 1e6,
+                time / times[2],
             );
         }
     }
