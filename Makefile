@@ -46,7 +46,8 @@ unit-tests: build reference test-bootstrap
 # worker/tests/numerics, which pins its threads). numeric-passes runs them again.
 NUMERIC_TESTS := check_cli check_cli_hps data_reference flux_checkpoint flux_latents flux_lora \
 	flux_parity hf_clip_parity hps_loading hps_parity preprocess_cli reward_builtin sampler_parity text_parity \
-	threads train_checkpoint train_distributed train_loop_parity train_lr_schedule train_optim vae_parity
+	shard_bf16 threads train_checkpoint train_distributed train_loop_parity train_lr_schedule train_optim \
+	vae_parity
 
 # The numeric tests under two other kernel sets and under load (deploy/numeric-passes.sh).
 numeric-passes: build reference

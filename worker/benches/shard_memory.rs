@@ -90,7 +90,7 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool) {
     let params: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
     let adamw = AdamWConfig::default();
     let (mut opt, mut shard) = if full {
-        let (s, masters) = Sharded::cut(&trainable, rank, world).unwrap();
+        let (s, masters) = Sharded::cut(&trainable, rank, world, Kind::Float).unwrap();
         (AdamW::over(masters, adamw).unwrap(), Some(s))
     } else {
         (AdamW::new(trainable, adamw).unwrap(), None)

@@ -58,6 +58,9 @@ pub trait BlockWeights {
     /// Whether the blocks' backward is skipped, given whether this rank's gradient into them
     /// is zero.
     fn skip_backward(&mut self, local_zero: bool) -> Result<bool>;
+    /// The whole backward is done (or skipped): the stem's and the head's weight gradients
+    /// may be reduced. Their weights stay.
+    fn finish(&mut self) -> Result<()>;
 }
 
 /// Every weight is always present (no sharding): nothing to gather or reduce.
@@ -76,6 +79,9 @@ impl BlockWeights for Resident {
     }
     fn skip_backward(&mut self, local_zero: bool) -> Result<bool> {
         Ok(local_zero)
+    }
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -197,6 +203,7 @@ impl Recorded {
         // only add zeros, so they are skipped.
         let local_zero = is_zero(&g)? && is_zero(&grad_of(&temb_leaf)?)?;
         if weights.skip_backward(local_zero)? {
+            weights.finish()?;
             return Ok(loss.f_detach()?);
         }
 
@@ -236,6 +243,7 @@ impl Recorded {
         if s.requires_grad() {
             s.f_backward()?;
         }
+        weights.finish()?;
         Ok(loss.f_detach()?)
     }
 }

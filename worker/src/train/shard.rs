@@ -12,23 +12,39 @@
 //!   before it runs: they are all-gathered into a full buffer the model's variables then view,
 //!   and the buffer is freed after the block's forward. After a block's recomputation and
 //!   backward its gradient is reduce-scattered (averaged) into this rank's slice and freed.
-//!   The root unit stays gathered through the update: the stem and the head run with a graph.
+//!   The root unit stays gathered through the update (the stem and the head run with a
+//!   graph); its gradient is reduced after every transition.
+//! - **Dtype.** Weights are gathered in the forward's dtype: bf16 on accelerators, cast from
+//!   the f32 master before the all-gather (half the bytes; a cast is elementwise, so the
+//!   values are those of casting after it), f32 on the CPU. A bf16 weight's gradient is bf16,
+//!   which is what a cast-at-use f32 master's gradient is before its upcast; it accumulates
+//!   into the f32 slice, so sharded and unsharded steps agree bit for bit on one rank
+//!   (`tests/shard_bf16.rs`).
 //! - **Update.** The global gradient norm is the square root of the all-reduced sum of the
 //!   slices' squared norms; clip and AdamW run on the slices. The padding stays zero: its
 //!   gradient is zero, so weight decay and the moments keep it there.
-//! - **Rollout.** Sampling runs on a replica of the whole model, gathered once after each
-//!   update (SHARDING.md's replica mode), so a rank rolls out without its peers; the replica
-//!   is dropped while the update runs.
-//! - **Checkpoints** keep the unsharded files: the weights from the replica, and the moments
-//!   gathered unit by unit, written by rank 0, which a restore cuts again for any N. A resume
-//!   into another world size is therefore the same read as a resume into the same one.
+//! - **Rollout.** Sampling runs on a replica of the whole model in the forward's dtype,
+//!   gathered once after each update (SHARDING.md's replica mode), so a rank rolls out without
+//!   its peers; the replica is dropped while the update runs.
+//! - **Checkpoints** are written unit by unit from the f32 masters ([`Sharded::save`]): the
+//!   transformer as a sharded diffusers folder and the optimizer state under
+//!   [`AdamW::save`]'s keys, both with an index, by rank 0. A restore on any N reads them and
+//!   cuts its slices again, so a resume into another world size is the same read as a resume
+//!   into the same one.
 //!
-//! Cost at FLUX.1-dev size (P = 11.90 B, N = 8): the sharded state is 16P/N = 22.2 GiB per
-//! rank; the replica is 4P = 44 GiB in f32 (bf16 replicas are not built yet), one unit's
-//! gathered weights and its full gradient 2 × 4 × 340 M = 2.7 GiB. Each iteration moves one
-//! all-gather of the model per training forward and recomputation, one reduce-scatter of its
-//! gradient per transition, and one all-gather for the replica: per rank ≈ (N−1)/N × 4P bytes
-//! each. A checkpoint gathers the moments on every rank (8P) before rank 0 writes them.
+//! Cost at FLUX.1-dev size (P = 11.90 B, N = 8), per rank:
+//! - the sharded state is 16P/N = 22.2 GiB;
+//! - the rollout replica is 2P = 22.2 GiB in bf16 (4P = 44 GiB on the CPU, in f32);
+//! - one unit's gathered weights and its full f32 gradient are 2 × 340 M + 4 × 340 M bytes =
+//!   1.9 GiB.
+//!
+//! Per iteration, each rank moves:
+//! - one all-gather of the model in bf16 per training forward and per recomputation;
+//! - one reduce-scatter of its f32 gradient per transition;
+//! - one all-gather for the replica.
+//!
+//! Each of those is about (N−1)/N of the model's bytes. A checkpoint gathers one unit at a
+//! time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -172,6 +188,10 @@ pub struct Sharded {
     present: Vec<bool>,
     /// Seconds spent in collectives since [`Self::take_communication_s`].
     communication_s: f64,
+    /// The dtype the weights are gathered in: the forward's (bf16 on accelerators, where a
+    /// matmul casts its f32 weight to bf16 anyway, so gathering the cast is the same values
+    /// in half the bytes; f32 on the CPU).
+    kind: Kind,
 }
 
 /// Every rank's `shard` end to end (`padded` elements): an all-gather, or `shard` itself on
@@ -191,6 +211,11 @@ fn gather_flat(
         _ if world > 1 => Err(TrainError::Invalid("sharded weights need the process group".into())),
         _ => Ok(shard.shallow_clone()),
     }
+}
+
+/// `t` in `kind` (itself when it is).
+fn cast(t: &Tensor, kind: Kind) -> Result<Tensor, TrainError> {
+    Ok(if t.kind() == kind { t.shallow_clone() } else { t.f_to_kind(kind)? })
 }
 
 /// A 1-D view of `t`'s elements in the variables' flat order.
@@ -219,6 +244,7 @@ impl Sharded {
         trainable: &[(String, Tensor)],
         rank: u32,
         world: u32,
+        kind: Kind,
     ) -> Result<(Self, Vec<(String, Tensor)>), TrainError> {
         let _guard = tch::no_grad_guard();
         let shapes: Vec<(String, Vec<i64>)> =
@@ -239,14 +265,23 @@ impl Sharded {
                 full.f_narrow(0, i64::from(rank) * unit.shard, unit.shard)?.f_detach_copy()?;
             drop(full);
             if world == 1 {
-                // One rank's master is the whole unit: its variables view it at once and the
-                // loaded copy goes, unit by unit (a larger world's replica is the loaded copy
-                // until the first update, then a gather of the masters).
+                // One rank's master is the whole unit: its variables view it (or its cast) at
+                // once and the loaded copy goes, unit by unit.
+                let src = cast(&master, kind)?;
                 let mut offset = 0;
                 for (var, (_, shape)) in v.iter_mut().zip(&unit.params) {
                     let n: i64 = shape.iter().product();
-                    var.f_set_data(&master.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
+                    var.f_set_data(&src.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
                     offset += n;
+                }
+            } else {
+                // A larger world's replica is the loaded copy until the first update (then a
+                // gather of the masters), in the gather's dtype.
+                for var in &mut v {
+                    if var.kind() != kind {
+                        let c = var.f_to_kind(kind)?;
+                        var.f_set_data(&c)?;
+                    }
                 }
             }
             grads.push(master.f_zeros_like()?);
@@ -254,7 +289,8 @@ impl Sharded {
             vars.push(v);
         }
         let present = vec![true; layout.units.len()];
-        Ok((Self { layout, rank, vars, grads, present, communication_s: 0.0 }, masters))
+        let shard = Self { layout, rank, vars, grads, present, communication_s: 0.0, kind };
+        Ok((shard, masters))
     }
 
     /// The layout.
@@ -285,8 +321,10 @@ impl Sharded {
         let _guard = tch::no_grad_guard();
         let master = &opt.params()[u].1;
         let unit = &self.layout.units[u];
+        // Cast before the gather: elementwise, so the same values as casting after it.
+        let src = cast(master, self.kind)?;
         let start = std::time::Instant::now();
-        let full = gather_flat(master, unit.padded(self.layout.world), self.layout.world, group)?;
+        let full = gather_flat(&src, unit.padded(self.layout.world), self.layout.world, group)?;
         self.communication_s += start.elapsed().as_secs_f64();
         let mut offset = 0;
         for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
@@ -374,16 +412,16 @@ impl Sharded {
         Ok(())
     }
 
-    /// The update at the end of an accumulation window: the root unit's gradient is reduced,
-    /// the slices are clipped by the global norm and stepped by AdamW (unless the norm is not
-    /// finite), the gradients dropped, and the root unit gathered again. Returns the norm.
+    /// The update at the end of an accumulation window (every gradient already reduced, the
+    /// root's by [`Gathering`]'s `finish`): the slices are clipped by the global norm and
+    /// stepped by AdamW (unless the norm is not finite), the gradients dropped, and the root
+    /// unit gathered again. Returns the norm.
     pub fn step(
         &mut self,
         opt: &mut AdamW,
         mut group: Option<&mut ProcessGroup>,
         max_norm: f64,
     ) -> Result<f64, TrainError> {
-        self.reduce(0, group.as_deref_mut())?;
         let total = {
             let _guard = tch::no_grad_guard();
             let norm = |t: &Tensor| t.f_linalg_norm(2.0, None::<i64>, false, None);
@@ -565,6 +603,12 @@ impl BlockWeights for Gathering<'_> {
         self.shard.release(u).map_err(model_err)
     }
 
+    /// The root unit's gradient is reduced after every transition, as a block's is, so
+    /// that it accumulates in the f32 slice (a bf16 gather's gradient is bf16).
+    fn finish(&mut self) -> Result<(), ModelError> {
+        self.shard.reduce(0, self.group.as_deref_mut()).map_err(model_err)
+    }
+
     /// Skipped only when every rank's gradient is zero: the gathers are collectives.
     fn skip_backward(&mut self, local_zero: bool) -> Result<bool, ModelError> {
         match self.group.as_deref_mut().filter(|_| self.shard.layout.world > 1) {
@@ -658,7 +702,7 @@ mod tests {
     fn one_rank_cuts_and_gathers_back_the_same_weights() {
         let w = tensors(1.0);
         let copies: Vec<Tensor> = w.iter().map(|(_, t)| t.detach().copy()).collect();
-        let (mut s, masters) = Sharded::cut(&w, 0, 1).unwrap();
+        let (mut s, masters) = Sharded::cut(&w, 0, 1, Kind::Float).unwrap();
         let opt = AdamW::over(masters, Default::default()).unwrap();
         s.release_blocks().unwrap();
         assert_eq!(w[1].1.numel(), 0, "a block's variable is empty once released");
@@ -678,7 +722,7 @@ mod tests {
                 (n, Tensor::arange(k, (Kind::Float, tch::Device::Cpu)).view(s.as_slice()) + 1.0)
             })
             .collect();
-        let (_, masters) = Sharded::cut(&w, 2, 3).unwrap();
+        let (_, masters) = Sharded::cut(&w, 2, 3, Kind::Float).unwrap();
         // Root = proj_out.bias [1, 2] ++ x_embedder.weight [1..12], padded to 15: rank 2 owns
         // elements 10..15 = [9, 10, 11, 12, 0].
         assert_eq!(masters[0].0, "root");
@@ -693,7 +737,7 @@ mod tests {
     #[test]
     fn a_state_written_unit_by_unit_comes_back_and_a_misshapen_tensor_is_named() {
         let w = tensors(1.0);
-        let (s, masters) = Sharded::cut(&w, 0, 1).unwrap();
+        let (s, masters) = Sharded::cut(&w, 0, 1, Kind::Float).unwrap();
         let mut opt = AdamW::over(masters, Default::default()).unwrap();
         let grads: Vec<Tensor> = opt.params().iter().map(|(_, p)| p.ones_like()).collect();
         opt.step_with(&grads).unwrap();
@@ -707,7 +751,7 @@ mod tests {
         );
         assert!(dir.path().join("transformer").join(DIFFUSERS_INDEX).is_file());
         let path = dir.path().join(OPTIMIZER);
-        let (s2, masters2) = Sharded::cut(&w, 0, 1).unwrap();
+        let (s2, masters2) = Sharded::cut(&w, 0, 1, Kind::Float).unwrap();
         let mut back = AdamW::over(masters2, Default::default()).unwrap();
         s2.load(&mut back, &path).unwrap();
         assert_eq!(back.steps_taken(), 1);

@@ -106,7 +106,8 @@ fn optimizer(
             "fsdp_sharding_strategy = full does not shard LoRA adapters: use none".into(),
         )),
         ShardingStrategy::Full => {
-            let (shard, masters) = Sharded::cut(&policy.trainable(), rank, world)?;
+            let kind = policy.model.compute_kind();
+            let (shard, masters) = Sharded::cut(&policy.trainable(), rank, world, kind)?;
             let l = shard.layout();
             tracing::info!(
                 rank,
