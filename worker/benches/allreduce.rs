@@ -1,5 +1,8 @@
 //! All-reduce bandwidth of our c10d shim against Python's `torch.distributed` (Gloo, CPU),
-//! side by side in one run: 1, 16 and 64 MiB of f32 and bf16 over 2 and 4 local processes.
+//! side by side in one run: 1, 16 and 64 MiB of f32 and bf16 over 2 and 4 local processes;
+//! and the sharded trainer's two collectives, the all-gather into a flat buffer and the
+//! reduce-scatter out of one (`all_gather_into_tensor` / `reduce_scatter_tensor` in torch), at
+//! 16 and 64 MiB of the full buffer.
 //!
 //! Run: `cargo bench -p dancegrpo-worker --bench allreduce` with the project venv's python on
 //! PATH (the Makefile's environment). Both sides use one intra-op thread, Gloo's default two
@@ -21,9 +24,20 @@ use dancegrpo_worker::dist::{Backend, GroupOptions, ProcessGroup, ReduceOp};
 use tch::{Kind, Tensor};
 
 const WORLDS: [u32; 2] = [2, 4];
-/// (dtype, MiB): the cases, numbered in this order on both sides.
-const CASES: [(&str, i64); 6] =
-    [("f32", 1), ("f32", 16), ("f32", 64), ("bf16", 1), ("bf16", 16), ("bf16", 64)];
+/// (op, dtype, MiB of the full buffer): the cases, numbered in this order on both sides.
+const CASES: [(&str, &str, i64); 11] = [
+    ("all_reduce", "f32", 1),
+    ("all_reduce", "f32", 16),
+    ("all_reduce", "f32", 64),
+    ("all_reduce", "bf16", 1),
+    ("all_reduce", "bf16", 16),
+    ("all_reduce", "bf16", 64),
+    ("all_gather", "f32", 16),
+    ("all_gather", "f32", 64),
+    ("all_gather", "bf16", 64),
+    ("reduce_scatter", "f32", 16),
+    ("reduce_scatter", "f32", 64),
+];
 const WARMUP: usize = 2;
 
 fn free_port() -> u16 {
@@ -51,20 +65,28 @@ fn rank_main(rank: u32, world: u32, port: u16, verify: bool) {
     };
     let opts = GroupOptions::default().with_timeout(Duration::from_secs(120)).with_verify(verify);
     let mut pg = ProcessGroup::from_assignment(&a, Backend::Gloo, &opts).unwrap();
-    let mut tensors: Vec<Tensor> = CASES
+    // Per case: the full buffer, and the one rank's part of it for the gather and scatter.
+    let mut tensors: Vec<(Tensor, Tensor)> = CASES
         .iter()
-        .map(|&(dtype, mib)| {
+        .map(|&(_, dtype, mib)| {
             let kind = if dtype == "f32" { Kind::Float } else { Kind::BFloat16 };
             let n = mib * 1024 * 1024 / kind.elt_size_in_bytes() as i64;
-            Tensor::zeros([n], (kind, tch::Device::Cpu))
+            let part = n / i64::from(world);
+            let full = Tensor::zeros([part * i64::from(world)], (kind, tch::Device::Cpu));
+            (full, Tensor::zeros([part], (kind, tch::Device::Cpu)))
         })
         .collect();
     let mut out = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let case: usize = line.unwrap().trim().parse().unwrap();
+        let (full, part) = &mut tensors[case];
         pg.barrier().unwrap();
         let t0 = Instant::now();
-        pg.all_reduce(&mut tensors[case], ReduceOp::Sum).unwrap();
+        match CASES[case].0 {
+            "all_reduce" => pg.all_reduce(full, ReduceOp::Sum).unwrap(),
+            "all_gather" => pg.all_gather_into(full, part).unwrap(),
+            _ => pg.reduce_scatter(part, full, ReduceOp::Sum).unwrap(),
+        }
         let s = t0.elapsed().as_secs_f64();
         if rank == 0 {
             writeln!(out, "{s}").unwrap();
@@ -85,7 +107,7 @@ impl Group {
         let port = free_port();
         let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/allreduce_peer.py");
         let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
-        let cases = CASES.map(|(d, m)| format!("{d}:{m}")).join(",");
+        let cases = CASES.map(|(o, d, m)| format!("{o}:{d}:{m}")).join(",");
         let mut children: Vec<Child> = (0..world)
             .map(|r| {
                 let mut c = if let Side::Ours { verify } = side {
@@ -156,13 +178,21 @@ fn main() {
         "ours = default GroupOptions (ranks agree on op/dtype/size first); unchecked = with_verify(false)"
     );
     println!(
-        "{:>5} {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "world", "dtype", "MiB", "ours GB/s", "torch GB/s", "ours/torch", "unchecked", "unch/torch"
+        "{:>14} {:>5} {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "op",
+        "world",
+        "dtype",
+        "MiB",
+        "ours GB/s",
+        "torch GB/s",
+        "ours/torch",
+        "unchecked",
+        "unch/torch"
     );
     for world in WORLDS {
         let sides = [Side::Ours { verify: true }, Side::Ours { verify: false }, Side::Torch];
         let mut groups: Vec<Group> = sides.iter().map(|&s| Group::start(s, world)).collect();
-        for (case, (dtype, mib)) in CASES.iter().enumerate() {
+        for (case, (op, dtype, mib)) in CASES.iter().enumerate() {
             let mut samples = vec![Vec::new(); sides.len()];
             for turn in 0..WARMUP + iters {
                 for k in 0..sides.len() {
@@ -176,7 +206,7 @@ fn main() {
             let bytes = (mib * 1024 * 1024) as f64;
             let [o, c, t] = [0, 1, 2].map(|i| bytes / median(samples[i].clone()) / 1e9);
             println!(
-                "{world:>5} {dtype:>5} {mib:>4} {o:>10.3} {t:>10.3} {:>10.3} {c:>10.3} {:>9.3}",
+                "{op:>14} {world:>5} {dtype:>5} {mib:>4} {o:>10.3} {t:>10.3} {:>10.3} {c:>10.3} {:>9.3}",
                 o / t,
                 c / t
             );

@@ -1,9 +1,10 @@
-"""The Python peer of benches/allreduce.rs: torch.distributed Gloo all-reduce on the same cases.
+"""The Python peer of benches/allreduce.rs: torch.distributed Gloo all-reduce, all-gather into a
+flat tensor and reduce-scatter out of one, on the same cases.
 
 Run by the Rust bench (one process per rank, env RANK / WORLD_SIZE / MASTER_PORT), with the
-project venv's torch (2.11.0). argv[1] lists the cases ("f32:1,f32:16,..."); each stdin line is
-a case number, and rank 0 answers with the seconds of one all-reduce of it, timed between
-barriers exactly as the Rust side does.
+project venv's torch (2.11.0). argv[1] lists the cases ("all_reduce:f32:1,..."; the MiB are the
+full buffer's); each stdin line is a case number, and rank 0 answers with the seconds of one
+collective of it, timed between barriers exactly as the Rust side does.
 """
 
 import os
@@ -23,16 +24,22 @@ def main() -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
-    tensors = []
+    cases = []
     for case in sys.argv[1].split(","):
-        name, mib = case.split(":")
+        op, name, mib = case.split(":")
         dtype = dtypes[name]
-        tensors.append(torch.zeros(int(mib) * 1024 * 1024 // dtype.itemsize, dtype=dtype))
+        part = int(mib) * 1024 * 1024 // dtype.itemsize // world
+        cases.append((op, torch.zeros(part * world, dtype=dtype), torch.zeros(part, dtype=dtype)))
     for line in sys.stdin:
-        t = tensors[int(line)]
+        op, full, part = cases[int(line)]
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        if op == "all_reduce":
+            dist.all_reduce(full)
+        elif op == "all_gather":
+            dist.all_gather_into_tensor(full, part)
+        else:
+            dist.reduce_scatter_tensor(part, full)
         seconds = time.perf_counter() - t0
         if rank == 0:
             print(seconds, flush=True)
