@@ -130,6 +130,13 @@ fn sharded_training_matches_the_unsharded_trainer_on_one_two_and_three_ranks() {
             let sharded = train_n(&format!("{job}fsdp_sharding_strategy = \"full\"\n"), n);
             assert_eq!(sharded.logs().matches(owns).count(), n as usize, "{}", sharded.logs());
             assert!(!plain.logs().contains(owns), "the default is not sharded");
+            // Each block's gather after the first of a pass was started while the block before
+            // it ran; one rank has nothing to prefetch.
+            let logs = sharded.logs();
+            let line = logs.lines().find(|l| l.contains("sharded update:")).expect("a report");
+            let none = line.contains("sharded update: 0 of ");
+            assert_eq!(none, n == 1, "N = {n}: {line}");
+            eprintln!("N = {n}: {line}");
             let (a, b) = (plain.path("out"), sharded.path("out"));
             assert_eq!(
                 read(&a.join("reward.txt")),

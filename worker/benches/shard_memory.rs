@@ -64,7 +64,7 @@ fn vm_hwm_mib() -> f64 {
     kib / 1024.0
 }
 
-fn rank_main(rank: u32, world: u32, port: u16, full: bool) {
+fn rank_main(rank: u32, world: u32, port: u16, full: bool, prefetch: bool) {
     tch::set_num_threads(1);
     let a = RankAssignment {
         rank,
@@ -116,8 +116,10 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool) {
     };
     if let Some(s) = &mut shard {
         s.release_blocks().unwrap();
+        s.set_prefetch(prefetch);
     }
     let mut stats = UpdateStats::default();
+    let (mut waited, mut steps) = (0.0, 0);
     for line in std::io::stdin().lock().lines() {
         line.unwrap();
         let start = Instant::now();
@@ -135,22 +137,30 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool) {
         if rank == 0 {
             println!("{}", start.elapsed().as_secs_f64());
         }
+        // Seconds this rank spent waiting in collectives in the step (the all-reduce for
+        // the unsharded side): what the prefetch did not hide.
+        waited += match &mut shard {
+            Some(s) => s.take_communication_s(),
+            None => std::mem::take(&mut stats.communication_s),
+        };
+        steps += 1;
     }
     if let Some(s) = &mut shard {
         s.gather_all(&opt, Some(&mut group)).unwrap();
     }
     println!(
-        "{rank} {params} {baseline:.1} {loaded:.1} {:.1} {}",
+        "{rank} {params} {baseline:.1} {loaded:.1} {:.1} {} {:.4}",
         vm_hwm_mib(),
-        stats.optimizer_steps
+        stats.optimizer_steps,
+        waited / f64::from(steps.max(1))
     );
 }
 
 /// Which trainer a side runs.
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
-    /// Ours, sharded or not.
-    Ours { full: bool },
+    /// Ours, sharded (with the prefetch or without) or not.
+    Ours { full: bool, prefetch: bool },
     /// PyTorch FSDP (FULL_SHARD).
     Fsdp,
 }
@@ -158,8 +168,9 @@ enum Side {
 impl Side {
     fn name(self) -> &'static str {
         match self {
-            Side::Ours { full: false } => "ours none",
-            Side::Ours { full: true } => "ours full",
+            Side::Ours { full: false, .. } => "ours none",
+            Side::Ours { full: true, prefetch: false } => "full, no pf",
+            Side::Ours { full: true, prefetch: true } => "ours full",
             Side::Fsdp => "torch FSDP",
         }
     }
@@ -180,8 +191,9 @@ impl Group {
         let mut children: Vec<Child> = (0..world)
             .map(|r| {
                 let mut c = match side {
-                    Side::Ours { full } => {
+                    Side::Ours { full, prefetch } => {
                         let mut c = Command::new(std::env::current_exe().unwrap());
+                        c.env("DG_BENCH_PREFETCH", prefetch.to_string());
                         c.env("DG_BENCH_RANK", r.to_string())
                             .env("DG_BENCH_FULL", full.to_string());
                         c
@@ -222,14 +234,14 @@ impl Group {
     }
 
     /// Each rank's final report: parameters, baseline, loaded and peak VmHWM (MiB).
-    fn finish(mut self) -> Vec<[f64; 4]> {
+    fn finish(mut self) -> Vec<[f64; 5]> {
         drop(std::mem::take(&mut self.stdins));
         let mut rows = Vec::new();
         for (r, (mut c, out)) in self.children.into_iter().zip(self.outs).enumerate() {
             let line = out.lines().next().expect("a rank's report").unwrap();
             assert!(c.wait().unwrap().success(), "rank {r} failed");
             let v: Vec<f64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            rows.push([v[1], v[2], v[3], v[4]]);
+            rows.push([v[1], v[2], v[3], v[4], v.get(6).copied().unwrap_or(f64::NAN)]);
         }
         rows
     }
@@ -243,7 +255,8 @@ fn main() {
         let world = std::env::var("WORLD_SIZE").unwrap().parse().unwrap();
         let port = std::env::var("MASTER_PORT").unwrap().parse().unwrap();
         let full = std::env::var("DG_BENCH_FULL").is_ok_and(|v| v == "true");
-        rank_main(rank.parse().unwrap(), world, port, full);
+        let prefetch = std::env::var("DG_BENCH_PREFETCH").is_ok_and(|v| v == "true");
+        rank_main(rank.parse().unwrap(), world, port, full, prefetch);
         return;
     }
     let steps: usize =
@@ -253,10 +266,24 @@ fn main() {
          threshold {threshold}, median of {steps} interleaved micro-steps"
     );
     println!(
-        "{:>10} {:>3} {:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>10}",
-        "side", "N", "params", "base MiB", "load MiB", "peak MiB", "peak-base", "step s", "vs FSDP"
+        "{:>11} {:>3} {:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>10} {:>12}",
+        "side",
+        "N",
+        "params",
+        "base MiB",
+        "load MiB",
+        "peak MiB",
+        "peak-base",
+        "step s",
+        "vs FSDP",
+        "waited s"
     );
-    let sides = [Side::Ours { full: false }, Side::Ours { full: true }, Side::Fsdp];
+    let sides = [
+        Side::Ours { full: false, prefetch: false },
+        Side::Ours { full: true, prefetch: false },
+        Side::Ours { full: true, prefetch: true },
+        Side::Fsdp,
+    ];
     for world in WORLDS {
         let mut groups: Vec<Group> =
             sides.iter().map(|&s| Group::start(s, world, &threshold)).collect();
@@ -279,13 +306,15 @@ fn main() {
             let rows = group.finish();
             let worst = |i: usize| rows.iter().map(|r| r[i]).fold(0.0, f64::max);
             let (params, base, loaded, peak) = (rows[0][0], worst(1), worst(2), worst(3));
+            let waited = rows[0][4];
             let peak_base = rows.iter().map(|r| r[3] - r[1]).fold(0.0, f64::max);
             println!(
-                "{:>10} {world:>3} {:>7.1}M {base:>9.1} {loaded:>9.1} {peak:>9.1} {peak_base:>11.1} \
-                 {time:>8.3} {:>10.2}",
+                "{:>11} {world:>3} {:>7.1}M {base:>9.1} {loaded:>9.1} {peak:>9.1} {peak_base:>11.1} \
+                 {time:>8.3} {:>10.2} {}",
                 side.name(),
                 params / 1e6,
-                time / times[2],
+                time / times[3],
+                if *side == Side::Fsdp { "-".to_string() } else { format!("{waited:>12.4}") },
             );
         }
     }

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -44,6 +45,14 @@ struct dg_group {
   int rank;
   int size;
   int kind;
+  std::chrono::milliseconds timeout;
+};
+
+// A started collective. It keeps its group's timeout: it may be waited for after the group is
+// gone (a destroyed ProcessGroupGloo first finishes its queued work, and the work keeps what
+// it ran on), so that its buffers are never freed while c10d writes them.
+struct dg_work {
+  c10::intrusive_ptr<c10d::Work> work;
   std::chrono::milliseconds timeout;
 };
 
@@ -330,6 +339,32 @@ char* dg_all_gather_into(dg_group* g, dg_tensor* output, dg_tensor* input) {
     opts.timeout = g->timeout;
     wait(g, g->backend->_allgather_base(flat_out, flat_in, opts));
   });
+}
+
+char* dg_all_gather_into_start(dg_group* g, dg_tensor* output, dg_tensor* input,
+                               dg_work** out) {
+  *out = nullptr;
+  return guarded([&] {
+    at::Tensor& o = as_tensor(output);
+    at::Tensor& in = as_tensor(input);
+    check_dtype(in);
+    check_dtype(o);
+    TORCH_CHECK(o.scalar_type() == in.scalar_type(), "all_gather output dtype ",
+                o.scalar_type(), " differs from input dtype ", in.scalar_type());
+    TORCH_CHECK(o.numel() == in.numel() * g->size, "all_gather output has ", o.numel(),
+                " elements, expected ", in.numel() * g->size, " (world size ", g->size,
+                " x input ", in.numel(), ")");
+    at::Tensor flat_out = o.view({-1});
+    at::Tensor flat_in = in.view({-1});
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    *out = new dg_work{g->backend->_allgather_base(flat_out, flat_in, opts), g->timeout};
+  });
+}
+
+char* dg_work_wait(dg_work* work) {
+  std::unique_ptr<dg_work> owned(work);
+  return guarded([&] { owned->work->wait(owned->timeout); });
 }
 
 char* dg_reduce_scatter(dg_group* g, dg_tensor* output, dg_tensor* input, int average) {

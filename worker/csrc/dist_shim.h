@@ -19,6 +19,7 @@ extern "C" {
 typedef struct dg_store dg_store;
 typedef struct dg_group dg_group;
 typedef void dg_tensor;  // at::Tensor
+typedef struct dg_work dg_work;
 
 // Backends: must match `Backend` in worker/src/dist/backend.rs.
 enum { DG_BACKEND_GLOO = 0, DG_BACKEND_NCCL = 1, DG_BACKEND_HCCL = 2 };
@@ -70,6 +71,12 @@ char* dg_barrier(dg_group* group);
 char* dg_all_gather_into(dg_group* group, dg_tensor* output, dg_tensor* input);
 // input is a flat buffer of size * numel(output) elements; output gets this rank's reduced slice.
 char* dg_reduce_scatter(dg_group* group, dg_tensor* output, dg_tensor* input, int average);
+// dg_all_gather_into, started and not waited for: *out is the pending work, which
+// dg_work_wait waits for (bounded by the group's timeout) and frees, also after the group is
+// destroyed. Both tensors must stay alive and untouched until then.
+char* dg_all_gather_into_start(dg_group* group, dg_tensor* output, dg_tensor* input,
+                               dg_work** out);
+char* dg_work_wait(dg_work* work);
 
 // Device layer helpers for devices tch cannot name (NPU = c10 PrivateUse1). Only in npu builds.
 char* dg_npu_init(int index);

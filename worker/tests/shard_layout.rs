@@ -49,9 +49,8 @@ fn the_reference_recipe_on_eight_ranks_holds_sharding_md_s_state_per_rank() {
             bytes / GIB
         );
     }
-    // What the trainer holds today beyond those: one gathered unit in bf16 (no prefetch yet,
-    // so not two), and the bf16 rollout replica of SHARDING.md's replica mode (2P).
-    println!("| gathered unit today (bf16, no prefetch) | {:.2} | |", 2.0 * unit / GIB);
+    // And the bf16 rollout replica of SHARDING.md's replica mode (2P), which the trainer holds
+    // outside the update.
     println!("| bf16 rollout replica | {:.2} | 22.2 |", 2.0 * p / GIB);
     assert!((2.0 * p / GIB - 22.2).abs() <= 0.1);
     assert!((p / 1e9 - 11.90).abs() < 0.005, "P = {p}");

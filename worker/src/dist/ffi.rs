@@ -15,6 +15,12 @@ pub(crate) struct DgGroup {
     _private: [u8; 0],
 }
 
+/// Opaque `dg_work`: a started collective.
+#[repr(C)]
+pub(crate) struct DgWork {
+    _private: [u8; 0],
+}
+
 /// `at::Tensor`, as tch's `as_mut_ptr()` hands it out (tch does not export its `C_tensor`).
 pub(crate) type DgTensor = c_void;
 
@@ -75,6 +81,13 @@ unsafe extern "C" {
         input: *mut DgTensor,
         average: c_int,
     ) -> *mut c_char;
+    pub(crate) fn dg_all_gather_into_start(
+        g: *mut DgGroup,
+        output: *mut DgTensor,
+        input: *mut DgTensor,
+        out: *mut *mut DgWork,
+    ) -> *mut c_char;
+    pub(crate) fn dg_work_wait(work: *mut DgWork) -> *mut c_char;
 }
 
 #[cfg(feature = "npu")]

@@ -473,6 +473,30 @@ impl ProcessGroup {
         self.done(OP, r)
     }
 
+    /// [`Self::all_gather_into`], started: returns at once with the pending gather, which
+    /// [`Pending::wait`] finishes. The ranks agree on the collective before it starts, as for
+    /// every other; collectives are then issued in call order on every rank, so later ones
+    /// (a reduce-scatter, the next gather) may be called while this one runs.
+    pub fn start_all_gather_into(&mut self, output: Tensor, input: &Tensor) -> Result<Pending> {
+        const OP: &str = "all_gather";
+        let input = input.f_contiguous()?;
+        check_tensor(OP, &input)?;
+        check_tensor(OP, &output)?;
+        self.check_sizes(OP, &output, &input)?;
+        let sig = Signature::new(Op::AllGather, described(&input), output.numel() as i64);
+        self.agree(OP, sig)?;
+        let mut output = output;
+        let out = output.as_mut_ptr().cast();
+        let inp = input.as_ptr().cast_mut().cast();
+        let mut work = std::ptr::null_mut();
+        // SAFETY: live group and tensors; `Pending` keeps both tensors until the work is done.
+        let r = unsafe { ffi::dg_all_gather_into_start(self.ptr.as_ptr(), out, inp, &mut work) };
+        self.done(OP, r)?;
+        let work = NonNull::new(work).ok_or_else(|| self.failed(OP, "no work returned".into()))?;
+        let failed = Some(self.failed(OP, String::new()));
+        Ok(Pending { work: Some(work), output, _input: input, failed })
+    }
+
     /// Reduces the flat `input` (`world_size * numel(output)` elements) across ranks and
     /// leaves this rank's slice (offset `rank * numel(output)`) in `output`.
     pub fn reduce_scatter(
@@ -562,6 +586,47 @@ impl ProcessGroup {
         Err(DistError::BadTensor { op, message })
     }
 }
+
+/// A started all-gather ([`ProcessGroup::start_all_gather_into`]). Its tensors live as long as
+/// it does; dropped without [`Pending::wait`], it still waits (bounded by the group's timeout),
+/// so that c10d never writes into freed memory.
+#[derive(Debug)]
+pub struct Pending {
+    work: Option<NonNull<ffi::DgWork>>,
+    output: Tensor,
+    _input: Tensor,
+    /// The error a failed wait reports, its message filled in then.
+    failed: Option<DistError>,
+}
+
+impl Pending {
+    /// Waits for the gather and returns its output.
+    pub fn wait(mut self) -> Result<Tensor> {
+        let work = self.work.take().expect("a pending work until waited for");
+        // SAFETY: the work came from dg_all_gather_into_start and is waited for once.
+        let r = unsafe { ffi::dg_work_wait(work.as_ptr()) };
+        if let Err(m) = ffi::check(r) {
+            let mut e = self.failed.take().expect("set at start");
+            if let DistError::Collective { message, .. } = &mut e {
+                *message = m;
+            }
+            return Err(e);
+        }
+        Ok(self.output.shallow_clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            // SAFETY: as in `wait`; an error here has no one to go to.
+            let _ = ffi::check(unsafe { ffi::dg_work_wait(work.as_ptr()) });
+        }
+    }
+}
+
+// SAFETY: the work is only touched by its owner (wait or drop), from one thread at a time.
+unsafe impl Send for Pending {}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {

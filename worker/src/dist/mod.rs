@@ -12,4 +12,6 @@ mod group;
 
 pub use backend::Backend;
 pub use error::{DistError, Result};
-pub use group::{Generations, GroupOptions, ProcessGroup, ReduceOp, Store, check_socket_ifname};
+pub use group::{
+    Generations, GroupOptions, Pending, ProcessGroup, ReduceOp, Store, check_socket_ifname,
+};

@@ -49,8 +49,9 @@ pub enum Block {
 
 /// Where the blocks' weights live while the checkpointed backward runs.
 pub trait BlockWeights {
-    /// Makes `block`'s weights present before it runs.
-    fn gather(&mut self, block: Block) -> Result<()>;
+    /// Makes `block`'s weights present before it runs; `next` is the block the driver will
+    /// gather after it, whose weights may start coming now (a prefetch).
+    fn gather(&mut self, block: Block, next: Option<Block>) -> Result<()>;
     /// `block` ran without a graph: its weights may go.
     fn release(&mut self, block: Block) -> Result<()>;
     /// `block`'s backward is done: its weight gradients may be reduced, and its weights go.
@@ -68,7 +69,7 @@ pub trait BlockWeights {
 pub struct Resident;
 
 impl BlockWeights for Resident {
-    fn gather(&mut self, _: Block) -> Result<()> {
+    fn gather(&mut self, _: Block, _: Option<Block>) -> Result<()> {
         Ok(())
     }
     fn release(&mut self, _: Block) -> Result<()> {
@@ -83,6 +84,11 @@ impl BlockWeights for Resident {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// The first single block, if there is one.
+fn first_single(count: usize) -> Option<Block> {
+    (count > 0).then_some(Block::Single(0))
 }
 
 fn leaf(t: &Tensor) -> Result<Tensor> {
@@ -159,8 +165,10 @@ impl Recorded {
         let (double_inputs, single_inputs, h_out) = tch::no_grad(|| -> Result<_> {
             let (mut xi, mut ci) = (x.f_detach()?, c.f_detach()?);
             let mut double_inputs = Vec::with_capacity(model.double_blocks.len());
+            let (nd, ns) = (model.double_blocks.len(), model.single_blocks.len());
             for (i, blk) in model.double_blocks.iter().enumerate() {
-                weights.gather(Block::Double(i))?;
+                let next = if i + 1 < nd { Some(Block::Double(i + 1)) } else { first_single(ns) };
+                weights.gather(Block::Double(i), next)?;
                 let (xo, co) = blk.forward(&xi, &ci, &temb_leaf, rope)?;
                 weights.release(Block::Double(i))?;
                 double_inputs.push((xi, ci));
@@ -169,7 +177,7 @@ impl Recorded {
             let mut h = Tensor::f_cat(&[ci, xi], 1)?;
             let mut single_inputs = Vec::with_capacity(model.single_blocks.len());
             for (i, blk) in model.single_blocks.iter().enumerate() {
-                weights.gather(Block::Single(i))?;
+                weights.gather(Block::Single(i), (i + 1 < ns).then_some(Block::Single(i + 1)))?;
                 let ho = blk.forward(&h, &temb_leaf, rope)?;
                 weights.release(Block::Single(i))?;
                 single_inputs.push(h);
@@ -210,7 +218,11 @@ impl Recorded {
         // 4. Recompute each block with grad, newest first.
         for (i, (blk, h_in)) in model.single_blocks.iter().zip(single_inputs).enumerate().rev() {
             let h_in = leaf(&h_in)?;
-            weights.gather(Block::Single(i))?;
+            let next = match i {
+                0 => model.double_blocks.len().checked_sub(1).map(Block::Double),
+                i => Some(Block::Single(i - 1)),
+            };
+            weights.gather(Block::Single(i), next)?;
             let out = blk.forward(&h_in, &temb_leaf, &rope)?;
             out.f_mul(&g)?.f_sum(out.kind())?.f_backward()?;
             drop(out);
@@ -225,7 +237,7 @@ impl Recorded {
             model.double_blocks.iter().zip(double_inputs).enumerate().rev()
         {
             let (x_in, c_in) = (leaf(&x_in)?, leaf(&c_in)?);
-            weights.gather(Block::Double(i))?;
+            weights.gather(Block::Double(i), i.checked_sub(1).map(Block::Double))?;
             let (xo, co) = blk.forward(&x_in, &c_in, &temb_leaf, &rope)?;
             let s = xo.f_mul(&gx)?.f_sum(xo.kind())? + co.f_mul(&gc)?.f_sum(co.kind())?;
             s.f_backward()?;

@@ -10,7 +10,9 @@
 //!
 //! - **Training.** The checkpointed backward (`flux::checkpoint`) asks for each block's weights
 //!   before it runs: they are all-gathered into a full buffer the model's variables then view,
-//!   and the buffer is freed after the block's forward. After a block's recomputation and
+//!   and the buffer is freed after the block's forward. The next block's gather is started
+//!   before the current block computes (c10d works are asynchronous), so that it arrives
+//!   while this one runs: two units' weights at most. After a block's recomputation and
 //!   backward its gradient is reduce-scattered (averaged) into this rank's slice and freed.
 //!   The root unit stays gathered through the update (the stem and the head run with a
 //!   graph); its gradient is reduced after every transition.
@@ -58,7 +60,7 @@ use super::optim::{
     AdamW, STEPS_KEY, check_keys, clear_grad, clip_coefficient, read_step, step_tensor,
 };
 use super::persist::OPTIMIZER;
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::{Pending, ProcessGroup, ReduceOp};
 use crate::flux::FluxConfig;
 use crate::flux::ModelError;
 use crate::flux::checkpoint::{Block, BlockWeights};
@@ -188,6 +190,13 @@ pub struct Sharded {
     present: Vec<bool>,
     /// Seconds spent in collectives since [`Self::take_communication_s`].
     communication_s: f64,
+    /// The prefetched gather of the next unit the driver needs, started while the current one
+    /// computes (one at a time: current plus next are the two units SHARDING.md counts).
+    pending: Option<(usize, Pending)>,
+    /// Whether [`Gathering`] prefetches (on; off only to measure what it hides).
+    prefetch: bool,
+    /// Gathers since [`Self::take_gathers`], and how many of them a prefetch served.
+    gathers: (u64, u64),
     /// The dtype the weights are gathered in: the forward's (bf16 on accelerators, where a
     /// matmul casts its f32 weight to bf16 anyway, so gathering the cast is the same values
     /// in half the bytes; f32 on the CPU).
@@ -289,7 +298,18 @@ impl Sharded {
             vars.push(v);
         }
         let present = vec![true; layout.units.len()];
-        let shard = Self { layout, rank, vars, grads, present, communication_s: 0.0, kind };
+        let shard = Self {
+            layout,
+            rank,
+            vars,
+            grads,
+            present,
+            communication_s: 0.0,
+            pending: None,
+            prefetch: true,
+            gathers: (0, 0),
+            kind,
+        };
         Ok((shard, masters))
     }
 
@@ -308,32 +328,73 @@ impl Sharded {
         (self.rank, self.layout.world)
     }
 
-    /// All-gathers unit `u`'s masters and points its variables at the full weights.
+    /// All-gathers unit `u`'s masters (or waits for their prefetch) and points its variables
+    /// at the full weights; then starts gathering `next`, if given and not there yet.
     fn gather(
         &mut self,
         u: usize,
+        next: Option<usize>,
         opt: &AdamW,
-        group: Option<&mut ProcessGroup>,
+        mut group: Option<&mut ProcessGroup>,
     ) -> Result<(), TrainError> {
-        if self.present[u] {
-            return Ok(());
-        }
         let _guard = tch::no_grad_guard();
-        let master = &opt.params()[u].1;
-        let unit = &self.layout.units[u];
-        // Cast before the gather: elementwise, so the same values as casting after it.
-        let src = cast(master, self.kind)?;
-        let start = std::time::Instant::now();
-        let full = gather_flat(&src, unit.padded(self.layout.world), self.layout.world, group)?;
-        self.communication_s += start.elapsed().as_secs_f64();
-        let mut offset = 0;
-        for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
-            let n: i64 = shape.iter().product();
-            var.f_set_data(&full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
-            offset += n;
+        if !self.present[u] {
+            let world = self.layout.world;
+            let start = std::time::Instant::now();
+            self.gathers.0 += 1;
+            let full = match self.pending.take() {
+                Some((p, work)) if p == u => {
+                    self.gathers.1 += 1;
+                    work.wait()?
+                }
+                other => {
+                    // A prefetch of another unit (the driver changed its mind) is finished
+                    // and dropped; this one is gathered now.
+                    if let Some((_, work)) = other {
+                        drop(work.wait()?);
+                    }
+                    // Cast before the gather: elementwise, so the values of casting after it.
+                    let src = cast(&opt.params()[u].1, self.kind)?;
+                    gather_flat(
+                        &src,
+                        self.layout.units[u].padded(world),
+                        world,
+                        group.as_deref_mut(),
+                    )?
+                }
+            };
+            self.communication_s += start.elapsed().as_secs_f64();
+            let unit = &self.layout.units[u];
+            let mut offset = 0;
+            for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
+                let n: i64 = shape.iter().product();
+                var.f_set_data(&full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
+                offset += n;
+            }
+            self.present[u] = true;
         }
-        self.present[u] = true;
+        let next = next.filter(|&n| self.prefetch && !self.present[n] && self.pending.is_none());
+        if let (Some(n), Some(g)) = (next, group.filter(|_| self.layout.world > 1)) {
+            let src = cast(&opt.params()[n].1, self.kind)?;
+            let full = src.f_new_empty(
+                [self.layout.units[n].padded(self.layout.world)],
+                (src.kind(), src.device()),
+            )?;
+            let start = std::time::Instant::now();
+            self.pending = Some((n, g.start_all_gather_into(full, &src)?));
+            self.communication_s += start.elapsed().as_secs_f64();
+        }
         Ok(())
+    }
+
+    /// The gathers since the last call, and how many of them a prefetch had started.
+    pub fn take_gathers(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.gathers)
+    }
+
+    /// Turns the prefetch on or off (to measure the collective time it hides).
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
     }
 
     /// Frees unit `u`'s full weights (the variables become empty).
@@ -396,7 +457,7 @@ impl Sharded {
         mut group: Option<&mut ProcessGroup>,
     ) -> Result<(), TrainError> {
         for u in 0..self.layout.units.len() {
-            self.gather(u, opt, group.as_deref_mut())?;
+            self.gather(u, None, opt, group.as_deref_mut())?;
         }
         Ok(())
     }
@@ -446,7 +507,7 @@ impl Sharded {
         self.zero_grad()?;
         // The masters of the root changed: its full weights are gathered again.
         self.present[0] = false;
-        self.gather(0, opt, group)?;
+        self.gather(0, None, opt, group)?;
         Ok(total)
     }
 
@@ -587,9 +648,10 @@ pub struct Gathering<'a> {
 }
 
 impl BlockWeights for Gathering<'_> {
-    fn gather(&mut self, block: Block) -> Result<(), ModelError> {
+    fn gather(&mut self, block: Block, next: Option<Block>) -> Result<(), ModelError> {
         let u = self.shard.layout.index(block);
-        self.shard.gather(u, self.opt, self.group.as_deref_mut()).map_err(model_err)
+        let next = next.map(|b| self.shard.layout.index(b));
+        self.shard.gather(u, next, self.opt, self.group.as_deref_mut()).map_err(model_err)
     }
 
     fn release(&mut self, block: Block) -> Result<(), ModelError> {

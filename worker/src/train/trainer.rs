@@ -393,6 +393,14 @@ impl Trainer {
                 // The replica the next rollout, the fingerprint and a checkpoint read.
                 shard.gather_all(&self.opt, group)?;
                 stats.communication_s += shard.take_communication_s();
+                let (gathers, prefetched) = shard.take_gathers();
+                tracing::info!(
+                    iteration,
+                    gathers,
+                    prefetched,
+                    waited_s = stats.communication_s,
+                    "sharded update: {prefetched} of {gathers} gathers prefetched"
+                );
             }
             None => self.opt.zero_grad()?,
         }
