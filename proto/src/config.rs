@@ -111,6 +111,35 @@ pub enum ShardingStrategy {
     Full,
 }
 
+/// A dtype of stored weights, as MindSpeed-MM's `--master_weight_type` names them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum WeightType {
+    /// bfloat16: half the bytes, what the released FLUX.1-dev files hold.
+    #[default]
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// float32.
+    #[serde(rename = "fp32")]
+    Fp32,
+}
+
+/// Where a sharded job's rollout forwards find the weights (SHARDING.md, "Rollout").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutWeights {
+    /// The memory planner's choice. Until it exists (issue 12): `gather`, the mode that always
+    /// fits, except under `non_finite_policy = drop_group`, whose refills roll out on some
+    /// ranks only and so need `replica`.
+    #[default]
+    Auto,
+    /// Gather once per iteration into a replica in the forward's dtype, kept for the whole
+    /// rollout (2P bytes: 22.2 GiB in bf16 for FLUX.1-dev); each rank rolls out alone.
+    Replica,
+    /// Gather each block for each rollout forward, as FSDP does: no replica, but one
+    /// all-gather of the model per forward, which every rank joins in step.
+    Gather,
+}
+
 /// How several rewards become advantages (MixGRPO's `multi_reward_mix`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -198,6 +227,15 @@ pub struct JobConfig {
     /// `fsdp_sharding_startegy` is accepted.
     #[serde(alias = "fsdp_sharding_startegy")]
     pub fsdp_sharding_strategy: ShardingStrategy,
+    /// Under `fsdp_sharding_strategy = full`, how the rollout gets the weights: `auto`,
+    /// `replica` (a copy gathered once per iteration) or `gather` (per forward). Both give the
+    /// same trajectories.
+    pub rollout_weights: RolloutWeights,
+    /// The dtype of the transformer a sharded job's checkpoint exports (`bf16`, as FLUX.1-dev
+    /// is released, or `fp32`). A resume reads the f32 masters saved beside it, so either is
+    /// exact. An unsharded full fine-tune's exported transformer is its f32 master and stays
+    /// f32.
+    pub export_weight_type: WeightType,
     /// Rewards and their loss weights. Several rewards get separate advantages.
     pub rewards: Vec<RewardConfig>,
     /// How several rewards become advantages (MixGRPO's names): one advantage per reward and
@@ -265,6 +303,8 @@ impl Default for JobConfig {
             train_batch_size: 1,
             gradient_checkpointing: true,
             fsdp_sharding_strategy: ShardingStrategy::None,
+            rollout_weights: RolloutWeights::Auto,
+            export_weight_type: WeightType::Bf16,
             rewards: vec![RewardConfig {
                 name: "hpsv2".into(),
                 weight: 1.0,
@@ -505,7 +545,24 @@ impl JobConfig {
              lora"
                 .into(),
         );
+        check(
+            self.rollout_weights != RolloutWeights::Gather
+                || self.non_finite_policy != NonFinitePolicy::DropGroup,
+            "rollout_weights = gather cannot serve non_finite_policy = drop_group: a refilled \
+             group rolls out on its own ranks, while a per-forward gather needs every rank; use \
+             rollout_weights = replica (or auto)"
+                .into(),
+        );
         if p.is_empty() { Ok(()) } else { Err(ConfigError { problems: p }) }
+    }
+
+    /// Whether a sharded job rolls out on a replica (see [`RolloutWeights`]).
+    pub fn rollout_replica(&self) -> bool {
+        match self.rollout_weights {
+            RolloutWeights::Replica => true,
+            RolloutWeights::Gather => false,
+            RolloutWeights::Auto => self.non_finite_policy == NonFinitePolicy::DropGroup,
+        }
     }
 }
 
@@ -867,6 +924,28 @@ mod tests {
         JobConfig { gradient_checkpointing: false, lora, ..JobConfig::default() }
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn the_rollout_gathers_per_forward_unless_refills_need_a_replica() {
+        let with = |w, p| JobConfig {
+            rollout_weights: w,
+            non_finite_policy: p,
+            fsdp_sharding_strategy: ShardingStrategy::Full,
+            ..JobConfig::default()
+        };
+        use {NonFinitePolicy as P, RolloutWeights as W};
+        assert!(!with(W::Auto, P::Fail).rollout_replica());
+        assert!(with(W::Auto, P::DropGroup).rollout_replica());
+        assert!(with(W::Replica, P::Fail).rollout_replica());
+        assert!(!with(W::Gather, P::Fail).rollout_replica());
+        assert_eq!(
+            with(W::Gather, P::DropGroup).validate().unwrap_err().problems,
+            ["rollout_weights = gather cannot serve non_finite_policy = drop_group: a refilled \
+              group rolls out on its own ranks, while a per-forward gather needs every rank; use \
+              rollout_weights = replica (or auto)"]
+        );
+        with(W::Replica, P::DropGroup).validate().unwrap();
     }
 
     /// The names serde's derived `Deserialize` of `T` accepts for its fields (its `FIELDS`):

@@ -41,7 +41,8 @@ pub mod types;
 
 pub use auth::{AuthToken, ClientAuth, ServerAuth, SessionSecret};
 pub use config::{
-    ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig, ShardingStrategy,
+    ConfigError, JobConfig, LoraConfig, NonFinitePolicy, RewardConfig, RolloutWeights,
+    ShardingStrategy, WeightType,
 };
 pub use ids::{JobId, WorkerId};
 pub use reason::Reason;

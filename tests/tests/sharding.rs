@@ -16,8 +16,8 @@ const JOB: &str = "job_name = \"shard\"\nmax_train_steps = 1\ncheckpointing_step
 const WEIGHTS: &str = "transformer/diffusion_pytorch_model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Every f32 tensor of a safetensors file, or of the shards its `<file>.index.json` lists (a
-/// sharded job's checkpoint), by name; the i64 step counts as f32 too.
+/// Every tensor of a safetensors file, or of the shards its `<file>.index.json` lists, by
+/// name, as f32 (bf16 widened exactly; the i64 step counts too).
 fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
     let index = PathBuf::from(format!("{}.index.json", path.display()));
     if !path.exists() && index.exists() {
@@ -41,6 +41,10 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                     .collect(),
+                safetensors::Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                    .collect(),
                 safetensors::Dtype::I64 => data
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
@@ -50,6 +54,56 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
             (name, values)
         })
         .collect()
+}
+
+/// The training state a checkpoint holds, under one set of names whoever wrote it:
+/// `master.<w>`, `exp_avg.<w>`, `exp_avg_sq.<w>`, `step.<w>` for every weight w, and
+/// `steps_taken`. An unsharded job's masters are its transformer and its moments
+/// `optimizer.safetensors`; a sharded job's are every rank's flat slices in `optimizer/`, put
+/// end to end per unit and cut by `layout.json`.
+fn state(ck: &Path) -> BTreeMap<String, Vec<f32>> {
+    let layout = ck.join("optimizer/layout.json");
+    if !layout.exists() {
+        let mut out: BTreeMap<String, Vec<f32>> = tensors(&ck.join(WEIGHTS))
+            .into_iter()
+            .map(|(k, v)| (format!("master.{k}"), v))
+            .collect();
+        out.extend(tensors(&ck.join(OPTIMIZER)));
+        return out;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&read(&layout)).unwrap();
+    let world = json["world"].as_u64().unwrap();
+    let ranks: Vec<_> = (0..world)
+        .map(|r| tensors(&ck.join(format!("optimizer/rank-{r:05}-of-{world:05}.safetensors"))))
+        .collect();
+    let mut out = BTreeMap::from([(
+        "steps_taken".to_string(),
+        vec![json["steps_taken"].as_f64().unwrap() as f32],
+    )]);
+    for unit in json["units"].as_array().unwrap() {
+        let name = unit["name"].as_str().unwrap();
+        for key in ["master", "exp_avg", "exp_avg_sq"] {
+            let flat: Vec<f32> =
+                ranks.iter().flat_map(|r| r[&format!("{key}.{name}")].iter().copied()).collect();
+            let mut at = 0;
+            for p in unit["params"].as_array().unwrap() {
+                let n: usize =
+                    p[1].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).product();
+                let w = p[0].as_str().unwrap();
+                out.insert(format!("{key}.{w}"), flat[at..at + n].to_vec());
+                out.insert(format!("step.{w}"), vec![unit["step"].as_f64().unwrap() as f32]);
+                at += n;
+            }
+            assert!(flat[at..].iter().all(|&v| v == 0.0), "{key}.{name}: the padding is not zero");
+        }
+    }
+    out
+}
+
+/// f32 rounded to the nearest bf16 (ties to even), as torch casts; finite values.
+fn bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
 /// Every file of a checkpoint, by its path inside it, with its bytes.
@@ -69,14 +123,13 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// The largest |a − b| over every tensor, relative to the tensor's largest |a| (each tensor
-/// on its own scale: the second moments are squares of gradients, far below the weights);
-/// both files must hold the same names and sizes.
-fn max_diff(a: &Path, b: &Path) -> (f32, String) {
-    let (a, b) = (tensors(a), tensors(b));
+/// The largest |a − b| over every tensor of two states, relative to the tensor's largest |a|
+/// (each tensor on its own scale: the second moments are squares of gradients, far below the
+/// weights); both must hold the same names and sizes.
+fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> (f32, String) {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "names differ");
     let mut worst = (0f32, String::new());
-    for (name, x) in &a {
+    for (name, x) in a {
         let y = &b[name];
         assert_eq!(x.len(), y.len(), "{name}: sizes differ");
         let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -90,6 +143,14 @@ fn max_diff(a: &Path, b: &Path) -> (f32, String) {
         }
     }
     worst
+}
+
+/// The masters only.
+fn masters(s: &BTreeMap<String, Vec<f32>>) -> BTreeMap<String, Vec<f32>> {
+    s.iter()
+        .filter(|(k, _)| k.starts_with("master."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The pre-clip gradient norms of metrics.jsonl.
@@ -120,7 +181,7 @@ const TOL: f32 = 1e-4;
 fn sharded_training_matches_the_unsharded_trainer_on_one_two_and_three_ranks() {
     let owns = "training state sharded (full): this rank owns";
     let untrained = train_n(&JOB.replace("learning_rate = 1e-3", "learning_rate = 1e-12"), 1);
-    let untrained = untrained.path("out/checkpoint-1").join(WEIGHTS);
+    let untrained = masters(&state(&untrained.path("out/checkpoint-1")));
     for n in [1, 2, 3] {
         // With the clip at 1e-4, far below the gradient's norm, and with no clip at all, which
         // leaves the gradients' scale (the average over ranks) in the moments.
@@ -150,17 +211,26 @@ fn sharded_training_matches_the_unsharded_trainer_on_one_two_and_three_ranks() {
                     "N = {n}: the clip did not clip: {norms:?}"
                 );
             }
-            for f in [WEIGHTS, OPTIMIZER] {
-                let (d, at) =
-                    max_diff(&a.join("checkpoint-1").join(f), &b.join("checkpoint-1").join(f));
-                eprintln!("N = {n}, max_grad_norm {clip}: {f} differs by {d:e} at most: {at}");
-                assert!(d <= TOL, "N = {n}, max_grad_norm {clip}: {f} differs by {d:e} > {TOL:e}");
-                if n == 1 && clip == "1e9" {
-                    assert_eq!(d, 0.0, "one rank, no clip: the same sums in the same order");
-                }
+            let (sa, sb) = (state(&a.join("checkpoint-1")), state(&b.join("checkpoint-1")));
+            let (d, at) = max_diff(&sa, &sb);
+            eprintln!("N = {n}, max_grad_norm {clip}: the state differs by {d:e} at most: {at}");
+            assert!(d <= TOL, "N = {n}, max_grad_norm {clip}: differs by {d:e} > {TOL:e}");
+            if n == 1 && clip == "1e9" {
+                assert_eq!(d, 0.0, "one rank, no clip: the same sums in the same order");
+            }
+            // The exported transformer is the masters in bf16 (the default), under their
+            // diffusers names, and nothing else.
+            let export = tensors(&b.join("checkpoint-1").join(WEIGHTS));
+            assert_eq!(export.len(), masters(&sb).len());
+            for (name, values) in &export {
+                let master = &sb[&format!("master.{name}")];
+                assert!(
+                    values.iter().zip(master).all(|(e, m)| *e == bf16(*m)),
+                    "{name}: the export is not the master in bf16"
+                );
             }
             // The update moved the weights: the comparison is not of two untrained models.
-            let (moved, _) = max_diff(&a.join("checkpoint-1").join(WEIGHTS), &untrained);
+            let (moved, _) = max_diff(&masters(&sa), &untrained);
             assert!(moved > 0.5, "N = {n}: the weights hardly moved ({moved:e})");
         }
     }
@@ -184,11 +254,12 @@ fn a_sharded_job_resumes_bit_identically_and_on_another_world_size() {
     for (f, bytes) in &fa {
         assert!(bytes == &fb[f], "{} differs after the resume", f.display());
     }
-    // Written unit by unit: one shard per unit (1 root + 2 + 2 blocks) of weights and state.
+    // The export is written unit by unit: one shard per unit (1 root + 2 + 2 blocks); the
+    // state one file per rank.
     let shards =
         |prefix: &str| fa.keys().filter(|p| p.to_string_lossy().starts_with(prefix)).count();
     assert_eq!(shards("transformer/diffusion_pytorch_model-"), 5, "{:?}", fa.keys());
-    assert_eq!(shards("optimizer-"), 5, "{:?}", fa.keys());
+    assert_eq!(shards("optimizer/rank-"), 2, "{:?}", fa.keys());
     // The misspelled key of the reference's launch script, on 3 ranks, from the 2 ranks'
     // checkpoint: the state is cut again for 3 and training goes on from step 2.
     let wider = train_n(
@@ -205,8 +276,10 @@ fn a_sharded_job_resumes_bit_identically_and_on_another_world_size() {
     // One mean reward per iteration: 1-2 come from the checkpoint, 3-4 are trained by 3 ranks.
     assert_eq!(lines(&rewards).len(), 4, "{rewards}");
     assert_eq!(lines(&rewards)[..2], lines(&first)[..2], "the first two iterations are kept");
-    let (moved, _) =
-        max_diff(&c.join("checkpoint-4").join(WEIGHTS), &a.join("checkpoint-2").join(WEIGHTS));
+    let (moved, _) = max_diff(
+        &masters(&state(&c.join("checkpoint-4"))),
+        &masters(&state(&a.join("checkpoint-2"))),
+    );
     assert!(moved > 0.0, "3 ranks did not train after the resume");
     // The unsharded trainer reads a sharded job's checkpoint too (its shards and indexes).
     let plain = train_n(
@@ -218,8 +291,56 @@ fn a_sharded_job_resumes_bit_identically_and_on_another_world_size() {
     );
     assert!(plain.path("out/checkpoint-4").join(WEIGHTS).exists(), "{}", plain.logs());
     assert!(!plain.logs().contains("training state sharded"), "{}", plain.logs());
-    let state = tensors(&c.join("checkpoint-4").join(OPTIMIZER));
-    let steps = state["steps_taken"][0];
-    let before = tensors(&a.join("checkpoint-2").join(OPTIMIZER))["steps_taken"][0];
+    // From the sharded masters, exactly: it goes on as the sharded job does, within the
+    // tolerance of two sums in another order.
+    let (d, at) =
+        max_diff(&state(&a.join("checkpoint-4")), &state(&plain.path("out/checkpoint-4")));
+    assert!(d <= TOL, "the unsharded continuation differs by {d:e} > {TOL:e} at {at}");
+    let steps = state(&c.join("checkpoint-4"))["steps_taken"][0];
+    let before = state(&a.join("checkpoint-2"))["steps_taken"][0];
     assert!(steps > before, "the optimizer's step count went from {before} to {steps}");
+}
+
+/// Both rollout modes of a sharded job (`rollout_weights`): a replica gathered once per
+/// iteration, and a gather of each block for each forward (the default, `auto`, until the
+/// memory planner chooses). Two iterations, so that the second rollout reads the updated
+/// masters; on 2 and 3 ranks (3 pads every unit). The trajectories are the same bit for bit,
+/// so the rewards and the whole checkpoint are too.
+#[test]
+fn both_rollout_modes_give_bit_identical_trajectories() {
+    let job = "job_name = \"rollout-modes\"\nmax_train_steps = 2\ncheckpointing_steps = 2\n\
+               gradient_checkpointing = true\nfsdp_sharding_strategy = \"full\"\n";
+    let prefetched = |logs: &str| -> Vec<String> {
+        logs.lines()
+            .filter(|l| l.contains("gathers prefetched") && l.contains("rollout"))
+            .map(str::to_string)
+            .collect()
+    };
+    for n in [2, 3] {
+        let replica = train_n(&format!("{job}rollout_weights = \"replica\"\n"), n);
+        let gather = train_n(&format!("{job}rollout_weights = \"gather\"\n"), n);
+        let auto = train_n(job, n);
+        assert!(prefetched(&replica.logs()).is_empty(), "{}", replica.logs());
+        for (mode, c) in [("gather", &gather), ("auto", &auto)] {
+            let lines = prefetched(&c.logs());
+            // One report per rollout call, per rank; each block's gather after the first of a
+            // forward came from a prefetch.
+            assert!(lines.len() >= 2 * n as usize, "{mode}, N = {n}: {lines:?}");
+            assert!(
+                lines.iter().all(|l| !l.contains("sharded rollout: 0 of")),
+                "{mode}, N = {n}: {lines:?}"
+            );
+            let (a, b) = (replica.path("out"), c.path("out"));
+            assert_eq!(
+                read(&a.join("reward.txt")),
+                read(&b.join("reward.txt")),
+                "{mode}, N = {n}: the rewards differ"
+            );
+            let (fa, fb) = (files(&a.join("checkpoint-2")), files(&b.join("checkpoint-2")));
+            assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+            for (f, bytes) in &fa {
+                assert!(bytes == &fb[f], "{mode}, N = {n}: {} differs", f.display());
+            }
+        }
+    }
 }

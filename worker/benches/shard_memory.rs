@@ -15,8 +15,9 @@
 //! asks one side for one micro-step (every rank reads a line on stdin, rank 0 answers with its
 //! seconds), then the next, rotating who goes first, so that every sample of one side has a
 //! sample of the others taken a moment apart on the shared machine. At the end (stdin closed)
-//! our sharded ranks gather the rollout replica, as the trainer does after an update, and every
-//! rank reports its VmHWM after set-up and at the end, and after the imports or the group alone
+//! our sharded ranks gather the rollout replica when `DG_BENCH_REPLICA=1`, as the trainer does
+//! after an update under `rollout_weights = replica` (the default gathers per forward and
+//! keeps no replica), and every rank reports its VmHWM after set-up and at the end, and after the imports or the group alone
 //! (the baseline). `DG_BENCH_STEPS` turns (default 4) after one warm-up.
 
 use std::io::{BufRead, BufReader, Write};
@@ -145,7 +146,11 @@ fn rank_main(rank: u32, world: u32, port: u16, full: bool, prefetch: bool) {
         };
         steps += 1;
     }
-    if let Some(s) = &mut shard {
+    // `rollout_weights = replica` gathers the rollout's replica after the update; the default
+    // (`gather`, per forward) keeps only the root unit.
+    if let Some(s) =
+        shard.as_mut().filter(|_| std::env::var("DG_BENCH_REPLICA").is_ok_and(|v| v == "1"))
+    {
         s.gather_all(&opt, Some(&mut group)).unwrap();
     }
     println!(

@@ -166,6 +166,7 @@ impl Case {
                 let eta = self.settings.eta;
                 rollout_with_noise(
                     &self.m.model,
+                    &mut Resident,
                     &self.cond(),
                     &self.t["init_noise"],
                     &self.sched,

@@ -14,6 +14,7 @@ use tch::{Kind, Tensor};
 use crate::device::Device;
 use crate::dist::{Backend, Generations, GroupOptions, ProcessGroup, ReduceOp, Store};
 use crate::error::{Error, Result};
+use crate::train::trainer::{Place, Scored};
 use crate::train::{TrainError, Trainer};
 
 /// Everything the compute thread owns.
@@ -70,8 +71,17 @@ impl World {
     }
 
     /// This rank's place in the current world (rank 0 of 1 before any group is joined).
-    pub fn place(&self) -> crate::train::trainer::Place {
-        self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()))
+    pub fn place(&self) -> Place {
+        place_of(self.group.as_ref())
+    }
+
+    /// The step the trainer's weights are at, as GetWork wants it: `None` after an interrupted
+    /// update, and when its sharded state is cut for another place than this rank's in the
+    /// current world (a re-formed world renumbered it), so that the coordinator restores it.
+    pub fn ready_for(&mut self) -> Result<Option<u64>, TrainError> {
+        let place = self.place();
+        let t = self.loaded_trainer()?;
+        Ok(t.ready_for().filter(|_| t.sharded_place().is_none_or(|cut| cut == place)))
     }
 
     /// Restores the trainer to `step` from `dir`, its state cut for the current world.
@@ -88,12 +98,21 @@ impl World {
     ) -> Result<Option<std::path::PathBuf>, TrainError> {
         let trainer =
             self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
+        check_cut(trainer, place_of(self.group.as_ref()))?;
         trainer.save_checkpoint(step, trainer_state_json, self.group.as_mut())
     }
 
     /// The trainer built by [`World::trainer`].
     pub fn loaded_trainer(&mut self) -> Result<&mut Trainer, TrainError> {
         self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))
+    }
+
+    /// Rolls out `items` (over the current group when a sharded rollout gathers per forward).
+    pub fn rollout(&mut self, items: &[WorkItem]) -> Result<Scored, TrainError> {
+        let trainer =
+            self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
+        check_cut(trainer, place_of(self.group.as_ref()))?;
+        trainer.rollout(items, self.group.as_mut())
     }
 
     /// One update on this rank's trajectories, all-reducing over the current group.
@@ -107,13 +126,7 @@ impl World {
             self.trainer.as_mut().ok_or_else(|| TrainError::Invalid("no trainer loaded".into()))?;
         // Fault injection for the tests (`FAILPOINTS=train=1*panic(...)`); a no-op otherwise.
         fail::fail_point!("train");
-        let place = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
-        if let Some(cut) = trainer.sharded_place().filter(|&cut| cut != place) {
-            return Err(TrainError::Invalid(format!(
-                "the sharded state is cut for rank {} of {}, but this rank is {} of {}: a new                  world must restore a checkpoint first",
-                cut.0, cut.1, place.0, place.1
-            )));
-        }
+        check_cut(trainer, place_of(self.group.as_ref()))?;
         trainer.train(iteration, work, advantages, self.group.as_mut())
     }
 
@@ -137,7 +150,11 @@ impl World {
         let options = GroupOptions::default()
             .with_timeout(timeout)
             .abandon_when_superseded(generations.clone(), a.generation);
-        // The previous generation's group must go before its store can be replaced.
+        // The previous generation's group must go before its store can be replaced, and what
+        // the trainer holds of it before the group.
+        if let Some(t) = &mut self.trainer {
+            t.leave_group();
+        }
         self.group = None;
         let is_master = a.rank == 0;
         let reuse = match &self.store {
@@ -174,6 +191,24 @@ impl World {
         }
         self.group = Some(group);
         Ok(backend)
+    }
+}
+
+/// The place of a rank in `group`'s world (rank 0 of 1 without one).
+fn place_of(group: Option<&ProcessGroup>) -> Place {
+    group.map_or((0, 1), |g| (g.rank(), g.world_size()))
+}
+
+/// A sharded trainer's state must be cut for this rank's place before it takes part in the
+/// world's collectives.
+fn check_cut(trainer: &Trainer, place: Place) -> Result<(), TrainError> {
+    match trainer.sharded_place() {
+        Some(cut) if cut != place => Err(TrainError::Invalid(format!(
+            "the sharded state is cut for rank {} of {}, but this rank is {} of {}: a new world \
+             must restore a checkpoint first",
+            cut.0, cut.1, place.0, place.1
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -5,6 +5,7 @@
 mod flux_common;
 mod numerics;
 
+use dancegrpo_worker::flux::checkpoint::Resident;
 use dancegrpo_worker::flux::{FluxTransformer, WeightPolicy, load_flux};
 use dancegrpo_worker::sampler::rollout::{FirstStepMemo, rollout_with_noise};
 use dancegrpo_worker::sampler::{
@@ -110,7 +111,7 @@ fn rollout_matches_reference_trajectory() {
     let Setup { g, sched, eta } = setup();
     let m = model(WeightPolicy::Frozen(Kind::Float));
     let init = g["init_noise"].repeat([2, 1, 1]);
-    let tr = rollout_with_noise(&m, &cond(&g), &init, &sched, eta, None, |i| {
+    let tr = rollout_with_noise(&m, &mut Resident, &cond(&g), &init, &sched, eta, None, |i| {
         Ok(g["step_noise"].get(i as i64))
     })
     .unwrap();

@@ -46,10 +46,10 @@ fn a_prompt_index_outside_the_dataset_is_a_clear_error() {
     let mut t = Trainer::new(&cfg(&data), Device::Cpu, (0, 1)).unwrap();
     let item =
         |p| WorkItem { iteration: 0, prompt_index: p, group_id: 0, member_index: 0, seed: 1 };
-    let ok = t.rollout(&[item(15)]).unwrap();
+    let ok = t.rollout(&[item(15)], None).unwrap();
     assert_eq!(ok.len(), 1);
     assert!(ok[0].outcome.as_ref().is_ok_and(|v| v[0].is_finite()), "{ok:?}");
-    let e = t.rollout(&[item(16)]).unwrap_err().to_string();
+    let e = t.rollout(&[item(16)], None).unwrap_err().to_string();
     assert!(e.contains("prompt index 16 is outside the dataset of 16 prompts"), "{e}");
     assert!(e.contains("different datasets"), "{e}");
 }

@@ -167,9 +167,16 @@ fn rollouts(g: &Golden, model: &FluxTransformer) -> Vec<Trajectory> {
         .map(|m| {
             let noise = g.t["step_noise"].get(m as i64);
             let init = &g.t["init_noise"];
-            rollout_with_noise(model, &g.cond(), init, &g.sched, g.eta, Some(&mut memo), |i| {
-                Ok(noise.get(i as i64))
-            })
+            rollout_with_noise(
+                model,
+                &mut Resident,
+                &g.cond(),
+                init,
+                &g.sched,
+                g.eta,
+                Some(&mut memo),
+                |i| Ok(noise.get(i as i64)),
+            )
             .unwrap()
         })
         .collect()

@@ -87,7 +87,7 @@ impl BlockWeights for Resident {
 }
 
 /// The first single block, if there is one.
-fn first_single(count: usize) -> Option<Block> {
+pub(crate) fn first_single(count: usize) -> Option<Block> {
     (count > 0).then_some(Block::Single(0))
 }
 

@@ -9,6 +9,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use super::checkpoint::{Block, BlockWeights, Resident, first_single};
 use super::config::FluxConfig;
 use super::error::{ModelError, Result};
 use super::lora::{self, LoraAdapter, LoraSpec};
@@ -567,14 +568,31 @@ impl FluxTransformer {
 
     /// The full forward pass → velocity `[B, N, out_channels]` in the compute dtype.
     pub fn forward(&self, i: &FluxInputs<'_>) -> Result<Tensor> {
+        self.forward_with(i, &mut Resident)
+    }
+
+    /// [`Self::forward`] with each block's weights made present by `weights` just before it
+    /// runs (the next block's may start coming then) and released after it: a sharded
+    /// rollout's gather per forward. The stem's and the head's weights must be present.
+    pub fn forward_with(
+        &self,
+        i: &FluxInputs<'_>,
+        weights: &mut dyn BlockWeights,
+    ) -> Result<Tensor> {
         let Stem { mut x, mut c, temb, rope } = self.stem(i)?;
-        for blk in &self.double_blocks {
+        let (nd, ns) = (self.double_blocks.len(), self.single_blocks.len());
+        for (k, blk) in self.double_blocks.iter().enumerate() {
+            let next = if k + 1 < nd { Some(Block::Double(k + 1)) } else { first_single(ns) };
+            weights.gather(Block::Double(k), next)?;
             (x, c) = blk.forward(&x, &c, &temb, &rope)?;
+            weights.release(Block::Double(k))?;
         }
         let t = c.size()[1];
         let mut h = Tensor::f_cat(&[c, x], 1)?;
-        for blk in &self.single_blocks {
+        for (k, blk) in self.single_blocks.iter().enumerate() {
+            weights.gather(Block::Single(k), (k + 1 < ns).then_some(Block::Single(k + 1)))?;
             h = blk.forward(&h, &temb, &rope)?;
+            weights.release(Block::Single(k))?;
         }
         let x = h.f_narrow(1, t, h.size()[1] - t)?;
         self.head(&x, &temb)

@@ -33,6 +33,6 @@ pub enum SamplerError {
 
 /// The sampler's result.
 pub type Result<T, E = SamplerError> = std::result::Result<T, E>;
-pub use rollout::{Conditioning, Trajectory, recompute_log_prob, rollout};
+pub use rollout::{Conditioning, Trajectory, recompute_log_prob, rollout, rollout_with};
 pub use schedule::Schedule;
 pub use step::{Next, StepOut, sde_step};

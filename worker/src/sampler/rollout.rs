@@ -65,15 +65,16 @@ fn with_inputs<T, E: From<SamplerError>>(
     })
 }
 
-/// The velocity at `z` for step `i`.
+/// The velocity at `z` for step `i`, with the blocks' weights from `weights`.
 fn velocity(
     model: &FluxTransformer,
+    weights: &mut dyn BlockWeights,
     cond: &Conditioning<'_>,
     z: &Tensor,
     sched: &Schedule,
     i: usize,
 ) -> Result<Tensor> {
-    with_inputs(model, cond, z, sched, i, |inputs| Ok(model.forward(inputs)?))
+    with_inputs(model, cond, z, sched, i, |inputs| Ok(model.forward_with(inputs, weights)?))
 }
 
 /// The first step's velocity of the last trajectory rolled out, kept for the next one.
@@ -127,7 +128,7 @@ impl FirstStepMemo {
                 return Ok(e.velocity.shallow_clone());
             }
         }
-        let v = velocity(model, cond, z, sched, 0)?;
+        let v = velocity(model, &mut Resident, cond, z, sched, 0)?;
         self.entry = Some(MemoEntry {
             inputs: inputs.map(Tensor::shallow_clone),
             guidance: cond.guidance,
@@ -141,8 +142,11 @@ impl FirstStepMemo {
 /// Samples `B` trajectories from the initial latents `init` `[B, N, C]` with the SDE. `noise(i)`
 /// gives the standard normal noise `[B, N, C]` of transition `i`. Runs without grad. With a
 /// `memo`, the first forward is shared with the previous trajectory when its inputs are equal.
+/// The blocks' weights come from `weights` ([`Resident`]: the model's own).
+#[allow(clippy::too_many_arguments)]
 pub fn rollout_with_noise(
     model: &FluxTransformer,
+    weights: &mut dyn BlockWeights,
     cond: &Conditioning<'_>,
     init: &Tensor,
     sched: &Schedule,
@@ -158,7 +162,7 @@ pub fn rollout_with_noise(
     for i in 0..sched.steps() {
         let v = match memo.as_deref_mut() {
             Some(m) if i == 0 => m.velocity(model, cond, &z, sched)?,
-            _ => velocity(model, cond, &z, sched, i)?,
+            _ => velocity(model, weights, cond, &z, sched, i)?,
         };
         let n = noise(i)?.f_to_other(&z, false, false)?;
         let out = sde_step(&v, &z, sched, i, eta, Next::Noise(&n))?;
@@ -186,6 +190,22 @@ pub fn rollout(
     init_same_noise: bool,
     memo: Option<&mut FirstStepMemo>,
 ) -> Result<Trajectory> {
+    rollout_with(model, &mut Resident, cond, keys, sched, eta, init_same_noise, memo)
+}
+
+/// [`rollout`] with the blocks' weights from `weights` (a sharded rollout's gather per
+/// forward). A memo would skip a forward on one rank only, so a gathering caller passes none.
+#[allow(clippy::too_many_arguments)]
+pub fn rollout_with(
+    model: &FluxTransformer,
+    weights: &mut dyn BlockWeights,
+    cond: &Conditioning<'_>,
+    keys: &[NoiseKey],
+    sched: &Schedule,
+    eta: f64,
+    init_same_noise: bool,
+    memo: Option<&mut FirstStepMemo>,
+) -> Result<Trajectory> {
     let n = cond.img_ids.size()[0];
     let c = model.config().in_channels;
     if keys.len() as i64 != cond.encoder_hidden_states.size()[0] {
@@ -202,7 +222,7 @@ pub fn rollout(
         false,
         false,
     )?;
-    rollout_with_noise(model, cond, &init, sched, eta, memo, |i| {
+    rollout_with_noise(model, weights, cond, &init, sched, eta, memo, |i| {
         let rows: Vec<Tensor> = keys.iter().map(|k| k.step(i, n, c)).collect::<Result<_>>()?;
         Ok(Tensor::f_stack(&rows, 0)?)
     })
@@ -219,7 +239,7 @@ pub fn recompute_log_prob(
     i: usize,
     eta: f64,
 ) -> Result<Tensor> {
-    let v = velocity(model, cond, z, sched, i)?;
+    let v = velocity(model, &mut Resident, cond, z, sched, i)?;
     Ok(sde_step(&v, z, sched, i, eta, Next::Given(z_next))?.log_prob)
 }
 

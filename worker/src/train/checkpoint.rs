@@ -430,6 +430,12 @@ where
     Ok(dest)
 }
 
+/// The temporary folder [`write_checkpoint`] of process `pid` fills for `step`: a sharded
+/// job's other ranks write their parts into rank 0's.
+pub fn tmp_dir(output_dir: &Path, step: u64, pid: u32) -> PathBuf {
+    layout::tmp_dir(output_dir, step, pid)
+}
+
 /// Removes what writers killed mid-write left in `output_dir`: every `.checkpoint-<N>.tmp-<pid>`
 /// of another process (only rank 0 writes checkpoints, one at a time), and every
 /// `.checkpoint-<N>.old-<pid>` whose `checkpoint-<N>` exists. An `.old` folder without its

@@ -12,6 +12,7 @@ use dancegrpo_proto::{Advantages, JobConfig, RankAssignment, Reason, WorkItem};
 use crate::compute::ComputeThread;
 use crate::error::{Error, Result};
 use crate::flux::ModelError;
+use crate::sampler::SamplerError;
 use crate::session::{Session, forgotten};
 use crate::world::World;
 
@@ -87,9 +88,9 @@ pub async fn run(
 fn compute_err(e: super::TrainError) -> Error {
     match e {
         // Kept apart: a peer that died mid-collective pauses this rank, it does not end it.
-        super::TrainError::Dist(d) | super::TrainError::Model(ModelError::Dist(d)) => {
-            Error::Dist(d)
-        }
+        super::TrainError::Dist(d)
+        | super::TrainError::Model(ModelError::Dist(d))
+        | super::TrainError::Sampler(SamplerError::Model(ModelError::Dist(d))) => Error::Dist(d),
         other => Error::Compute(other.to_string()),
     }
 }
@@ -110,10 +111,7 @@ async fn iterate(
             .map_err(compute_err)?;
     }
     loop {
-        let ready_for = compute
-            .run(|w: &mut World| w.loaded_trainer().map(|t| t.ready_for()))
-            .await?
-            .map_err(compute_err)?;
+        let ready_for = compute.run(|w: &mut World| w.ready_for()).await?.map_err(compute_err)?;
         let work = loop {
             match session.get_work(ready_for, generation, checkpointed).await {
                 Ok(w) => break w,
@@ -208,10 +206,7 @@ async fn rollout(
     compute: &ComputeThread<World>,
     items: Vec<WorkItem>,
 ) -> Result<super::trainer::Scored> {
-    compute
-        .run(move |w: &mut World| w.loaded_trainer()?.rollout(&items))
-        .await?
-        .map_err(compute_err)
+    compute.run(move |w: &mut World| w.rollout(&items)).await?.map_err(compute_err)
 }
 
 /// GetAdvantages, asked again while the coordinator's long poll runs out (other ranks are

@@ -20,6 +20,8 @@ pub mod persist;
 pub mod policy;
 /// FSDP's FULL_SHARD: the training state cut into per-block slices over the ranks.
 pub mod shard;
+/// A sharded checkpoint's optimizer folder: each rank's slices and their layout.
+pub mod shard_files;
 /// The PPO-clip update: transition subsets, accumulation, all-reduce, clip, AdamW.
 pub mod step;
 /// One rank's rollout, scoring and update.

@@ -5,8 +5,9 @@
 //!   transformer/diffusion_pytorch_model.safetensors + config.json   (full fine-tune; diffusers)
 //!   adapter_model.safetensors + adapter_config.json                  (LoRA; PEFT)
 //!   optimizer.safetensors                                            (AdamW moments + step)
-//!   (sharded jobs: transformer/ and optimizer as diffusers-style shards, one per unit,
-//!    each with its `.index.json`; see `crate::train::shard`)
+//!   (sharded jobs: transformer/ as diffusers shards, one per unit, bf16 by default, with
+//!    its index; optimizer/ with each rank's f32 slices and layout.json instead of
+//!    optimizer.safetensors; see `crate::train::shard_files`)
 //!   trainer_state.json                                               (coordinator: cursor, step,
 //!                                                                     reward history)
 //!   rng_state.json                                                   (how the noise is keyed)

@@ -28,11 +28,12 @@
 //! - **Rollout.** Sampling runs on a replica of the whole model in the forward's dtype,
 //!   gathered once after each update (SHARDING.md's replica mode), so a rank rolls out without
 //!   its peers; the replica is dropped while the update runs.
-//! - **Checkpoints** are written unit by unit from the f32 masters ([`Sharded::save`]): the
-//!   transformer as a sharded diffusers folder and the optimizer state under
-//!   [`AdamW::save`]'s keys, both with an index, by rank 0. A restore on any N reads them and
-//!   cuts its slices again, so a resume into another world size is the same read as a resume
-//!   into the same one.
+//! - **Checkpoints** ([`Sharded::save`]): each rank writes its own f32 slices of the masters
+//!   and moments ([`super::shard_files`]); the transformer is exported as a diffusers folder,
+//!   one unit at a time, in bf16 unless `export_weight_type = fp32`. A restore on any N reads
+//!   the elements it owns under its own layout from the slices that cover them, so a resume
+//!   into another world size is the same read as a resume into the same one, and bit-exact
+//!   (the masters are saved, not the export).
 //!
 //! Cost at FLUX.1-dev size (P = 11.90 B, N = 8), per rank:
 //! - the sharded state is 16P/N = 22.2 GiB;
@@ -45,8 +46,9 @@
 //! - one reduce-scatter of its f32 gradient per transition;
 //! - one all-gather for the replica.
 //!
-//! Each of those is about (N−1)/N of the model's bytes. A checkpoint gathers one unit at a
-//! time.
+//! Each of those is about (N−1)/N of the model's bytes. A checkpoint gathers the model once,
+//! in the export dtype (2P bytes in bf16), one unit at a time, and each rank writes its 16P/N
+//! bytes of state in parallel (22.2 GiB per rank at N = 8).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,10 +58,8 @@ use tch::{Kind, Tensor};
 
 use super::TrainError;
 use super::checkpoint::{shard_file, write_index, write_safetensors, write_transformer_config};
-use super::optim::{
-    AdamW, STEPS_KEY, check_keys, clear_grad, clip_coefficient, read_step, step_tensor,
-};
-use super::persist::OPTIMIZER;
+use super::optim::{AdamW, STEPS_KEY, check_keys, clear_grad, clip_coefficient, read_step};
+use super::shard_files::{self, OPTIMIZER_DIR, SavedLayout, SavedShards};
 use crate::dist::{Pending, ProcessGroup, ReduceOp};
 use crate::flux::FluxConfig;
 use crate::flux::ModelError;
@@ -68,9 +68,6 @@ use crate::flux::weights::TensorSet;
 
 /// A weight's name and shape.
 type Shape = (String, Vec<i64>);
-
-/// The stem of the optimizer state's shards (`optimizer-00001-of-00058.safetensors`).
-const OPTIMIZER_STEM: &str = "optimizer";
 
 /// One unit of the flat layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -364,14 +361,7 @@ impl Sharded {
                 }
             };
             self.communication_s += start.elapsed().as_secs_f64();
-            let unit = &self.layout.units[u];
-            let mut offset = 0;
-            for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
-                let n: i64 = shape.iter().product();
-                var.f_set_data(&full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
-                offset += n;
-            }
-            self.present[u] = true;
+            self.show(u, &full)?;
         }
         let next = next.filter(|&n| self.prefetch && !self.present[n] && self.pending.is_none());
         if let (Some(n), Some(g)) = (next, group.filter(|_| self.layout.world > 1)) {
@@ -416,17 +406,21 @@ impl Sharded {
     fn reduce(&mut self, u: usize, group: Option<&mut ProcessGroup>) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
         let unit = &self.layout.units[u];
-        let grads: Vec<Tensor> = self.vars[u]
-            .iter()
-            .map(|v| {
-                let g = v.grad();
-                if g.defined() { Ok(g) } else { Ok(v.f_zeros_like()?) }
-            })
-            .collect::<Result<_, TrainError>>()?;
-        let full = padded_cat(&grads, unit.padded(self.layout.world), &self.grads[u])?;
-        drop(grads);
-        for v in &self.vars[u] {
+        // One padded f32 buffer that each gradient is copied (and cast) into, and dropped
+        // after: 4 bytes per weight of the unit at the peak, beyond the gradients themselves.
+        let acc = &self.grads[u];
+        let full =
+            acc.f_new_zeros([unit.padded(self.layout.world)], (Kind::Float, acc.device()))?;
+        let mut offset = 0;
+        for (v, (_, shape)) in self.vars[u].iter().zip(&unit.params) {
+            let n: i64 = shape.iter().product();
+            let g = v.grad();
+            if g.defined() {
+                full.f_narrow(0, offset, n)?.f_copy_(&g.f_reshape([-1])?)?;
+            }
+            drop(g);
             clear_grad(v)?;
+            offset += n;
         }
         let mine = match group {
             Some(g) if self.layout.world > 1 => {
@@ -442,8 +436,28 @@ impl Sharded {
         Ok(())
     }
 
+    /// Forgets a prefetch of a group that is going away (a re-formed world): whatever it
+    /// waits for is not wanted. Its work is waited for as it drops, which a broken group
+    /// ends at once or at its timeout.
+    pub fn forget_pending(&mut self) {
+        if let Some((u, work)) = self.pending.take() {
+            tracing::debug!(unit = u, "a prefetch of the old group is dropped");
+            drop(work);
+        }
+    }
+
+    /// Finishes and drops a prefetch left by a pass that ended early (an error): its unit's
+    /// master may change, and every rank's next gather must be a fresh one.
+    fn drain(&mut self) -> Result<(), TrainError> {
+        if let Some((_, work)) = self.pending.take() {
+            drop(work.wait()?);
+        }
+        Ok(())
+    }
+
     /// Frees every block's weights (before the update); the root unit stays.
     pub fn release_blocks(&mut self) -> Result<(), TrainError> {
+        self.drain()?;
         for u in 1..self.layout.units.len() {
             self.release(u)?;
         }
@@ -460,6 +474,28 @@ impl Sharded {
             self.gather(u, None, opt, group.as_deref_mut())?;
         }
         Ok(())
+    }
+
+    /// Σ of each weight in f64, by name, from its gathered values (the replica's): each unit
+    /// is gathered in turn and a block's weights go again after, so no more than one unit is
+    /// there beyond the root.
+    pub fn sums(
+        &mut self,
+        opt: &AdamW,
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<BTreeMap<String, f64>, TrainError> {
+        let mut out = BTreeMap::new();
+        for u in 0..self.layout.units.len() {
+            let was = self.present[u];
+            self.gather(u, None, opt, group.as_deref_mut())?;
+            for (v, (name, _)) in self.vars[u].iter().zip(&self.layout.units[u].params) {
+                out.insert(name.clone(), v.f_sum(Kind::Double)?.f_double_value(&[])?);
+            }
+            if !was && u > 0 {
+                self.release(u)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Drops every gradient, full and sharded.
@@ -483,6 +519,7 @@ impl Sharded {
         mut group: Option<&mut ProcessGroup>,
         max_norm: f64,
     ) -> Result<f64, TrainError> {
+        self.drain()?;
         let total = {
             let _guard = tch::no_grad_guard();
             let norm = |t: &Tensor| t.f_linalg_norm(2.0, None::<i64>, false, None);
@@ -511,80 +548,178 @@ impl Sharded {
         Ok(total)
     }
 
-    /// Writes the trained state unit by unit, so that no rank ever holds more than one unit's
-    /// weights and moments: every rank takes part in each unit's gathers, and rank 0 (the one
-    /// given `out`) writes the unit as one shard of two file sets:
-    /// - `transformer/diffusion_pytorch_model-0000u-of-000U.safetensors` (the f32 weights under
-    ///   their diffusers names), with diffusers' index and `config.json`: a diffusers folder;
-    /// - `optimizer-0000u-of-000U.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`,
-    ///   `step.<name>`, and `steps_taken` in the first), with `optimizer.safetensors.index.json`:
-    ///   [`AdamW::save`]'s keys, which the unsharded trainer reads as well.
+    /// Writes this rank's part of a checkpoint into `dir` (the checkpoint's temporary folder,
+    /// the same path on every rank; rank 0 made `dir/optimizer`):
+    /// - every rank its own slices, `optimizer/rank-RRRRR-of-NNNNN.safetensors`
+    ///   ([`shard_files`](super::shard_files)), with no collective;
+    /// - the transformer as a diffusers folder in `export` (bf16 by default), one shard per
+    ///   unit with its index: each unit is all-gathered in `export` in turn and rank 0 writes
+    ///   it, so no rank holds more than one unit beyond its own state;
+    /// - rank 0 `optimizer/layout.json`.
+    ///
+    /// A rank whose write fails still joins every collective, and a last all-reduce tells all
+    /// of them: every rank returns the error, and rank 0 publishes nothing.
     pub fn save(
         &self,
         opt: &AdamW,
         mut group: Option<&mut ProcessGroup>,
-        out: Option<(&Path, &FluxConfig)>,
+        dir: &Path,
+        cfg: &FluxConfig,
+        export: Kind,
     ) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
         let world = self.layout.world;
         let units = self.layout.units.len();
-        let transformer = out.map(|(dir, cfg)| write_transformer_config(dir, cfg)).transpose()?;
-        let (mut weight_map, mut state_map) = (BTreeMap::new(), BTreeMap::new());
-        let (mut weight_bytes, mut state_bytes) = (0u64, 0u64);
-        for (u, (unit, state)) in self.layout.units.iter().zip(opt.state()).enumerate() {
-            let mut gather =
-                |t: &Tensor| gather_flat(t, unit.padded(world), world, group.as_deref_mut());
-            let master = gather(&opt.params()[u].1)?;
-            let avg = gather(&state.exp_avg)?;
-            let sq = gather(&state.exp_avg_sq)?;
-            let (Some((dir, _)), Some(tdir)) = (out, &transformer) else { continue };
-            let (mut weights, mut moments) = (Vec::new(), Vec::new());
-            let mut offset = 0;
-            for (name, shape) in &unit.params {
-                let n: i64 = shape.iter().product();
-                let part = |t: &Tensor| t.f_narrow(0, offset, n)?.f_view(shape.as_slice());
-                weights.push((name.clone(), part(&master)?));
-                moments.push((format!("exp_avg.{name}"), part(&avg)?));
-                moments.push((format!("exp_avg_sq.{name}"), part(&sq)?));
-                moments.push((format!("step.{name}"), step_tensor(state.step)?));
-                offset += n;
+        let lead = self.rank == 0;
+        if self.pending.is_some() {
+            // Never on the normal path (a pass ends with no prefetch); the same on every rank.
+            return Err(TrainError::Invalid("a checkpoint while a prefetch is pending".into()));
+        }
+        let mut failed: Option<TrainError> = None;
+        // The first error of this rank; it goes on joining the collectives.
+        fn keep(r: Result<(), TrainError>, failed: &mut Option<TrainError>) {
+            if let (Err(e), None) = (r, &failed) {
+                *failed = Some(e);
             }
-            if u == 0 {
-                moments.push((STEPS_KEY.to_string(), step_tensor(opt.steps_taken())?));
-            }
-            for (set, file, map, bytes, dir) in [
-                (
-                    &weights,
-                    shard_file("diffusion_pytorch_model", u, units),
-                    &mut weight_map,
-                    &mut weight_bytes,
-                    tdir.as_path(),
-                ),
-                (
-                    &moments,
-                    shard_file(OPTIMIZER_STEM, u, units),
-                    &mut state_map,
-                    &mut state_bytes,
-                    dir,
-                ),
-            ] {
-                write_safetensors(&dir.join(&file), set)?;
-                for (key, t) in set {
-                    map.insert(key.clone(), file.clone());
-                    *bytes += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        }
+        let optimizer = dir.join(OPTIMIZER_DIR);
+        let slices: Vec<[&Tensor; 3]> = opt
+            .params()
+            .iter()
+            .zip(opt.state())
+            .map(|((_, m), s)| [m, &s.exp_avg, &s.exp_avg_sq])
+            .collect();
+        keep(
+            shard_files::write_rank(&optimizer, self.rank, world, &self.layout.units, &slices)
+                .map(drop),
+            &mut failed,
+        );
+        let transformer = if lead {
+            let t = write_transformer_config(dir, cfg);
+            let d = t.as_ref().ok().cloned();
+            keep(t.map(drop).map_err(TrainError::from), &mut failed);
+            d
+        } else {
+            None
+        };
+        let (mut weight_map, mut weight_bytes) = (BTreeMap::new(), 0u64);
+        for (u, unit) in self.layout.units.iter().enumerate() {
+            let src = cast(&opt.params()[u].1, export)?;
+            let full = gather_flat(&src, unit.padded(world), world, group.as_deref_mut())?;
+            drop(src);
+            let Some(tdir) = transformer.as_ref().filter(|_| failed.is_none()) else { continue };
+            let mut write = || -> Result<(), TrainError> {
+                let mut weights = Vec::with_capacity(unit.params.len());
+                let mut offset = 0;
+                for (name, shape) in &unit.params {
+                    let n: i64 = shape.iter().product();
+                    weights.push((
+                        name.clone(),
+                        full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?,
+                    ));
+                    offset += n;
                 }
+                let file = shard_file("diffusion_pytorch_model", u, units);
+                write_safetensors(&tdir.join(&file), &weights)?;
+                for (key, t) in &weights {
+                    weight_map.insert(key.clone(), file.clone());
+                    weight_bytes += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+                }
+                Ok(())
+            };
+            let r = write();
+            keep(r, &mut failed);
+        }
+        if let Some(tdir) = transformer.as_ref().filter(|_| failed.is_none()) {
+            let r = write_index(&tdir.join(DIFFUSERS_INDEX), &weight_map, weight_bytes)
+                .map_err(TrainError::from)
+                .and_then(|()| {
+                    let steps: Vec<u64> = opt.state().iter().map(|s| s.step).collect();
+                    SavedLayout::new(&self.layout, &steps, opt.steps_taken()).write(&optimizer)
+                });
+            keep(r, &mut failed);
+        }
+        // Everyone learns whether anyone failed.
+        let mut bad = 0.0;
+        if let Some(g) = group.filter(|_| world > 1) {
+            let mut t = Tensor::from_slice(&[if failed.is_some() { 1f32 } else { 0.0 }]);
+            if let Some((_, m)) = opt.params().first() {
+                t = t.f_to_device(m.device())?;
             }
+            g.all_reduce(&mut t, ReduceOp::Sum)?;
+            bad = t.f_double_value(&[0])?;
         }
-        if let (Some((dir, _)), Some(tdir)) = (out, &transformer) {
-            write_index(&tdir.join(DIFFUSERS_INDEX), &weight_map, weight_bytes)?;
-            write_index(&dir.join(format!("{OPTIMIZER}.index.json")), &state_map, state_bytes)?;
+        match failed {
+            Some(e) => Err(e),
+            None if bad > 0.0 => Err(TrainError::Io(format!(
+                "{} of {world} ranks could not write their part of the checkpoint in {}",
+                bad as u32,
+                dir.display()
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// Sets unit `u`'s variables to views of `full` (its padded flat weights).
+    fn show(&mut self, u: usize, full: &Tensor) -> Result<(), TrainError> {
+        let unit = &self.layout.units[u];
+        let mut offset = 0;
+        for (var, (_, shape)) in self.vars[u].iter_mut().zip(&unit.params) {
+            let n: i64 = shape.iter().product();
+            var.f_set_data(&full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?)?;
+            offset += n;
+        }
+        self.present[u] = true;
         Ok(())
     }
 
-    /// Restores this rank's slices from an optimizer state written by [`AdamW::save`] or
-    /// [`Self::save`] (one file or its shards, by any world size). Every key must be there
-    /// with its shape, and the steps of a unit's weights agree.
+    /// Restores this rank's slices (masters and moments) from a sharded checkpoint written by
+    /// any world size, reading only the files that cover them. The variables become the
+    /// replica again (read from the saved masters, unit by unit) when `replica`, else only
+    /// the root unit is there; no collective runs, so one rank may restore alone.
+    pub fn load_saved(
+        &mut self,
+        opt: &mut AdamW,
+        saved: &SavedShards,
+        replica: bool,
+    ) -> Result<(), TrainError> {
+        saved.check(&self.layout)?;
+        let _guard = tch::no_grad_guard();
+        self.drain()?;
+        for u in 0..self.layout.units.len() {
+            let (shard, numel) = (self.layout.units[u].shard, self.layout.units[u].numel);
+            let start = i64::from(self.rank) * shard;
+            let read = |key: &str, dst: &Tensor| -> Result<(), TrainError> {
+                dst.shallow_clone().f_copy_(&saved.range(u, key, start, shard)?)?;
+                Ok(())
+            };
+            read("master", &opt.params()[u].1)?;
+            let state = &mut opt.state_mut()[u];
+            read("exp_avg", &state.exp_avg)?;
+            read("exp_avg_sq", &state.exp_avg_sq)?;
+            state.step = saved.layout.units[u].step;
+            self.present[u] = false;
+            let master = opt.params()[u].1.shallow_clone();
+            if self.layout.world == 1 {
+                // One rank's variables view the master itself (or its cast).
+                self.show(u, &cast(&master, self.kind)?)?;
+            } else if replica || u == 0 {
+                let full =
+                    saved.range(u, "master", 0, self.layout.units[u].padded(self.layout.world))?;
+                debug_assert!(full.numel() as i64 >= numel);
+                let full = cast(&full.f_to_device(master.device())?, self.kind)?;
+                self.show(u, &full)?;
+            } else {
+                self.release(u)?;
+            }
+        }
+        opt.set_steps_taken(saved.layout.steps_taken);
+        Ok(())
+    }
+
+    /// Restores this rank's moments from an unsharded job's optimizer state ([`AdamW::save`]:
+    /// one file, or its shards with an index); the masters are the weights it was cut from.
+    /// Every key must be there with its shape, and the steps of a unit's weights agree.
     pub fn load(&self, opt: &mut AdamW, path: &Path) -> Result<(), TrainError> {
         let file = TensorSet::open(path)?;
         let mut expected = BTreeMap::new();
@@ -635,6 +770,37 @@ impl Sharded {
         opt.set_steps_taken(read_step(&file, STEPS_KEY)?);
         Ok(())
     }
+}
+
+/// The unsharded trainer's restore from a sharded checkpoint (any world size): each weight's
+/// master and moments, read one unit at a time, into `opt` (over the whole model).
+pub fn load_unsharded(opt: &mut AdamW, saved: &SavedShards) -> Result<(), TrainError> {
+    let shapes: Vec<Shape> = opt.params().iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    saved.check(&Layout::new(&shapes, 1)?)?;
+    let index: BTreeMap<String, usize> =
+        shapes.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+    let _guard = tch::no_grad_guard();
+    for (u, unit) in saved.layout.units.iter().enumerate() {
+        for key in shard_files::KEYS {
+            let full = saved.range(u, key, 0, unit.numel)?;
+            let mut offset = 0;
+            for (name, shape) in &unit.params {
+                let n: i64 = shape.iter().product();
+                let part = full.f_narrow(0, offset, n)?.f_view(shape.as_slice())?;
+                offset += n;
+                let i = index[name];
+                let mut dst = match key {
+                    "master" => opt.params()[i].1.shallow_clone(),
+                    "exp_avg" => opt.state()[i].exp_avg.shallow_clone(),
+                    _ => opt.state()[i].exp_avg_sq.shallow_clone(),
+                };
+                dst.f_copy_(&part)?;
+                opt.state_mut()[i].step = unit.step;
+            }
+        }
+    }
+    opt.set_steps_taken(saved.layout.steps_taken);
+    Ok(())
 }
 
 /// The blocks' weights during one update: gathered from, and reduced into, a [`Sharded`].
@@ -793,61 +959,81 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&masters[3].1).unwrap(), [7., 0., 0.]);
     }
 
-    /// A state written unit by unit (one rank's, no group needed): the files hold the
-    /// unsharded keys, come back exactly, and a shard with a misshapen tensor is refused
-    /// naming the tensor, its file and both shapes.
+    /// A state written by one rank (no group needed) comes back exactly, re-cut for rank 2
+    /// of 3 too; the export is bf16 when asked; a misshapen slice and a changed model are
+    /// refused naming the tensor, the file and both shapes.
     #[test]
-    fn a_state_written_unit_by_unit_comes_back_and_a_misshapen_tensor_is_named() {
+    fn a_saved_state_comes_back_on_any_world_size_and_bad_files_are_named() {
         let w = tensors(1.0);
         let (s, masters) = Sharded::cut(&w, 0, 1, Kind::Float).unwrap();
         let mut opt = AdamW::over(masters, Default::default()).unwrap();
         let grads: Vec<Tensor> = opt.params().iter().map(|(_, p)| p.ones_like()).collect();
         opt.step_with(&grads).unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join(OPTIMIZER_DIR)).unwrap();
         let cfg = crate::train::policy::tiny_flux_config();
-        s.save(&opt, None, Some((dir.path(), &cfg))).unwrap();
-        assert!(
-            dir.path()
-                .join("transformer/diffusion_pytorch_model-00001-of-00004.safetensors")
-                .is_file()
-        );
-        assert!(dir.path().join("transformer").join(DIFFUSERS_INDEX).is_file());
-        let path = dir.path().join(OPTIMIZER);
-        let (s2, masters2) = Sharded::cut(&w, 0, 1, Kind::Float).unwrap();
-        let mut back = AdamW::over(masters2, Default::default()).unwrap();
-        s2.load(&mut back, &path).unwrap();
+        s.save(&opt, None, d, &cfg, Kind::BFloat16).unwrap();
+        let shard0 = d.join("transformer/diffusion_pytorch_model-00001-of-00004.safetensors");
+        let export = crate::flux::weights::SafetensorsFile::open(&shard0).unwrap();
+        assert_eq!(export.tensor("proj_out.bias").unwrap().kind(), Kind::BFloat16);
+        assert!(d.join("transformer").join(DIFFUSERS_INDEX).is_file());
+        assert!(d.join("optimizer/layout.json").is_file());
+        let saved = SavedShards::open(d).unwrap();
+        assert_eq!((saved.layout.world, saved.layout.steps_taken), (1, 1));
+        // Back on one rank, from other weights: the masters, the moments, the steps.
+        let (mut s1, m1) = Sharded::cut(&tensors(2.0), 0, 1, Kind::Float).unwrap();
+        let mut back = AdamW::over(m1, Default::default()).unwrap();
+        s1.load_saved(&mut back, &saved, true).unwrap();
         assert_eq!(back.steps_taken(), 1);
-        for (a, b) in opt.state().iter().zip(back.state()) {
+        for (u, (a, b)) in opt.state().iter().zip(back.state()).enumerate() {
+            assert!(opt.params()[u].1.equal(&back.params()[u].1), "master {u}");
             assert!(a.exp_avg.equal(&b.exp_avg) && a.exp_avg_sq.equal(&b.exp_avg_sq));
             assert_eq!((a.step, b.step), (1, 1));
         }
-        // transformer_blocks.0 is unit 2 of 4: its shard gets a tensor of the wrong shape.
-        let shard = dir.path().join("optimizer-00002-of-00004.safetensors");
-        let wrong = vec![
-            (
-                "exp_avg.transformer_blocks.0.a".to_string(),
-                Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)),
-            ),
-            (
-                "exp_avg_sq.transformer_blocks.0.a".to_string(),
-                Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)),
-            ),
-            ("step.transformer_blocks.0.a".to_string(), step_tensor(1).unwrap()),
-            (
-                "exp_avg.transformer_blocks.0.b".to_string(),
-                Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
-            ),
-            (
-                "exp_avg_sq.transformer_blocks.0.b".to_string(),
-                Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
-            ),
-            ("step.transformer_blocks.0.b".to_string(), step_tensor(1).unwrap()),
-        ];
-        write_safetensors(&shard, &wrong).unwrap();
-        let e = s2.load(&mut back, &path).unwrap_err().to_string();
+        // Rank 2 of 3 gets the slices a cut of the trained weights for it would give.
+        let trained: Vec<(String, Tensor)> = {
+            let mut s0 = s;
+            s0.gather_all(&opt, None).unwrap();
+            w.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect()
+        };
+        let (_, want) = Sharded::cut(&trained, 2, 3, Kind::Float).unwrap();
+        let (mut s3, m3) = Sharded::cut(&tensors(3.0), 2, 3, Kind::Float).unwrap();
+        let mut three = AdamW::over(m3, Default::default()).unwrap();
+        s3.load_saved(&mut three, &saved, false).unwrap();
+        for ((name, a), (_, b)) in want.iter().zip(three.params()) {
+            assert!(a.equal(b), "{name}: rank 2 of 3 got another slice");
+        }
+        // The unsharded trainer's whole weights.
+        let plain: Vec<(String, Tensor)> =
+            tensors(4.0).into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+        let mut whole = AdamW::over(plain, Default::default()).unwrap();
+        load_unsharded(&mut whole, &saved).unwrap();
+        for ((name, a), (_, b)) in trained.iter().zip(whole.params()) {
+            assert!(a.equal(b), "{name}: the unsharded restore differs");
+        }
+        // transformer_blocks.0 (7 elements) gets a first moment of 4 in the rank's file.
+        let file = d.join("optimizer").join(shard_files::rank_file(0, 1));
+        let st = crate::flux::weights::SafetensorsFile::open(&file).unwrap();
+        let mut all: Vec<(String, Tensor)> = st.read_all().unwrap().into_iter().collect();
+        for (k, t) in &mut all {
+            if k == "exp_avg.transformer_blocks.0" {
+                *t = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+            }
+        }
+        drop(st);
+        write_safetensors(&file, &all).unwrap();
+        let e = SavedShards::open(d).unwrap_err().to_string();
         for needle in
-            ["exp_avg.transformer_blocks.0.a", "optimizer-00002-of-00004.safetensors", "[3]", "[4]"]
+            ["exp_avg.transformer_blocks.0", "rank-00000-of-00001.safetensors", "[7]", "[4]"]
         {
+            assert!(e.contains(needle), "{needle} missing from: {e}");
+        }
+        // A model whose weight changed shape since the save.
+        let mut p = params();
+        p[3].1 = vec![5];
+        let e = saved.check(&Layout::new(&p, 2).unwrap()).unwrap_err().to_string();
+        for needle in ["transformer_blocks.0.a", "layout.json", "[3]", "[5]"] {
             assert!(e.contains(needle), "{needle} missing from: {e}");
         }
     }

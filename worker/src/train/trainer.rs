@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dancegrpo_proto::advantage::{MAX_ABS_REWARD, usable_reward};
-use dancegrpo_proto::config::{MultiRewardMix, ShardingStrategy};
+use dancegrpo_proto::config::{MultiRewardMix, ShardingStrategy, WeightType};
 use dancegrpo_proto::{
     JobConfig, PhaseTimings, RewardConfig, StepMetrics, TrajectoryRewards, WorkItem,
 };
@@ -16,7 +16,8 @@ use tch::{Kind, Tensor};
 use super::TrainError;
 use super::optim::{AdamW, AdamWConfig, LrSchedule};
 use super::policy::Policy;
-use super::shard::{Gathering, Sharded};
+use super::shard::{self, Gathering, Sharded};
+use super::shard_files::{OPTIMIZER_DIR, SavedShards};
 use super::step::{
     LossSettings, UpdateStats, accumulate, apply_sharded_update, apply_update, train_steps,
 };
@@ -29,7 +30,7 @@ use crate::latents;
 use crate::reward::RewardSet;
 use crate::reward::loss::MultiRewardClipLoss;
 use crate::sampler::rollout::FirstStepMemo;
-use crate::sampler::{Conditioning, NoiseKey, Schedule, rollout};
+use crate::sampler::{Conditioning, NoiseKey, Schedule, rollout, rollout_with};
 use crate::vae::to_uint8;
 
 /// A rolled-out trajectory, kept until the update.
@@ -118,6 +119,20 @@ fn optimizer(
                 l.shard_elements(),
                 l.elements()
             );
+            let mut shard = shard;
+            if !cfg.rollout_replica() {
+                // The rollout gathers per forward: no replica, from the start.
+                shard.release_blocks()?;
+            }
+            tracing::info!(
+                replica = cfg.rollout_replica(),
+                "sharded rollout: {}",
+                if cfg.rollout_replica() {
+                    "on a replica gathered once per iteration"
+                } else {
+                    "each block gathered per forward"
+                }
+            );
             Ok((AdamW::over(masters, adamw(cfg))?.with_schedule(schedule), Some(shard)))
         }
     }
@@ -164,6 +179,13 @@ impl Trainer {
         self.step
     }
 
+    /// Drops what belongs to the current process group before it goes (a prefetch in flight).
+    pub fn leave_group(&mut self) {
+        if let Some(shard) = &mut self.shard {
+            shard.forget_pending();
+        }
+    }
+
     /// The place a sharded trainer's state is cut for (`None` when not sharded).
     pub fn sharded_place(&self) -> Option<Place> {
         self.shard.as_ref().map(Sharded::place)
@@ -190,7 +212,16 @@ impl Trainer {
             persist::load_into(dir, &mut self.policy)?;
         }
         (self.opt, self.shard) = optimizer(&self.cfg, &self.policy, place)?;
-        if let Some(dir) = dir {
+        if let Some(dir) = dir.filter(|d| SavedShards::exists(d)) {
+            // A sharded job's checkpoint: its f32 masters and moments, re-cut for this place.
+            let saved = SavedShards::open(dir)?;
+            match &mut self.shard {
+                Some(shard) => {
+                    shard.load_saved(&mut self.opt, &saved, self.cfg.rollout_replica())?
+                }
+                None => shard::load_unsharded(&mut self.opt, &saved)?,
+            }
+        } else if let Some(dir) = dir {
             let file = dir.join(persist::OPTIMIZER);
             match &self.shard {
                 Some(shard) => shard.load(&mut self.opt, &file)?,
@@ -220,7 +251,13 @@ impl Trainer {
     /// Rolls out, decodes and scores `items` one at a time (rollout batch 1, which keeps the
     /// rollout's and the update's log-probs identical). A reward model error is reported per
     /// trajectory, for the coordinator's `non_finite_policy`; anything else is an error.
-    pub fn rollout(&mut self, items: &[WorkItem]) -> Result<Scored, TrainError> {
+    /// Sharded with `rollout_weights = gather`, each forward gathers the blocks over `group`,
+    /// which every rank joins in step (each rolls out as many trajectories).
+    pub fn rollout(
+        &mut self,
+        items: &[WorkItem],
+        mut group: Option<&mut ProcessGroup>,
+    ) -> Result<Scored, TrainError> {
         let (h, w) = (i64::from(self.cfg.h), i64::from(self.cfg.w));
         let mut out = Vec::with_capacity(items.len());
         for item in items {
@@ -241,15 +278,16 @@ impl Trainer {
                 prompt: item.prompt_index,
                 member: u64::from(item.member_index),
             };
-            let traj = rollout(
-                &self.policy.model,
-                &cond,
-                &[key],
-                &self.sched,
-                self.cfg.eta,
-                self.cfg.init_same_noise,
-                Some(&mut self.memo),
-            )?;
+            let (model, sched, eta, same) =
+                (&self.policy.model, &self.sched, self.cfg.eta, self.cfg.init_same_noise);
+            let traj = match self.shard.as_mut().filter(|_| !self.cfg.rollout_replica()) {
+                // No memo: a hit would skip a forward, and its gathers, on this rank only.
+                Some(shard) => {
+                    let mut g = Gathering { shard, opt: &self.opt, group: group.as_deref_mut() };
+                    rollout_with(model, &mut g, &cond, &[key], sched, eta, same, None)?
+                }
+                None => rollout(model, &cond, &[key], sched, eta, same, Some(&mut self.memo))?,
+            };
             self.device.synchronize()?;
             let t1 = Instant::now();
             let image = {
@@ -282,6 +320,15 @@ impl Trainer {
             );
             out.push(TrajectoryRewards { item: *item, outcome });
         }
+        if let Some(shard) = self.shard.as_mut().filter(|_| !self.cfg.rollout_replica()) {
+            self.timings.communication_s += shard.take_communication_s();
+            let (gathers, prefetched) = shard.take_gathers();
+            tracing::info!(
+                gathers,
+                prefetched,
+                "sharded rollout: {prefetched} of {gathers} gathers prefetched"
+            );
+        }
         Ok(out)
     }
 
@@ -312,6 +359,23 @@ impl Trainer {
             divisor: (ga * count) as f64,
             checkpointing: self.cfg.gradient_checkpointing,
         };
+        // Every trajectory is there before the first collective: a rank that stopped in the
+        // middle of the update would leave its peers waiting in one until the timeout.
+        for item in work {
+            let key = (item.group_id, item.member_index);
+            if !self.rollouts.get(&key).is_some_and(|r| r.item == *item) {
+                return Err(TrainError::Invalid(format!(
+                    "no rollout of group {} member {} to train on",
+                    item.group_id, item.member_index
+                )));
+            }
+            if !advantages.contains_key(&key) {
+                return Err(TrainError::Invalid(format!(
+                    "no advantages for group {} member {}",
+                    item.group_id, item.member_index
+                )));
+            }
+        }
         // From here until the last step, the weights match no recorded step.
         self.step = None;
         self.memo.clear();
@@ -390,8 +454,10 @@ impl Trainer {
         match &mut self.shard {
             Some(shard) => {
                 shard.zero_grad()?;
-                // The replica the next rollout, the fingerprint and a checkpoint read.
-                shard.gather_all(&self.opt, group)?;
+                if self.cfg.rollout_replica() {
+                    // The replica the next rollout reads.
+                    shard.gather_all(&self.opt, group.as_deref_mut())?;
+                }
                 stats.communication_s += shard.take_communication_s();
                 let (gathers, prefetched) = shard.take_gathers();
                 tracing::info!(
@@ -406,8 +472,9 @@ impl Trainer {
         }
         self.rollouts.clear();
         self.step = Some(iteration + 1);
+        let weights_fingerprint = self.fingerprint(group)?;
         self.timings.train_s = start.elapsed().as_secs_f64() - stats.communication_s;
-        self.timings.communication_s = stats.communication_s;
+        self.timings.communication_s += stats.communication_s;
         tracing::debug!(
             iteration,
             transitions = stats.transitions,
@@ -425,40 +492,70 @@ impl Trainer {
             clip_fraction: stats.clipped as f64 / n,
             timings: std::mem::take(&mut self.timings),
             rank: 0,
-            weights_fingerprint: self.fingerprint()?,
+            weights_fingerprint,
             optimizer_steps: stats.optimizer_steps,
         };
         Ok(metrics)
     }
 
     /// Σ of every trainable weight in f64: equal across ranks iff (in practice) the replicas
-    /// are. Of the gathered replica when sharded, so it equals the unsharded trainer's.
-    pub fn fingerprint(&self) -> Result<f64, TrainError> {
+    /// are. Sharded, of the gathered weights (the replica, or each unit gathered in turn when
+    /// there is none), so it equals the unsharded trainer's.
+    fn fingerprint(&mut self, group: Option<&mut ProcessGroup>) -> Result<f64, TrainError> {
+        let sums = match self.shard.as_mut().filter(|_| !self.cfg.rollout_replica()) {
+            Some(shard) => Some(shard.sums(&self.opt, group)?),
+            None => None,
+        };
         let mut s = 0.0;
-        for (_, t) in self.policy.trainable() {
-            s += t.f_sum(Kind::Double)?.f_double_value(&[])?;
+        for (name, t) in self.policy.trainable() {
+            s += match &sums {
+                Some(sums) => sums.get(&name).copied().ok_or_else(|| {
+                    TrainError::Invalid(format!("{name}: not in the sharded layout"))
+                })?,
+                None => t.f_sum(Kind::Double)?.f_double_value(&[])?,
+            };
         }
         Ok(s)
     }
 
     /// Writes `checkpoint-<step>` under `output_dir` (atomically) with the trainer state the
-    /// coordinator sent. Sharded, every rank calls it (the optimizer state is gathered) and
-    /// only rank 0 writes; `None` on the others.
+    /// coordinator sent. Sharded, every rank calls it and writes its own part into rank 0's
+    /// temporary folder, which rank 0 names to the others first; `None` on the others.
     pub fn save_checkpoint(
         &self,
         step: u64,
         trainer_state_json: &str,
         mut group: Option<&mut ProcessGroup>,
     ) -> Result<Option<PathBuf>, TrainError> {
+        let out = Path::new(&self.cfg.output_dir);
+        let export = match self.cfg.export_weight_type {
+            WeightType::Bf16 => Kind::BFloat16,
+            WeightType::Fp32 => Kind::Float,
+        };
+        let config = self.policy.model.config();
         if let Some(shard) = self.shard.as_ref().filter(|s| s.place().0 != 0) {
-            shard.save(&self.opt, group, None)?;
+            let pid = announce(group.as_deref_mut(), self.device, 0.0)?;
+            if pid < 0.0 {
+                return Err(TrainError::Io(format!(
+                    "rank 0 could not start checkpoint-{step} in {}",
+                    out.display()
+                )));
+            }
+            let tmp = checkpoint::tmp_dir(out, step, pid as u32);
+            shard.save(&self.opt, group, &tmp, config, export)?;
             return Ok(None);
         }
-        let out = Path::new(&self.cfg.output_dir);
-        let dir = checkpoint::write_checkpoint(out, step, |tmp| -> Result<(), TrainError> {
+        let mut announced = false;
+        let written = checkpoint::write_checkpoint(out, step, |tmp| -> Result<(), TrainError> {
             match &self.shard {
                 Some(shard) => {
-                    shard.save(&self.opt, group.take(), Some((tmp, self.policy.model.config())))?
+                    let dir = tmp.join(OPTIMIZER_DIR);
+                    std::fs::create_dir(&dir)
+                        .map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+                    // Told once, even when the collective fails (the group is broken then).
+                    announced = true;
+                    announce(group.as_deref_mut(), self.device, f64::from(std::process::id()))?;
+                    shard.save(&self.opt, group.as_deref_mut(), tmp, config, export)?
                 }
                 None => {
                     persist::save_policy(tmp, &self.policy, &self.cfg)?;
@@ -468,7 +565,12 @@ impl Trainer {
             persist::save_rng(tmp, &self.cfg)?;
             std::fs::write(tmp.join("trainer_state.json"), trainer_state_json)
                 .map_err(|e| TrainError::Io(format!("trainer_state.json: {e}")))
-        })?;
+        });
+        if self.shard.is_some() && !announced {
+            // The other ranks wait for the folder's name: they learn that there is none.
+            announce(group, self.device, -1.0)?;
+        }
+        let dir = written?;
         tracing::info!(dir = %dir.display(), "checkpoint written");
         Ok(Some(dir))
     }
@@ -492,6 +594,24 @@ impl Trainer {
     /// Forgets this iteration's images without writing them.
     pub fn drop_samples(&mut self) {
         self.images.clear();
+    }
+}
+
+/// Rank 0's `value` (its pid, or −1 when it cannot write), told to every rank of a sharded
+/// job's checkpoint: the others add 0.
+fn announce(
+    group: Option<&mut ProcessGroup>,
+    device: Device,
+    value: f64,
+) -> Result<f64, TrainError> {
+    match group.filter(|g| g.world_size() > 1) {
+        None => Ok(value),
+        Some(g) => {
+            // f32, which collectives take: a pid (at most 2^22 on Linux) is exact in it.
+            let mut t = device.to(&Tensor::from_slice(&[value as f32]))?;
+            g.all_reduce(&mut t, crate::dist::ReduceOp::Sum)?;
+            Ok(t.f_double_value(&[0])?)
+        }
     }
 }
 
