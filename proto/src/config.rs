@@ -223,8 +223,8 @@ pub struct JobConfig {
     /// Recompute each transformer block in backward to save memory.
     pub gradient_checkpointing: bool,
     /// `none` (every rank holds the whole training state) or `full` (FSDP's FULL_SHARD over
-    /// the ranks; needs `gradient_checkpointing`). The reference's misspelling
-    /// `fsdp_sharding_startegy` is accepted.
+    /// the ranks; needs `gradient_checkpointing`; a LoRA job shards nothing either way). The
+    /// reference's misspelling `fsdp_sharding_startegy` is accepted.
     #[serde(alias = "fsdp_sharding_startegy")]
     pub fsdp_sharding_strategy: ShardingStrategy,
     /// Under `fsdp_sharding_strategy = full`, how the rollout gets the weights: `auto`,
@@ -531,18 +531,11 @@ impl JobConfig {
             format!("backend must be one of gloo, nccl, hccl or empty (got {:?})", self.backend),
         );
         check(!self.reward_log.trim().is_empty(), "reward_log must not be empty".into());
-        let sharded = self.fsdp_sharding_strategy == ShardingStrategy::Full;
+        let sharded = self.shards_state();
         check(
             !sharded || self.gradient_checkpointing,
             "fsdp_sharding_strategy = full needs gradient_checkpointing = true: the sharded \
              backward gathers one block at a time, which is the checkpointed backward"
-                .into(),
-        );
-        check(
-            !sharded || self.lora.is_none(),
-            "fsdp_sharding_strategy = full does not shard a LoRA job: LoRA keeps its adapters \
-             replicated and its frozen base unsharded; use fsdp_sharding_strategy = none with \
-             lora"
                 .into(),
         );
         check(
@@ -554,6 +547,14 @@ impl JobConfig {
                 .into(),
         );
         if p.is_empty() { Ok(()) } else { Err(ConfigError { problems: p }) }
+    }
+
+    /// Whether the training state is sharded: `fsdp_sharding_strategy = full` on a full
+    /// fine-tune. A LoRA job under `full` (the reference's LoRA launch sets it) has nothing
+    /// worth sharding: its adapters are small and all-reduced, its base frozen in the
+    /// forward's dtype on every rank (SHARDING.md, "LoRA").
+    pub fn shards_state(&self) -> bool {
+        self.fsdp_sharding_strategy == ShardingStrategy::Full && self.lora.is_none()
     }
 
     /// Whether a sharded job rolls out on a replica (see [`RolloutWeights`]).
@@ -903,7 +904,7 @@ mod tests {
     }
 
     #[test]
-    fn full_sharding_needs_the_checkpointed_backward_and_no_lora() {
+    fn full_sharding_needs_the_checkpointed_backward_and_leaves_lora_unsharded() {
         let problems = |c: JobConfig| c.validate().unwrap_err().problems;
         let full =
             || JobConfig { fsdp_sharding_strategy: ShardingStrategy::Full, ..JobConfig::default() };
@@ -914,12 +915,10 @@ mod tests {
               backward gathers one block at a time, which is the checkpointed backward"]
         );
         let lora = Some(LoraConfig { rank: 4, alpha: 8.0, target_modules: default_lora_targets() });
-        assert_eq!(
-            problems(JobConfig { lora: lora.clone(), ..full() }),
-            ["fsdp_sharding_strategy = full does not shard a LoRA job: LoRA keeps its adapters \
-              replicated and its frozen base unsharded; use fsdp_sharding_strategy = none with \
-              lora"]
-        );
+        // LoRA under full shards nothing, and so needs no checkpointed backward either.
+        let lora_full = JobConfig { lora: lora.clone(), gradient_checkpointing: false, ..full() };
+        lora_full.validate().unwrap();
+        assert!(full().shards_state() && !lora_full.shards_state());
         // Unsharded, either is fine.
         JobConfig { gradient_checkpointing: false, lora, ..JobConfig::default() }
             .validate()

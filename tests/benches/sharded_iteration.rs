@@ -6,7 +6,7 @@
 //!   each forward (the default);
 //! - `full, replica`: the same with `rollout_weights = replica`.
 //!
-//! Run: `cargo bench -p dancegrpo-e2e --bench sharded_iteration` after `cargo build --workspace
+//! Run: `cargo bench -p dancegrpo-e2e --bench sharded_iteration --profile dev` after `cargo build --workspace
 //! --bins` (the Makefile's environment). `DG_BENCH_ROUNDS` rounds (default 3); each runs every
 //! setting once, the first setting rotating. The figure per setting is the median over rounds
 //! of the per-iteration phase times, from `metrics.jsonl`, of iterations 2 and later (the first

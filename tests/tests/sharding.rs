@@ -344,3 +344,22 @@ fn both_rollout_modes_give_bit_identical_trajectories() {
         }
     }
 }
+
+/// The reference's LoRA launch sets `--fsdp_sharding_startegy full` too: a LoRA job under
+/// `full` shards nothing (its adapters are all-reduced as under `none`), says so, and writes the
+/// same checkpoint once, from rank 0.
+#[test]
+fn a_lora_job_under_full_trains_as_under_none() {
+    let job = "job_name = \"lora-full\"\nmax_train_steps = 2\ncheckpointing_steps = 2\n";
+    let lora = "[lora]\nrank = 4\nalpha = 8.0\n";
+    let none = train_n(&format!("{job}{lora}"), 2);
+    let full = train_n(&format!("{job}fsdp_sharding_startegy = \"full\"\n{lora}"), 2);
+    assert!(full.logs().contains("with LoRA: the adapters are replicated"), "{}", full.logs());
+    assert!(!full.logs().contains("training state sharded"), "{}", full.logs());
+    let (a, b) = (files(&none.path("out/checkpoint-2")), files(&full.path("out/checkpoint-2")));
+    assert!(a.keys().any(|p| p.ends_with("adapter_model.safetensors")), "{:?}", a.keys());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (f, bytes) in &a {
+        assert!(bytes == &b[f], "{} differs", f.display());
+    }
+}

@@ -1,8 +1,7 @@
 use std::sync::Arc;
 
 use dancegrpo_proto::{
-    Advantages, JobState, NonFinitePolicy, Restore, ShardingStrategy, StepMetrics,
-    TrajectoryRewards, Work,
+    Advantages, JobState, NonFinitePolicy, Restore, StepMetrics, TrajectoryRewards, Work,
 };
 use tokio::time::Instant;
 
@@ -335,7 +334,7 @@ impl CoordinatorState {
         // Decided at the first report it concerns and kept with the iteration, so a stop
         // between two ranks' reports cannot leave one of them alone in the checkpoint's
         // collectives. Unsharded, it concerns rank 0 only.
-        let sharded = cfg.fsdp_sharding_strategy == ShardingStrategy::Full;
+        let sharded = cfg.shards_state();
         let stop_at = training.stop.as_ref().map(|(at, _)| *at);
         let checkpoint =
             (sharded || rank == 0) && it.checkpoint(|| checkpoint_due(&cfg, step, stop_at));

@@ -100,12 +100,16 @@ fn optimizer(
 ) -> Result<(AdamW, Option<Sharded>), TrainError> {
     let schedule = LrSchedule::of(cfg);
     match cfg.fsdp_sharding_strategy {
+        ShardingStrategy::Full if !cfg.shards_state() || !policy.lora.is_empty() => {
+            tracing::info!(
+                "fsdp_sharding_strategy = full with LoRA: the adapters are replicated and \
+                 all-reduced, the frozen base is held in the forward's dtype on every rank"
+            );
+            Ok((AdamW::new(policy.trainable(), adamw(cfg))?.with_schedule(schedule), None))
+        }
         ShardingStrategy::None => {
             Ok((AdamW::new(policy.trainable(), adamw(cfg))?.with_schedule(schedule), None))
         }
-        ShardingStrategy::Full if !policy.lora.is_empty() => Err(TrainError::Invalid(
-            "fsdp_sharding_strategy = full does not shard LoRA adapters: use none".into(),
-        )),
         ShardingStrategy::Full => {
             let kind = policy.model.compute_kind();
             let (shard, masters) = Sharded::cut(&policy.trainable(), rank, world, kind)?;
