@@ -5,6 +5,8 @@
 //! micro-steps each, the masters and both moments are equal, and the gathered replica is the
 //! masters cast to bf16.
 
+mod numerics;
+
 use dancegrpo_worker::flux::checkpoint::{forward_backward_checkpointed, forward_backward_with};
 use dancegrpo_worker::flux::{FluxInputs, FluxTransformer, ModelError};
 use dancegrpo_worker::latents::img_ids;
